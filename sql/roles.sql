@@ -1,0 +1,144 @@
+-- roles.sql: least-privilege roles for outbox-relay.
+--
+-- Answers: which database roles should producers, operators and the relay use, and what
+-- exactly may each of them do?
+--
+-- Run it (as the owner of the outbox schema, i.e. the user that runs the migrations, or a
+-- superuser) after `outbox-relay migrate`, and again after every upgrade that adds tables or
+-- columns (it is idempotent, and safe when several sessions run it at once):
+--
+--   psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f sql/roles.sql
+--
+-- The roles are NOLOGIN groups; grant them to login users:
+--
+--   CREATE ROLE django_crm LOGIN PASSWORD '...' IN ROLE outbox_producer;
+--   GRANT outbox_operator TO alice;
+--   CREATE ROLE relay LOGIN PASSWORD '...' IN ROLE outbox_relay;
+--
+-- Roles are cluster-wide; the grants below are per database: run the file in each
+-- database that has an outbox schema.
+--
+--   outbox_producer  INSERT events (plain INSERT or outbox.publish). Reads back nothing but
+--                    events.event_id, which INSERT ... RETURNING event_id and
+--                    outbox.publish need (a column-level SELECT; it also lets a producer list
+--                    event ids, nothing else). Cannot see subscriptions or their secrets.
+--   outbox_operator  SELECT on every table and view except subscriptions.secret (and any
+--                    other subscriptions column whose name contains "secret"), re-enable
+--                    subscriptions (UPDATE of enabled and disabled_reason only), and
+--                    EXECUTE outbox.replay / outbox.backfill. Those two functions are
+--                    SECURITY DEFINER, so the operator never gets UPDATE on deliveries:
+--                    every re-queue goes through them and is recorded in outbox.replays.
+--   outbox_relay     What `outbox-relay run`, its admin API and the `subscription` CLI
+--                    need: read and write the outbox tables (no DELETE of history), EXECUTE
+--                    every outbox function (claiming, ordered fan-out, publish, replay,
+--                    backfill). It may not run migrations (DDL): `outbox-relay migrate` and
+--                    OUTBOX_MIGRATE_ON_START run as the schema owner.
+--
+-- Functions other than outbox.replay and outbox.backfill stay executable by PUBLIC, as
+-- PostgreSQL creates them: they are SECURITY INVOKER, so they can do nothing the caller's
+-- table privileges do not allow (outbox.claim_deliveries needs UPDATE on deliveries).
+
+-- One transaction: a producer never sees the moment between the REVOKE and the GRANTs below.
+-- The advisory lock (per database) queues concurrent runs in the same database, whose
+-- GRANTs on the same objects would otherwise fail with "tuple concurrently updated".
+BEGIN;
+DO $$ BEGIN PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('outbox-relay sql/roles.sql')); END $$;
+
+-- Create the roles if missing. Two sessions creating the same role at once: the loser gets
+-- duplicate_object or, when it raced the winner's commit, unique_violation on pg_authid.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT * FROM (VALUES
+        ('outbox_producer', 'outbox-relay producers: INSERT into outbox.events / outbox.publish; no subscriptions.'),
+        ('outbox_operator', 'outbox-relay operators: read-only outbox tables except subscription secrets; outbox.replay and outbox.backfill.'),
+        ('outbox_relay',    'outbox-relay relay processes: read and write the outbox tables; no DDL (migrations run as the schema owner).')
+    ) AS v(name, about)
+    LOOP
+        CONTINUE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r.name);
+        BEGIN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', r.name);
+            EXECUTE format('COMMENT ON ROLE %I IS %L', r.name, r.about);
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            RAISE NOTICE 'role % was created concurrently; using it', r.name;
+        END;
+    END LOOP;
+END
+$$;
+
+-- Start from nothing on the outbox objects, so re-running after a change of this file takes
+-- away what it no longer grants.
+REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM outbox_producer, outbox_operator, outbox_relay;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA outbox FROM outbox_producer, outbox_operator, outbox_relay;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM outbox_producer, outbox_operator, outbox_relay;
+GRANT USAGE ON SCHEMA outbox TO outbox_producer, outbox_operator, outbox_relay;
+
+-- Producers. outbox.publish is a plain (security invoker) SQL function, so it runs with the
+-- producer's INSERT privilege and the same CHECK constraints as a direct INSERT.
+GRANT INSERT ON outbox.events TO outbox_producer;
+GRANT SELECT (event_id) ON outbox.events TO outbox_producer;
+GRANT EXECUTE ON FUNCTION outbox.publish(text, jsonb, text, text, text, text[], jsonb, timestamptz, integer) TO outbox_producer;
+
+-- Operators: everything readable (tables and views), then subscriptions by column.
+-- Revoking the table-level SELECT also clears earlier column grants, so the column list is
+-- rebuilt from the catalog on every run and follows new columns.
+GRANT SELECT ON ALL TABLES IN SCHEMA outbox TO outbox_operator;
+REVOKE SELECT ON outbox.subscriptions FROM outbox_operator;
+DO $$
+BEGIN
+    EXECUTE (
+        SELECT format('GRANT SELECT (%s) ON outbox.subscriptions TO outbox_operator',
+                      string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum))
+          FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = 'outbox.subscriptions'::regclass
+           AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attname NOT LIKE '%secret%'
+    );
+END
+$$;
+GRANT UPDATE (enabled, disabled_reason) ON outbox.subscriptions TO outbox_operator;
+GRANT EXECUTE ON FUNCTION outbox.replay(text[], text, text, text, timestamptz, timestamptz, uuid[], integer, text, text, boolean),
+                          outbox.backfill(text, timestamptz, timestamptz, text, integer, text, text)
+   TO outbox_operator;
+
+-- The relay: dispatcher (SELECT/UPDATE events, INSERT deliveries, the ordered fan-out
+-- cursor and its probe, which reads the events id sequence), deliverer
+-- (outbox.claim_deliveries: UPDATE deliveries, lock subscriptions), completer (UPDATE
+-- deliveries, INSERT delivery_attempts, disable subscriptions on 410), maintenance, the
+-- admin/publish API (INSERT events, outbox.replay) and the `subscription` CLI (DELETE
+-- subscriptions). So: read and write every outbox table, granted table by table from the
+-- catalog so internal tables added by later migrations are covered when this file is run
+-- again. Not granted: DELETE on events, deliveries and attempts (nothing in the relay
+-- deletes history today; add it here when retention does), writing replays other than
+-- through outbox.replay / outbox.backfill, writing outbox.schema_history (migrations run as
+-- the schema owner), and any DDL (the role owns nothing and has no CREATE on the schema).
+DO $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT c.oid::regclass AS name, c.relname, c.relkind
+               FROM pg_catalog.pg_class c
+              WHERE c.relnamespace = 'outbox'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
+              ORDER BY c.relname
+    LOOP
+        IF t.relkind IN ('v', 'm') OR t.relname IN ('schema_history', 'replays') THEN
+            EXECUTE format('GRANT SELECT ON %s TO outbox_relay', t.name);
+        ELSE
+            EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %s TO outbox_relay', t.name);
+        END IF;
+    END LOOP;
+END
+$$;
+GRANT DELETE ON outbox.subscriptions TO outbox_relay;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA outbox TO outbox_relay;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA outbox TO outbox_relay;
+
+COMMIT;
+
+-- What each role can do now (one row per role and object).
+SELECT grantee AS role, table_name AS object, string_agg(privilege_type, ', ' ORDER BY privilege_type) AS privileges
+  FROM information_schema.role_table_grants
+ WHERE table_schema = 'outbox' AND grantee IN ('outbox_producer', 'outbox_operator', 'outbox_relay')
+ GROUP BY 1, 2
+ ORDER BY 1, 2;

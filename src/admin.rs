@@ -1,0 +1,998 @@
+//! Administrative operations shared by the CLI (`outbox-relay subscription|replay|status`)
+//! and the admin API: managing subscriptions (including secret rotation), replaying
+//! deliveries and summarising the state of the outbox.
+//!
+//! Every function takes a plain `&tokio_postgres::Client` (a pooled connection derefs to
+//! one) and returns [`AdminError`], whose variants are the cases a caller answers
+//! differently: an unknown name, a taken name, a refused value (naming the field), a schema
+//! that needs `migrate`, or a database failure. Values are checked by the table's CHECK
+//! constraints; a violation comes back as [`AdminError::Invalid`] naming the field, so the
+//! database stays the one place the rules live. Only the URL and a given secret are checked
+//! here first, because their errors can say more than a constraint name.
+//!
+//! Results are `Serialize` (for `--json` and the HTTP API). Secrets appear only in the results
+//! of [`create_subscription`] and [`rotate_secret`], never in [`SubscriptionInfo`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Serialize, Serializer};
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use crate::db::DbError;
+use crate::deliverer::webhook::{SigningSecret, generate_secret};
+
+/// Delivery statuses `outbox.deliveries.status` can hold (what replay criteria may name).
+pub const DELIVERY_STATUSES: [&str; 5] = ["pending", "in_flight", "delivered", "failing", "dead"];
+
+/// How many of the latest replays [`status`] reports.
+pub const RECENT_REPLAYS: i64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no subscription named {name:?}")]
+    NotFound { name: String },
+    #[error("a subscription named {name:?} already exists")]
+    Duplicate { name: String },
+    /// A value was refused, before the database saw it or by one of its CHECK constraints.
+    #[error("invalid {field}: {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+    /// The database lacks a table, column or function this version uses.
+    #[error(
+        "{context}: the database schema is older than this outbox-relay ({detail}); apply the migrations with `outbox-relay migrate`"
+    )]
+    SchemaOutdated {
+        context: &'static str,
+        detail: String,
+    },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// A secret as text (`whsec_…`). `Debug` never shows it; [`SecretText::expose`] does.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct SecretText(String);
+
+impl SecretText {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretText(<redacted>)")
+    }
+}
+
+/// Settings shared by create and update. `None` leaves a setting alone (on create: the
+/// column default). The doubled options can also clear a nullable column: `Some(None)`.
+#[derive(Clone, Debug, Default)]
+pub struct SubscriptionSettings {
+    /// Exact event types or globs (`lead.*`, `*`). Default `{*}`.
+    pub event_types: Option<Vec<String>>,
+    /// `Some(None)` = every tenant.
+    pub tenant_id: Option<Option<String>>,
+    /// A JSON object the payload must contain; `Some(None)` = every payload.
+    pub filter: Option<Option<serde_json::Value>>,
+    /// Replaces all static headers.
+    pub headers: Option<BTreeMap<String, String>>,
+    pub timeout: Option<Duration>,
+    pub max_in_flight: Option<i32>,
+    /// `Some(None)` = unlimited.
+    pub rate_limit_per_second: Option<Option<f32>>,
+    /// Waits between attempts; empty = a single attempt.
+    pub retry_schedule: Option<Vec<Duration>>,
+    pub ordered: Option<bool>,
+}
+
+impl SubscriptionSettings {
+    pub fn is_empty(&self) -> bool {
+        self.event_types.is_none()
+            && self.tenant_id.is_none()
+            && self.filter.is_none()
+            && self.headers.is_none()
+            && self.timeout.is_none()
+            && self.max_in_flight.is_none()
+            && self.rate_limit_per_second.is_none()
+            && self.retry_schedule.is_none()
+            && self.ordered.is_none()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NewSubscription {
+    pub name: String,
+    pub url: String,
+    /// Generated (`whsec_` + 32 random bytes) when `None`.
+    pub secret: Option<SecretText>,
+    pub settings: SubscriptionSettings,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SubscriptionUpdate {
+    pub url: Option<String>,
+    pub settings: SubscriptionSettings,
+}
+
+impl SubscriptionUpdate {
+    pub fn is_empty(&self) -> bool {
+        self.url.is_none() && self.settings.is_empty()
+    }
+}
+
+/// A subscription as operators see it. Deliberately without its secrets.
+#[derive(Clone, Debug, Serialize)]
+pub struct SubscriptionInfo {
+    pub id: i64,
+    pub name: String,
+    pub url: String,
+    pub event_types: Vec<String>,
+    pub tenant_id: Option<String>,
+    pub filter: Option<serde_json::Value>,
+    pub enabled: bool,
+    pub disabled_reason: Option<String>,
+    pub ordered: bool,
+    #[serde(rename = "retry_schedule_seconds", serialize_with = "seconds_list")]
+    pub retry_schedule: Vec<Duration>,
+    #[serde(rename = "timeout_seconds", serialize_with = "seconds")]
+    pub timeout: Duration,
+    pub max_in_flight: i32,
+    pub rate_limit_per_second: Option<f64>,
+    pub headers: BTreeMap<String, String>,
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339")]
+    pub updated_at: DateTime<Utc>,
+    /// While a rotation's overlap lasts: when the previous secret stops signing.
+    #[serde(serialize_with = "rfc3339_option")]
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+}
+
+/// The only time a generated secret is shown: hand it to the subscriber.
+#[derive(Clone, Debug, Serialize)]
+pub struct CreatedSubscription {
+    pub id: i64,
+    pub name: String,
+    pub secret: SecretText,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RemovedSubscription {
+    pub id: i64,
+    pub name: String,
+    /// Open deliveries (pending, in flight, failing) that became `dead`.
+    pub deliveries_ended: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RotatedSecret {
+    pub id: i64,
+    pub name: String,
+    pub secret: SecretText,
+    /// Until when requests also carry a signature under the previous secret; `None` when
+    /// the rotation had no overlap.
+    #[serde(serialize_with = "rfc3339_option")]
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
+}
+
+/// The arguments of `outbox.replay`; `None` (or empty) leaves the function's default.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayCriteria {
+    /// Delivery statuses to re-queue; empty = the function's default (`dead`).
+    pub statuses: Vec<String>,
+    pub subscription: Option<String>,
+    /// Exact or glob.
+    pub event_type: Option<String>,
+    pub tenant_id: Option<String>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    pub event_ids: Vec<Uuid>,
+    pub max_events: Option<i32>,
+    /// Default: the database user (`current_user`).
+    pub requested_by: Option<String>,
+    pub reason: Option<String>,
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplayOutcome {
+    pub replay_id: i64,
+    /// Deliveries re-queued (or, for a dry run, that would have been).
+    pub matched: i64,
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusReport {
+    pub backlog: Backlog,
+    pub subscriptions: Vec<SubscriptionStatus>,
+    pub recent_replays: Vec<ReplaySummary>,
+}
+
+/// Events not yet fanned out into deliveries.
+#[derive(Clone, Debug, Serialize)]
+pub struct Backlog {
+    /// Due but not dispatched: near zero while a relay runs.
+    pub undispatched_events: i64,
+    pub oldest_undispatched_age_seconds: Option<f64>,
+    /// Not yet due (`deliver_after` in the future).
+    pub scheduled_events: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SubscriptionStatus {
+    pub id: i64,
+    pub name: String,
+    pub enabled: bool,
+    pub disabled_reason: Option<String>,
+    pub pending: i64,
+    pub in_flight: i64,
+    pub failing: i64,
+    pub dead: i64,
+    /// Age of the oldest delivery not yet done (pending, in flight or failing).
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplaySummary {
+    pub id: i64,
+    #[serde(serialize_with = "rfc3339")]
+    pub requested_at: DateTime<Utc>,
+    pub requested_by: String,
+    pub reason: Option<String>,
+    pub criteria: serde_json::Value,
+    pub matched: i64,
+    pub dry_run: bool,
+}
+
+/// Inserts a subscription; running relays start delivering to it within a second.
+pub async fn create_subscription(
+    client: &Client,
+    new: &NewSubscription,
+) -> Result<CreatedSubscription, AdminError> {
+    check_url(&new.url)?;
+    let secret = match &new.secret {
+        Some(secret) => {
+            check_secret(secret)?;
+            secret.clone()
+        }
+        None => SecretText(generate_secret()),
+    };
+    let mut columns = Columns::default();
+    columns.set("name", new.name.clone());
+    columns.set("url", new.url.clone());
+    columns.set("secret", secret.0.clone());
+    columns.settings(&new.settings);
+    let sql = format!(
+        "INSERT INTO outbox.subscriptions ({}) VALUES ({}) RETURNING id",
+        columns.names.join(", "),
+        columns.values.join(", ")
+    );
+    let row = client
+        .query_one(&sql, &columns.params())
+        .await
+        .map_err(|e| classify(e, "creating the subscription", &new.name))?;
+    Ok(CreatedSubscription {
+        id: row.get(0),
+        name: new.name.clone(),
+        secret,
+    })
+}
+
+/// Every subscription, by name.
+pub async fn list_subscriptions(client: &Client) -> Result<Vec<SubscriptionInfo>, AdminError> {
+    let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM outbox.subscriptions ORDER BY name");
+    let rows = client
+        .query(&sql, &[])
+        .await
+        .map_err(|e| classify(e, "listing subscriptions", ""))?;
+    Ok(rows.iter().map(subscription_from_row).collect())
+}
+
+pub async fn get_subscription(client: &Client, name: &str) -> Result<SubscriptionInfo, AdminError> {
+    let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM outbox.subscriptions WHERE name = $1");
+    let row = client
+        .query_opt(&sql, &[&name])
+        .await
+        .map_err(|e| classify(e, "reading the subscription", name))?;
+    row.as_ref()
+        .map(subscription_from_row)
+        .ok_or_else(|| not_found(name))
+}
+
+/// Changes the given settings, leaving the rest alone; returns the subscription as it is now.
+pub async fn update_subscription(
+    client: &Client,
+    name: &str,
+    update: &SubscriptionUpdate,
+) -> Result<SubscriptionInfo, AdminError> {
+    if update.is_empty() {
+        return Err(AdminError::Invalid {
+            field: "update",
+            problem: "no setting to change was given".to_owned(),
+        });
+    }
+    let mut columns = Columns::default();
+    if let Some(url) = &update.url {
+        check_url(url)?;
+        columns.set("url", url.clone());
+    }
+    columns.settings(&update.settings);
+    let assignments: Vec<String> = columns
+        .names
+        .iter()
+        .zip(&columns.values)
+        .map(|(column, value)| format!("{column} = {value}"))
+        .collect();
+    columns.params.push(Box::new(name.to_owned()));
+    let sql = format!(
+        "UPDATE outbox.subscriptions SET {} WHERE name = ${} RETURNING {SUBSCRIPTION_COLUMNS}",
+        assignments.join(", "),
+        columns.params.len()
+    );
+    let row = client
+        .query_opt(&sql, &columns.params())
+        .await
+        .map_err(|e| classify(e, "updating the subscription", name))?;
+    row.as_ref()
+        .map(subscription_from_row)
+        .ok_or_else(|| not_found(name))
+}
+
+/// Stops new deliveries (events published meanwhile are not fanned out to it; open
+/// deliveries wait). `reason` is kept in `disabled_reason`.
+pub async fn disable_subscription(
+    client: &Client,
+    name: &str,
+    reason: Option<&str>,
+) -> Result<SubscriptionInfo, AdminError> {
+    let sql = format!(
+        "UPDATE outbox.subscriptions SET enabled = false, disabled_reason = $2
+          WHERE name = $1 RETURNING {SUBSCRIPTION_COLUMNS}"
+    );
+    let row = client
+        .query_opt(&sql, &[&name, &reason])
+        .await
+        .map_err(|e| classify(e, "disabling the subscription", name))?;
+    row.as_ref()
+        .map(subscription_from_row)
+        .ok_or_else(|| not_found(name))
+}
+
+/// Re-enables a subscription and clears `disabled_reason`.
+pub async fn enable_subscription(
+    client: &Client,
+    name: &str,
+) -> Result<SubscriptionInfo, AdminError> {
+    let sql = format!(
+        "UPDATE outbox.subscriptions SET enabled = true, disabled_reason = NULL
+          WHERE name = $1 RETURNING {SUBSCRIPTION_COLUMNS}"
+    );
+    let row = client
+        .query_opt(&sql, &[&name])
+        .await
+        .map_err(|e| classify(e, "enabling the subscription", name))?;
+    row.as_ref()
+        .map(subscription_from_row)
+        .ok_or_else(|| not_found(name))
+}
+
+/// Deliveries of the subscription not yet finished (pending, in flight or failing): what
+/// [`remove_subscription`] would end as dead.
+pub async fn open_deliveries(client: &Client, name: &str) -> Result<i64, AdminError> {
+    let row = client
+        .query_opt(
+            "SELECT (SELECT count(*) FROM outbox.deliveries d
+                      WHERE d.subscription_id = s.id AND d.status IN ('pending', 'in_flight', 'failing'))
+               FROM outbox.subscriptions s WHERE s.name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(|e| classify(e, "counting open deliveries", name))?;
+    row.map(|row| row.get(0)).ok_or_else(|| not_found(name))
+}
+
+/// Deletes the subscription. Its open deliveries become `dead` (a trigger does it, with the
+/// reason in `last_error`); delivery history is kept.
+pub async fn remove_subscription(
+    client: &Client,
+    name: &str,
+) -> Result<RemovedSubscription, AdminError> {
+    // The CTE reads the open deliveries as they were before the delete's trigger ended them.
+    let row = client
+        .query_opt(
+            "WITH open AS (
+                 SELECT count(*) AS n FROM outbox.deliveries d
+                   JOIN outbox.subscriptions s ON s.id = d.subscription_id
+                  WHERE s.name = $1 AND d.status IN ('pending', 'in_flight', 'failing')
+             )
+             DELETE FROM outbox.subscriptions WHERE name = $1
+             RETURNING id, (SELECT n FROM open)",
+            &[&name],
+        )
+        .await
+        .map_err(|e| classify(e, "removing the subscription", name))?;
+    let row = row.ok_or_else(|| not_found(name))?;
+    Ok(RemovedSubscription {
+        id: row.get(0),
+        name: name.to_owned(),
+        deliveries_ended: row.get(1),
+    })
+}
+
+/// Replaces the signing secret (generated unless given). For `overlap` after now, requests
+/// carry signatures under both the new and the previous secret, so the subscriber can switch
+/// at its own pace; `Duration::ZERO` switches at once. Takes effect in running relays within
+/// a second. One statement, so concurrent rotations cannot lose a secret halfway.
+pub async fn rotate_secret(
+    client: &Client,
+    name: &str,
+    overlap: Duration,
+    secret: Option<&SecretText>,
+) -> Result<RotatedSecret, AdminError> {
+    let secret = match secret {
+        Some(secret) => {
+            check_secret(secret)?;
+            secret.clone()
+        }
+        None => SecretText(generate_secret()),
+    };
+    let overlap_seconds = overlap.as_secs_f64();
+    let row = client
+        .query_opt(
+            "UPDATE outbox.subscriptions
+                SET previous_secret = CASE WHEN $3::float8 > 0 THEN secret END,
+                    previous_secret_expires_at = CASE WHEN $3::float8 > 0
+                                                      THEN now() + make_interval(secs => $3::float8) END,
+                    secret = $2
+              WHERE name = $1
+          RETURNING id, previous_secret_expires_at",
+            &[&name, &secret.0, &overlap_seconds],
+        )
+        .await
+        .map_err(|e| classify(e, "rotating the secret", name))?;
+    let row = row.ok_or_else(|| not_found(name))?;
+    Ok(RotatedSecret {
+        id: row.get(0),
+        name: name.to_owned(),
+        secret,
+        previous_secret_expires_at: row.get(1),
+    })
+}
+
+/// Calls `outbox.replay` with the given criteria (named arguments, so every criterion left
+/// out keeps the function's default).
+pub async fn replay(
+    client: &Client,
+    criteria: &ReplayCriteria,
+) -> Result<ReplayOutcome, AdminError> {
+    if let Some(unknown) = criteria
+        .statuses
+        .iter()
+        .find(|s| !DELIVERY_STATUSES.contains(&s.as_str()))
+    {
+        return Err(AdminError::Invalid {
+            field: "status",
+            problem: format!(
+                "{unknown:?} is not a delivery status; use {}",
+                DELIVERY_STATUSES.join(", ")
+            ),
+        });
+    }
+    if let Some(name) = &criteria.subscription {
+        // A typo should not look like "nothing matched".
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM outbox.subscriptions WHERE name = $1",
+                &[name],
+            )
+            .await
+            .map_err(|e| classify(e, "looking up the subscription", name))?;
+        if exists.is_none() {
+            return Err(not_found(name));
+        }
+    }
+    let mut args = Arguments::default();
+    if !criteria.statuses.is_empty() {
+        args.add("status", "text[]", criteria.statuses.clone());
+    }
+    if let Some(subscription) = &criteria.subscription {
+        args.add("subscription", "text", subscription.clone());
+    }
+    if let Some(event_type) = &criteria.event_type {
+        args.add("event_type", "text", event_type.clone());
+    }
+    if let Some(tenant_id) = &criteria.tenant_id {
+        args.add("tenant_id", "text", tenant_id.clone());
+    }
+    if let Some(after) = criteria.created_after {
+        args.add("created_after", "timestamptz", after);
+    }
+    if let Some(before) = criteria.created_before {
+        args.add("created_before", "timestamptz", before);
+    }
+    if !criteria.event_ids.is_empty() {
+        args.add("event_ids", "uuid[]", criteria.event_ids.clone());
+    }
+    if let Some(max_events) = criteria.max_events {
+        args.add("max_events", "integer", max_events);
+    }
+    if let Some(requested_by) = &criteria.requested_by {
+        args.add("requested_by", "text", requested_by.clone());
+    }
+    if let Some(reason) = &criteria.reason {
+        args.add("reason", "text", reason.clone());
+    }
+    args.add("dry_run", "boolean", criteria.dry_run);
+    let sql = format!(
+        "SELECT replay_id, matched FROM outbox.replay({})",
+        args.named.join(", ")
+    );
+    let row = client
+        .query_one(&sql, &args.params())
+        .await
+        .map_err(|e| classify(e, "replaying deliveries", ""))?;
+    Ok(ReplayOutcome {
+        replay_id: row.get(0),
+        matched: row.get(1),
+        dry_run: criteria.dry_run,
+    })
+}
+
+/// Backlog, per-subscription delivery counts and the latest replays.
+pub async fn status(client: &Client) -> Result<StatusReport, AdminError> {
+    let backlog = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE deliver_after <= now()),
+                    extract(epoch FROM now() - min(created_at) FILTER (WHERE deliver_after <= now()))::float8,
+                    count(*) FILTER (WHERE deliver_after > now())
+               FROM outbox.events
+              WHERE dispatched_at IS NULL",
+            &[],
+        )
+        .await
+        .map_err(|e| classify(e, "reading the event backlog", ""))?;
+    let backlog = Backlog {
+        undispatched_events: backlog.get(0),
+        oldest_undispatched_age_seconds: backlog.get(1),
+        scheduled_events: backlog.get(2),
+    };
+
+    // Only open and dead deliveries are joined: the delivered history (most rows) is never
+    // read, and the partial indexes on deliveries cover these statuses.
+    let rows = client
+        .query(
+            "SELECT s.id, s.name, s.enabled, s.disabled_reason,
+                    count(d.id) FILTER (WHERE d.status = 'pending'),
+                    count(d.id) FILTER (WHERE d.status = 'in_flight'),
+                    count(d.id) FILTER (WHERE d.status = 'failing'),
+                    count(d.id) FILTER (WHERE d.status = 'dead'),
+                    extract(epoch FROM now() - min(d.created_at)
+                        FILTER (WHERE d.status IN ('pending', 'in_flight', 'failing')))::float8
+               FROM outbox.subscriptions s
+               LEFT JOIN outbox.deliveries d
+                 ON d.subscription_id = s.id AND d.status IN ('pending', 'in_flight', 'failing', 'dead')
+              GROUP BY s.id
+              ORDER BY s.name",
+            &[],
+        )
+        .await
+        .map_err(|e| classify(e, "counting deliveries per subscription", ""))?;
+    let subscriptions = rows
+        .iter()
+        .map(|row| SubscriptionStatus {
+            id: row.get(0),
+            name: row.get(1),
+            enabled: row.get(2),
+            disabled_reason: row.get(3),
+            pending: row.get(4),
+            in_flight: row.get(5),
+            failing: row.get(6),
+            dead: row.get(7),
+            oldest_pending_age_seconds: row.get(8),
+        })
+        .collect();
+
+    let rows = client
+        .query(
+            "SELECT id, requested_at, requested_by, reason, criteria, matched, dry_run
+               FROM outbox.replays ORDER BY id DESC LIMIT $1",
+            &[&RECENT_REPLAYS],
+        )
+        .await
+        .map_err(|e| classify(e, "reading recent replays", ""))?;
+    let recent_replays = rows
+        .iter()
+        .map(|row| ReplaySummary {
+            id: row.get(0),
+            requested_at: row.get(1),
+            requested_by: row.get(2),
+            reason: row.get(3),
+            criteria: row.get(4),
+            matched: row.get(5),
+            dry_run: row.get(6),
+        })
+        .collect();
+
+    Ok(StatusReport {
+        backlog,
+        subscriptions,
+        recent_replays,
+    })
+}
+
+/// The columns [`subscription_from_row`] reads, usable after SELECT and RETURNING alike.
+const SUBSCRIPTION_COLUMNS: &str = "
+    id, name, url, event_types, tenant_id, filter, enabled, disabled_reason, ordered,
+    ARRAY(SELECT extract(epoch FROM w)::float8
+            FROM unnest(retry_schedule) WITH ORDINALITY AS t(w, i) ORDER BY i),
+    extract(epoch FROM timeout)::float8, max_in_flight, rate_limit_per_second::float8, headers,
+    created_at, updated_at,
+    CASE WHEN previous_secret_expires_at > now() THEN previous_secret_expires_at END";
+
+fn subscription_from_row(row: &tokio_postgres::Row) -> SubscriptionInfo {
+    let schedule: Vec<f64> = row.get(9);
+    let headers = match row.get::<_, serde_json::Value>(13) {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_owned())))
+            .collect(),
+        _ => BTreeMap::new(),
+    };
+    SubscriptionInfo {
+        id: row.get(0),
+        name: row.get(1),
+        url: row.get(2),
+        event_types: row.get(3),
+        tenant_id: row.get(4),
+        filter: row.get(5),
+        enabled: row.get(6),
+        disabled_reason: row.get(7),
+        ordered: row.get(8),
+        retry_schedule: schedule.into_iter().map(duration_from_seconds).collect(),
+        timeout: duration_from_seconds(row.get(10)),
+        max_in_flight: row.get(11),
+        rate_limit_per_second: row.get(12),
+        headers,
+        created_at: row.get(14),
+        updated_at: row.get(15),
+        previous_secret_expires_at: row.get(16),
+    }
+}
+
+fn duration_from_seconds(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds).unwrap_or(Duration::ZERO)
+}
+
+type Param = Box<dyn ToSql + Sync + Send>;
+
+fn as_params(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
+/// Column assignments for a dynamic INSERT or UPDATE: only the settings given are written,
+/// so the rest keep their column defaults (or current values). Column names are literals
+/// from this file, never input.
+#[derive(Default)]
+struct Columns {
+    names: Vec<&'static str>,
+    values: Vec<String>,
+    params: Vec<Param>,
+}
+
+impl Columns {
+    fn set(&mut self, column: &'static str, value: impl ToSql + Sync + Send + 'static) {
+        self.set_expr(column, "{}", value);
+    }
+
+    /// `expression` with `{}` where the parameter goes.
+    fn set_expr(
+        &mut self,
+        column: &'static str,
+        expression: &str,
+        value: impl ToSql + Sync + Send + 'static,
+    ) {
+        self.params.push(Box::new(value));
+        let placeholder = format!("${}", self.params.len());
+        self.names.push(column);
+        self.values.push(expression.replacen("{}", &placeholder, 1));
+    }
+
+    fn settings(&mut self, settings: &SubscriptionSettings) {
+        if let Some(event_types) = &settings.event_types {
+            self.set("event_types", event_types.clone());
+        }
+        if let Some(tenant_id) = &settings.tenant_id {
+            self.set("tenant_id", tenant_id.clone());
+        }
+        if let Some(filter) = &settings.filter {
+            self.set("filter", filter.clone());
+        }
+        if let Some(headers) = &settings.headers {
+            let object: serde_json::Map<String, serde_json::Value> = headers
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            self.set("headers", serde_json::Value::Object(object));
+        }
+        if let Some(timeout) = settings.timeout {
+            self.set_expr(
+                "timeout",
+                "make_interval(secs => {}::float8)",
+                timeout.as_secs_f64(),
+            );
+        }
+        if let Some(max_in_flight) = settings.max_in_flight {
+            self.set("max_in_flight", max_in_flight);
+        }
+        if let Some(rate_limit) = settings.rate_limit_per_second {
+            self.set("rate_limit_per_second", rate_limit);
+        }
+        if let Some(schedule) = &settings.retry_schedule {
+            let seconds: Vec<f64> = schedule.iter().map(Duration::as_secs_f64).collect();
+            self.set_expr(
+                "retry_schedule",
+                "ARRAY(SELECT make_interval(secs => w)
+                         FROM unnest({}::float8[]) WITH ORDINALITY AS t(w, i) ORDER BY i)",
+                seconds,
+            );
+        }
+        if let Some(ordered) = settings.ordered {
+            self.set("ordered", ordered);
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        as_params(&self.params)
+    }
+}
+
+/// Named arguments (`name => $n::type`) for a function call.
+#[derive(Default)]
+struct Arguments {
+    named: Vec<String>,
+    params: Vec<Param>,
+}
+
+impl Arguments {
+    fn add(&mut self, name: &str, sql_type: &str, value: impl ToSql + Sync + Send + 'static) {
+        self.params.push(Box::new(value));
+        self.named
+            .push(format!("{name} => ${}::{sql_type}", self.params.len()));
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        as_params(&self.params)
+    }
+}
+
+fn not_found(name: &str) -> AdminError {
+    AdminError::NotFound {
+        name: name.to_owned(),
+    }
+}
+
+/// Refuses what the `url_scheme` constraint would, with an error that says why.
+fn check_url(url: &str) -> Result<(), AdminError> {
+    let invalid = |problem: String| AdminError::Invalid {
+        field: "url",
+        problem,
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|error| {
+        invalid(format!(
+            "{url:?} is not a URL ({error}); give an absolute URL such as https://service.internal/hooks/outbox"
+        ))
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid(format!(
+            "{url:?} uses scheme {:?}; only http:// and https:// are delivered to",
+            parsed.scheme()
+        )));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(format!("{url:?} has no host")));
+    }
+    Ok(())
+}
+
+fn check_secret(secret: &SecretText) -> Result<(), AdminError> {
+    SigningSecret::parse(&secret.0)
+        .map(drop)
+        .map_err(|error| AdminError::Invalid {
+            field: "secret",
+            problem: format!(
+                "{error}; give whsec_ followed by the base64 of at least 16 random bytes, or leave it out to have one generated"
+            ),
+        })
+}
+
+/// Turns the database errors callers act on into their own variants.
+fn classify(error: tokio_postgres::Error, context: &'static str, name: &str) -> AdminError {
+    if let Some(db) = error.as_db_error() {
+        let code = db.code();
+        if *code == SqlState::UNIQUE_VIOLATION && db.constraint() == Some("subscriptions_name_key")
+        {
+            return AdminError::Duplicate {
+                name: name.to_owned(),
+            };
+        }
+        if *code == SqlState::CHECK_VIOLATION {
+            let constraint = db.constraint().unwrap_or("");
+            let (field, rule) = constraint_rule(constraint);
+            return AdminError::Invalid {
+                field,
+                problem: match rule {
+                    Some(rule) => format!("{rule} (constraint {constraint})"),
+                    None => db.message().to_owned(),
+                },
+            };
+        }
+        if *code == SqlState::UNDEFINED_TABLE
+            || *code == SqlState::UNDEFINED_COLUMN
+            || *code == SqlState::UNDEFINED_FUNCTION
+            || *code == SqlState::INVALID_SCHEMA_NAME
+        {
+            return AdminError::SchemaOutdated {
+                context,
+                detail: db.message().to_owned(),
+            };
+        }
+        // What a function such as outbox.replay raises about its arguments.
+        if *code == SqlState::RAISE_EXCEPTION
+            || *code == SqlState::INVALID_PARAMETER_VALUE
+            || *code == SqlState::INVALID_TEXT_REPRESENTATION
+        {
+            let mut problem = db.message().to_owned();
+            if let Some(hint) = db.hint() {
+                problem.push_str(". ");
+                problem.push_str(hint);
+            }
+            return AdminError::Invalid {
+                field: "arguments",
+                problem,
+            };
+        }
+    }
+    AdminError::Db(DbError::Query {
+        context,
+        source: error,
+    })
+}
+
+/// The field a subscriptions CHECK constraint guards, and its rule in words.
+fn constraint_rule(constraint: &str) -> (&'static str, Option<&'static str>) {
+    match constraint {
+        "name_format" => (
+            "name",
+            Some("1 to 255 characters: letters, digits and . _ : -"),
+        ),
+        "url_scheme" => (
+            "url",
+            Some(
+                "must be an http:// or https:// URL with a host, without spaces, at most 2048 characters",
+            ),
+        ),
+        "event_types_format" => (
+            "event_types",
+            Some(
+                "at least one pattern; each 1 to 255 characters: letters, digits, . _ : - and * as a wildcard",
+            ),
+        ),
+        "filter_is_object" => (
+            "filter",
+            Some(r#"must be a JSON object, e.g. {"plan": "pro"}"#),
+        ),
+        "secret_format" | "previous_secret_format" => (
+            "secret",
+            Some("must be whsec_ followed by the base64 of at least 16 bytes"),
+        ),
+        "retry_schedule_sane" => (
+            "retry_schedule",
+            Some("at most 50 waits, each between 0s and 7 days"),
+        ),
+        "timeout_sane" => ("timeout", Some("must be between 100ms and 5m")),
+        "max_in_flight_sane" => ("max_in_flight", Some("must be between 1 and 10000")),
+        "rate_limit_sane" => (
+            "rate_limit_per_second",
+            Some("must be greater than 0 and at most 100000"),
+        ),
+        "headers_valid" => (
+            "headers",
+            Some(
+                "names of at most 128 token characters with string values; content-type, content-length, host, user-agent, transfer-encoding, connection and the webhook-* headers are set by the relay and cannot be overridden",
+            ),
+        ),
+        _ => ("value", None),
+    }
+}
+
+fn seconds<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(value.as_secs_f64())
+}
+
+fn seconds_list<S: Serializer>(values: &[Duration], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(values.iter().map(Duration::as_secs_f64))
+}
+
+fn rfc3339<S: Serializer>(value: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&value.to_rfc3339_opts(SecondsFormat::Micros, true))
+}
+
+fn rfc3339_option<S: Serializer>(
+    value: &Option<DateTime<Utc>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => rfc3339(value, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_before_the_database_sees_them() {
+        for bad in [
+            "not a url",
+            "agents.internal/hooks",
+            "ftp://agents.internal/x",
+            "mailto:ops@example.com",
+        ] {
+            match check_url(bad) {
+                Err(AdminError::Invalid { field: "url", .. }) => {}
+                other => panic!("{bad:?} was not refused as a url: {other:?}"),
+            }
+        }
+        for good in [
+            "http://127.0.0.1:8080/hook",
+            "https://agents.internal/x?y=1",
+        ] {
+            assert!(check_url(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let created = CreatedSubscription {
+            id: 1,
+            name: "crm".to_owned(),
+            secret: SecretText(generate_secret()),
+        };
+        let debug = format!("{created:?}");
+        assert!(!debug.contains(created.secret.expose()), "{debug}");
+        assert!(debug.contains("redacted"));
+    }
+
+    #[test]
+    fn every_subscription_constraint_names_its_field() {
+        for (constraint, field) in [
+            ("url_scheme", "url"),
+            ("timeout_sane", "timeout"),
+            ("rate_limit_sane", "rate_limit_per_second"),
+            ("previous_secret_format", "secret"),
+        ] {
+            let (named, rule) = constraint_rule(constraint);
+            assert_eq!(named, field);
+            assert!(rule.is_some());
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Relay configuration: every knob is a flag and an environment variable (`OUTBOX_…`), with
+//! the defaults documented in `outbox-relay run --help` and the README.
+//!
+//! `validate()` checks the rules that span fields and says how to fix a bad combination.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use ipnet::IpNet;
+
+use crate::deliverer::client::TargetPolicy;
+
+/// How the relay connects and how hard it works. Built from flags/env by clap, or by
+/// [`RelayConfig::for_tests`] in tests (tests never set environment variables).
+#[derive(Args, Clone, Debug)]
+pub struct RelayConfig {
+    /// Address of the HTTP listener: /healthz, /readyz, /metrics.
+    #[arg(long, env = "OUTBOX_HTTP_ADDR", default_value = "127.0.0.1:8009")]
+    pub http_addr: SocketAddr,
+
+    /// CIDRs that subscriber URLs may resolve to although private, loopback or link-local
+    /// (comma-separated, e.g. `10.0.0.0/8,127.0.0.1`). Refused by default.
+    #[arg(long, env = "OUTBOX_ALLOW_PRIVATE_TARGETS", default_value = "", value_parser = parse_cidrs)]
+    pub allow_private_targets: CidrList,
+
+    /// Fallback poll interval. LISTEN/NOTIFY wakes the relay at once; the poll catches what a
+    /// lost notification would miss and retries that come due.
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+
+    /// Events claimed per dispatch transaction.
+    #[arg(long, env = "OUTBOX_DISPATCH_BATCH_SIZE", default_value_t = 500)]
+    pub dispatch_batch_size: u32,
+
+    /// Deliveries claimed per claim round trip (across all subscriptions).
+    #[arg(long, env = "OUTBOX_DELIVERY_BATCH_SIZE", default_value_t = 200)]
+    pub delivery_batch_size: u32,
+
+    /// Concurrent HTTP requests of this relay, all subscriptions together. Each subscription
+    /// is also capped by its own `max_in_flight`, counted across all relays.
+    #[arg(long, env = "OUTBOX_MAX_CONCURRENCY", default_value_t = 256)]
+    pub max_concurrency: u32,
+
+    /// How long a claimed delivery stays leased without a heartbeat. A relay killed with -9
+    /// has its work reclaimed by another relay about this long after its last heartbeat.
+    #[arg(long, env = "OUTBOX_LEASE_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+
+    /// How often a relay renews the leases it holds; must be well below the lease duration.
+    #[arg(long, env = "OUTBOX_HEARTBEAT_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Results are written back at least this often (or when a batch fills). A longer
+    /// interval means fewer writes but a wider window of re-sent requests after a crash.
+    #[arg(long, env = "OUTBOX_FLUSH_INTERVAL", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub flush_interval: Duration,
+
+    /// Largest number of results written in one statement.
+    #[arg(long, env = "OUTBOX_FLUSH_BATCH_SIZE", default_value_t = 500)]
+    pub flush_batch_size: u32,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take before they are abandoned
+    /// (their deliveries are released for another attempt).
+    #[arg(long, env = "OUTBOX_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Database connections the relay's pool may open (LISTEN uses one more, unpooled).
+    #[arg(long, env = "OUTBOX_DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: u32,
+
+    /// Identity recorded on the deliveries this relay leases. Default: host:pid:start-time.
+    #[arg(long, env = "OUTBOX_RELAY_ID")]
+    pub relay_id: Option<String>,
+}
+
+/// Parsed `OUTBOX_ALLOW_PRIVATE_TARGETS`. A newtype so clap treats the list as one value.
+#[derive(Clone, Debug, Default)]
+pub struct CidrList(pub Vec<IpNet>);
+
+fn parse_cidrs(raw: &str) -> Result<CidrList, String> {
+    TargetPolicy::parse_allow_list(raw)
+        .map(CidrList)
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl RelayConfig {
+    /// Cross-field rules. Each error names the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 2 > self.lease_duration {
+            return Err(ConfigError(format!(
+                "heartbeat interval {:?} must be positive and at most half the lease duration {:?}: \
+                 lower OUTBOX_HEARTBEAT_INTERVAL or raise OUTBOX_LEASE_DURATION",
+                self.heartbeat_interval, self.lease_duration
+            )));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(ConfigError("OUTBOX_POLL_INTERVAL must be positive".into()));
+        }
+        for (name, value) in [
+            ("OUTBOX_DISPATCH_BATCH_SIZE", self.dispatch_batch_size),
+            ("OUTBOX_DELIVERY_BATCH_SIZE", self.delivery_batch_size),
+            ("OUTBOX_MAX_CONCURRENCY", self.max_concurrency),
+            ("OUTBOX_FLUSH_BATCH_SIZE", self.flush_batch_size),
+            ("OUTBOX_DB_POOL_SIZE", self.db_pool_size),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("{name} must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn target_policy(&self) -> TargetPolicy {
+        TargetPolicy {
+            allowed_private: self.allow_private_targets.0.clone(),
+        }
+    }
+
+    /// Defaults tuned for tests: short intervals so behaviour shows up quickly, loopback
+    /// targets allowed, an ephemeral HTTP port.
+    pub fn for_tests() -> RelayConfig {
+        RelayConfig {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            allow_private_targets: CidrList(vec![
+                "127.0.0.0/8".parse().expect("literal CIDR is valid"),
+            ]),
+            poll_interval: Duration::from_millis(200),
+            dispatch_batch_size: 100,
+            delivery_batch_size: 100,
+            max_concurrency: 64,
+            lease_duration: Duration::from_secs(3),
+            heartbeat_interval: Duration::from_millis(500),
+            flush_interval: Duration::from_millis(20),
+            flush_batch_size: 200,
+            shutdown_grace: Duration::from_secs(5),
+            db_pool_size: 6,
+            relay_id: None,
+        }
+    }
+}
+
+/// `host:pid:start` — unique per process, readable in `lease_owner` by an operator.
+pub fn default_relay_id() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown-host".to_string());
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+    )
+}

@@ -1,0 +1,136 @@
+//! The wake-up connection: one dedicated, unpooled connection that LISTENs for producers'
+//! NOTIFYs and turns them into in-process wake-ups.
+//!
+//! A notification is only a hint. While this connection is down nothing is heard, so after
+//! every (re)connect it wakes everyone once to catch up, and the components keep polling.
+//! It never runs queries for anyone else: pooled connections may sit behind a transaction
+//! pooler, where LISTEN would not work.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use super::{DbContext, DbError};
+
+/// Channel the events trigger notifies (see migrations/V3__wakeup.sql).
+pub const EVENTS_CHANNEL: &str = "outbox_events";
+/// Channel the subscriptions trigger notifies.
+pub const SUBSCRIPTIONS_CHANNEL: &str = "outbox_subscriptions";
+
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What the listener wakes.
+#[derive(Clone)]
+pub struct WakeTargets {
+    pub events: Arc<Notify>,
+    pub subscriptions: Arc<Notify>,
+    /// True while LISTEN is established; /readyz reports it.
+    pub connected: Arc<AtomicBool>,
+}
+
+/// Runs until `cancel` fires, reconnecting with exponential backoff.
+pub async fn run(database_url: String, targets: WakeTargets, cancel: CancellationToken) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let session = listen_once(&database_url, &targets, &cancel);
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            result = session => result,
+        };
+        targets.connected.store(false, Ordering::SeqCst);
+        match result {
+            Ok(()) => {
+                tracing::warn!("LISTEN connection closed by the server; reconnecting");
+                backoff = BACKOFF_START;
+            }
+            Err(error) => {
+                tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), retry_in = ?backoff,
+                    "LISTEN connection failed; polling continues meanwhile");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One connection's life: connect, LISTEN, forward notifications until it breaks.
+async fn listen_once(
+    database_url: &str,
+    targets: &WakeTargets,
+    cancel: &CancellationToken,
+) -> Result<(), DbError> {
+    let mut config = super::parse_url(database_url)?;
+    config.application_name(format!("{}-listen", super::APPLICATION_NAME));
+    let (client, mut connection) = config
+        .connect(NoTls)
+        .await
+        .context("connecting the LISTEN session")?;
+
+    // The connection object must be polled for the client's queries to make progress, and it
+    // is also where notifications arrive: drive it as a stream and forward them.
+    let (messages_tx, mut messages_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let driver = tokio::spawn(async move {
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(message) => {
+                    if messages_tx.send(message).is_err() {
+                        break;
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    });
+
+    let result = async {
+        client
+            .batch_execute(&format!(
+                "LISTEN {EVENTS_CHANNEL}; LISTEN {SUBSCRIPTIONS_CHANNEL}"
+            ))
+            .await
+            .context("LISTEN")?;
+        targets.connected.store(true, Ordering::SeqCst);
+        tracing::info!("listening for wake-ups");
+        // Anything committed while we were not listening is found by this catch-up pass.
+        targets.events.notify_one();
+        targets.subscriptions.notify_one();
+
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                message = messages_rx.recv() => match message {
+                    Some(AsyncMessage::Notification(n)) if n.channel() == EVENTS_CHANNEL => {
+                        targets.events.notify_one();
+                    }
+                    Some(AsyncMessage::Notification(n)) if n.channel() == SUBSCRIPTIONS_CHANNEL => {
+                        targets.subscriptions.notify_one();
+                    }
+                    Some(_) => {}
+                    // The driver ended: the connection is gone.
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+    .await;
+
+    drop(client);
+    match driver.await {
+        Ok(Err(error)) if result.is_ok() => Err(DbError::Query {
+            context: "LISTEN connection lost",
+            source: error,
+        }),
+        _ => result,
+    }
+}

@@ -1,0 +1,152 @@
+//! Database access: the connection pool, embedded migrations, and the error type every
+//! component uses for database failures.
+//!
+//! All SQL the relay runs lives in [`sql`]; the wake-up connection lives in [`listen`].
+
+pub mod listen;
+pub mod sql;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+refinery::embed_migrations!("migrations");
+
+/// `application_name` of the relay's connections, so operators (and tests) can find them
+/// in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "outbox-relay";
+
+/// Arbitrary but fixed: serialises concurrent `migrate` runs of several relays.
+/// refinery's record of applied migrations.
+pub const MIGRATION_TABLE: &str = "outbox.schema_history";
+
+const MIGRATION_LOCK_KEY: i64 = 0x6f75_7462_6f78; // "outbox"
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{context}: no database connection available")]
+    Pool {
+        context: &'static str,
+        #[source]
+        source: deadpool_postgres::PoolError,
+    },
+    #[error("{context}")]
+    Query {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("invalid DATABASE_URL")]
+    Url(#[source] tokio_postgres::Error),
+    #[error("building the connection pool")]
+    Build(#[source] deadpool_postgres::BuildError),
+    #[error("applying migrations")]
+    Migrate(#[source] refinery::Error),
+}
+
+/// Attaches what we were doing to a database error.
+pub trait DbContext<T> {
+    fn context(self, context: &'static str) -> Result<T, DbError>;
+}
+
+impl<T> DbContext<T> for Result<T, tokio_postgres::Error> {
+    fn context(self, context: &'static str) -> Result<T, DbError> {
+        self.map_err(|source| DbError::Query { context, source })
+    }
+}
+
+impl<T> DbContext<T> for Result<T, deadpool_postgres::PoolError> {
+    fn context(self, context: &'static str) -> Result<T, DbError> {
+        self.map_err(|source| DbError::Pool { context, source })
+    }
+}
+
+/// Parses `DATABASE_URL` and names the connections `outbox-relay` unless the URL names them.
+pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, DbError> {
+    let mut config: tokio_postgres::Config = database_url.parse().map_err(DbError::Url)?;
+    if config.get_application_name().is_none() {
+        config.application_name(APPLICATION_NAME);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    Ok(config)
+}
+
+/// A pool that never blocks forever: waiting for a connection, or for a new one to be
+/// made while the database is down, gives up after a few seconds so callers can report
+/// not-ready and retry with backoff.
+pub fn connect_pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
+    let manager = Manager::from_config(
+        parse_url(database_url)?,
+        NoTls,
+        ManagerConfig {
+            // Verified recycling costs a round trip per checkout; a broken connection is
+            // instead noticed by the failing query and dropped by deadpool.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(DbError::Build)
+}
+
+/// Applies the embedded migrations. Idempotent, and safe when several relays start at
+/// once: they take turns under an advisory lock.
+pub async fn migrate(database_url: &str) -> Result<refinery::Report, DbError> {
+    let (mut client, connection) = parse_url(database_url)?
+        .connect(NoTls)
+        .await
+        .context("connecting to run migrations")?;
+    let connection_task = tokio::spawn(connection);
+    let report = migrate_with(&mut client).await;
+    drop(client);
+    let _ = connection_task.await;
+    report
+}
+
+/// [`migrate`] on a connection the caller already has (the test harness uses this).
+pub async fn migrate_with(
+    client: &mut tokio_postgres::Client,
+) -> Result<refinery::Report, DbError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .context("waiting for the migration lock")?;
+    // refinery creates its history table before the first migration runs, and it belongs
+    // with everything else in the outbox schema.
+    let result = match client
+        .batch_execute("CREATE SCHEMA IF NOT EXISTS outbox")
+        .await
+        .context("creating schema outbox")
+    {
+        Ok(()) => migrations::runner()
+            .set_migration_table_name(MIGRATION_TABLE)
+            .run_async(client)
+            .await
+            .map_err(DbError::Migrate),
+        Err(error) => Err(error),
+    };
+    // The lock is session-scoped, so a dropped connection releases it even if this fails.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await;
+    result
+}
+
+/// (version, name) of each embedded migration, oldest first.
+pub fn embedded_migrations() -> Vec<(i64, String)> {
+    let mut embedded: Vec<(i64, String)> = migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| (i64::from(m.version()), m.name().to_owned()))
+        .collect();
+    embedded.sort();
+    embedded
+}

@@ -1,0 +1,189 @@
+//! Every statement the relay runs on its hot path, as named constants, so performance work
+//! changes SQL here without touching logic. Callers prepare them once per connection
+//! (`prepare_cached`).
+//!
+//! Batches go in and out as arrays (`unnest`), so a batch costs one round trip.
+
+/// Claims up to `$1` due events (highest priority first, then insert order), fans each out
+/// into one delivery per matching enabled subscription and marks it dispatched, in one
+/// statement and so one transaction. An event that matches nothing is marked dispatched too:
+/// it stays queryable and can be backfilled later, but is never retried.
+///
+/// Matching: event_types globs, tenant (NULL = all), payload containment filter, and the
+/// event's target_services (NULL = everyone) against the subscription name. Ordered
+/// subscriptions are left to [`DISPATCH_ORDERED`], which respects commit order.
+///
+/// Returns (events dispatched, deliveries created).
+pub const DISPATCH_EVENTS: &str = "
+WITH claimed AS (
+    SELECT id FROM outbox.events
+     WHERE dispatched_at IS NULL AND deliver_after <= now()
+     ORDER BY priority DESC, id
+     LIMIT $1
+       FOR UPDATE SKIP LOCKED
+), marked AS (
+    UPDATE outbox.events e SET dispatched_at = now()
+      FROM claimed c
+     WHERE e.id = c.id
+ RETURNING e.id, e.event_type, e.tenant_id, e.payload, e.target_services
+), fanned_out AS (
+    INSERT INTO outbox.deliveries (event_id, subscription_id)
+    SELECT m.id, s.id
+      FROM marked m
+      JOIN outbox.subscriptions s
+        ON s.enabled
+       AND NOT s.ordered
+       AND outbox.event_type_matches(s.event_types, m.event_type)
+       AND (s.tenant_id IS NULL OR s.tenant_id = m.tenant_id)
+       AND (s.filter IS NULL OR m.payload @> s.filter)
+       AND (m.target_services IS NULL OR s.name = ANY (m.target_services))
+     ORDER BY m.id, s.id
+        ON CONFLICT (event_id, subscription_id) DO NOTHING
+ RETURNING 1
+)
+SELECT (SELECT count(*) FROM marked) AS events, (SELECT count(*) FROM fanned_out) AS deliveries";
+
+/// Leases due deliveries (see `outbox.claim_deliveries`) and returns them with the event
+/// fields the webhook body is built from. payload and metadata come as jsonb text so their
+/// bytes (and number precision) are exactly what PostgreSQL stored.
+pub const CLAIM_DELIVERIES: &str = "
+SELECT c.delivery_id, c.subscription_id, c.attempts, c.replay_id,
+       e.event_id, e.event_type, e.tenant_id, e.source_service, e.created_at,
+       e.payload::text, e.metadata::text, e.ordering_key, c.delivery_ordering_key
+  FROM outbox.claim_deliveries($1::bigint[], $2::integer[], $3::integer, $4::text,
+                               make_interval(secs => $5::float8)) c
+  JOIN outbox.events e ON e.id = c.event_row_id";
+
+/// Fans final events out to ordered subscriptions, in id order, and starts the next probe
+/// (see migrations/V8__ordered_subscriptions.sql for why commit order needs this). One relay
+/// at a time; the others get (0, 0, false). Returns (events passed, deliveries created,
+/// probe pending: call again soon).
+pub const DISPATCH_ORDERED: &str =
+    "SELECT events, deliveries, probe_pending FROM outbox.dispatch_ordered($1::integer)";
+
+/// Starts the next ordered-dispatch probe; must run in autocommit (its own transaction).
+/// Returns whether a probe is pending.
+pub const START_ORDERED_PROBE: &str = "SELECT outbox.start_ordered_probe()";
+
+/// Serialises key advancement with ordered fan-out, per subscription, for this transaction.
+pub const LOCK_ORDERED_SUBSCRIPTIONS: &str =
+    "SELECT outbox.lock_ordered_subscriptions($1::bigint[])";
+
+/// Unblocks the next delivery of each ordered key whose head this transaction finished.
+pub const ADVANCE_ORDERING_KEYS: &str =
+    "SELECT outbox.advance_ordering_keys($1::bigint[], $2::text[], $3::bigint[])";
+
+/// Writes a batch of results, guarded by the lease: a row only changes while it is still
+/// in flight under this relay (`$12`), so a result that arrives after the lease expired and
+/// another relay reclaimed the delivery changes nothing. Failed attempts, retries and
+/// replayed attempts are recorded in delivery_attempts; a first-attempt success lives on the
+/// delivery row alone. Subscriptions that answered 410 are disabled in the same statement.
+///
+/// Returns the ids actually updated, so metrics count only what was recorded.
+pub const COMPLETE_DELIVERIES: &str = "
+WITH results AS (
+    SELECT *
+      FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::integer[], $5::text[],
+                  $6::text[], $7::timestamptz[], $8::integer[], $9::boolean[])
+           AS r(id, status, next_attempt_at, status_code, error, response_body, started_at, duration_ms, failed)
+), updated AS (
+    UPDATE outbox.deliveries d
+       SET status = r.status,
+           attempts = d.attempts + 1,
+           next_attempt_at = coalesce(r.next_attempt_at, d.next_attempt_at),
+           last_status_code = r.status_code,
+           last_error = r.error,
+           delivered_at = CASE WHEN r.status = 'delivered' THEN now() ELSE d.delivered_at END,
+           lease_owner = NULL,
+           lease_expires_at = NULL,
+           updated_at = now()
+      FROM results r
+     WHERE d.id = r.id AND d.status = 'in_flight' AND d.lease_owner = $12
+ RETURNING d.id, d.attempts, d.replay_id
+), recorded AS (
+    INSERT INTO outbox.delivery_attempts
+           (delivery_id, attempt, started_at, duration_ms, status_code, error, response_body, replay_id)
+    SELECT u.id, u.attempts, r.started_at, r.duration_ms, r.status_code, r.error, r.response_body, u.replay_id
+      FROM updated u JOIN results r ON r.id = u.id
+     WHERE r.failed OR u.attempts > 1 OR u.replay_id IS NOT NULL
+), disabled AS (
+    UPDATE outbox.subscriptions s
+       SET enabled = false, disabled_reason = g.reason
+      FROM unnest($10::bigint[], $11::text[]) AS g(subscription_id, reason)
+     WHERE s.id = g.subscription_id AND s.enabled
+)
+SELECT id FROM updated";
+
+/// Renews the leases this relay holds, so slow requests are never taken over by another relay.
+pub const HEARTBEAT_LEASES: &str = "
+UPDATE outbox.deliveries
+   SET lease_expires_at = now() + make_interval(secs => $2::float8)
+ WHERE status = 'in_flight' AND lease_owner = $1";
+
+/// Re-queues deliveries whose lease expired (their relay died or lost the database), due now.
+/// The interrupted attempt is not counted: its result was never recorded. Keyset-free on
+/// purpose: every row it touches leaves the in_flight index, so the next call sees new rows.
+pub const RECLAIM_EXPIRED_LEASES: &str = "
+WITH expired AS (
+    SELECT id FROM outbox.deliveries
+     WHERE status = 'in_flight' AND lease_expires_at < now()
+     ORDER BY lease_expires_at
+     LIMIT $1
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox.deliveries d
+   SET status = CASE WHEN d.attempts = 0 THEN 'pending' ELSE 'failing' END,
+       next_attempt_at = now(),
+       last_error = 'lease of relay ' || d.lease_owner || ' expired before its result was recorded; re-queued',
+       lease_owner = NULL,
+       lease_expires_at = NULL,
+       updated_at = now()
+  FROM expired x
+ WHERE d.id = x.id
+RETURNING d.id";
+
+/// On shutdown: hands back whatever this relay still holds, due now, so another relay takes
+/// it at once instead of waiting for the lease to expire.
+pub const RELEASE_LEASES: &str = "
+UPDATE outbox.deliveries
+   SET status = CASE WHEN attempts = 0 THEN 'pending' ELSE 'failing' END,
+       next_attempt_at = now(),
+       lease_owner = NULL,
+       lease_expires_at = NULL,
+       updated_at = now()
+ WHERE status = 'in_flight' AND lease_owner = $1";
+
+/// Every subscription, with intervals as seconds (tokio-postgres has no interval type). The
+/// last column is the previous secret while a rotation's overlap lasts, else NULL: expiry is
+/// decided here, by the database clock, so it takes effect at the next reload.
+pub const LOAD_SUBSCRIPTIONS: &str = "
+SELECT id, name, url, secret, enabled, extract(epoch FROM timeout)::float8,
+       max_in_flight, rate_limit_per_second::float8, headers,
+       ARRAY(SELECT extract(epoch FROM w)::float8 FROM unnest(retry_schedule) w),
+       CASE WHEN previous_secret_expires_at > now() THEN previous_secret END
+  FROM outbox.subscriptions
+ ORDER BY id";
+
+/// Gauges, refreshed on a timer by this one query rather than per scrape. Each count walks a
+/// partial index (what is pending, in flight, or dead), never the delivered history.
+pub const BACKLOG_GAUGES: &str = "
+SELECT s.name,
+       (SELECT count(*) FROM outbox.deliveries d
+         WHERE d.subscription_id = s.id AND d.status IN ('pending', 'failing'))
+     + (SELECT count(*) FROM outbox.deliveries d
+         WHERE d.subscription_id = s.id AND d.status = 'in_flight') AS pending,
+       (SELECT count(*) FROM outbox.deliveries d
+         WHERE d.subscription_id = s.id AND d.status = 'dead') AS dead
+  FROM outbox.subscriptions s";
+
+/// Age in seconds of the oldest work not done: an undispatched due event, or an undelivered
+/// delivery (by the time it was fanned out).
+pub const OLDEST_PENDING_SECONDS: &str = "
+SELECT coalesce(extract(epoch FROM now() - least(
+           (SELECT min(created_at) FROM outbox.events
+             WHERE dispatched_at IS NULL AND deliver_after <= now()),
+           (SELECT min(created_at) FROM outbox.deliveries
+             WHERE status IN ('pending', 'failing', 'in_flight')))), 0)::float8";
+
+/// Applied migration versions (for /readyz: the schema is current).
+pub const APPLIED_MIGRATIONS: &str = "SELECT max(version) FROM outbox.schema_history";

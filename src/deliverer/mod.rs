@@ -1,0 +1,448 @@
+//! Deliveries → HTTP requests. Claims due deliveries with a lease (committed at once: no
+//! transaction or row lock is held while a request is in flight), sends each as a signed
+//! webhook in its own task, and hands the result to the completer.
+//!
+//! Limits: the relay-wide semaphore bounds concurrent requests (and so memory); each
+//! subscription's `max_in_flight` is enforced across relays by the claim itself; its
+//! `rate_limit_per_second` is a token bucket per relay. The deliverer claims at most what it
+//! can start now, so nothing waits leased in memory.
+
+pub mod client;
+pub mod outcome;
+pub mod webhook;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::completer::Completion;
+use crate::db::{DbContext, DbError, sql};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::subscriptions::{Subscription, SubscriptionCache, SubscriptionId};
+use client::{FailureKind, HttpResult, WebhookClient, WebhookRequest};
+use webhook::EventForDelivery;
+
+const ERROR_BACKOFF_START: Duration = Duration::from_millis(250);
+const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A leased delivery with what its request is built from.
+#[derive(Debug)]
+pub struct ClaimedDelivery {
+    pub delivery_id: i64,
+    pub subscription_id: SubscriptionId,
+    /// Attempts made before this one (since creation or the last replay).
+    pub attempts_before: u32,
+    /// Set for deliveries of ordered subscriptions: finishing one advances its key.
+    pub ordering_key: Option<String>,
+    pub event: EventForDelivery,
+}
+
+pub struct Deliverer {
+    pub pool: Pool,
+    pub subscriptions: SubscriptionCache,
+    pub client: WebhookClient,
+    pub metrics: Metrics,
+    pub health: Health,
+    pub relay_id: Arc<str>,
+    pub lease_duration: Duration,
+    pub batch_size: u32,
+    /// Relay-wide cap on concurrent requests.
+    pub permits: Arc<Semaphore>,
+    pub results: mpsc::Sender<Completion>,
+    /// Notified whenever a request finishes, so freed capacity is used at once.
+    pub slot_freed: Arc<Notify>,
+    /// Fires on a hard stop (shutdown grace exceeded, or a simulated crash): requests are
+    /// abandoned without a result and their leases released or left to expire.
+    pub abandon: CancellationToken,
+    pub tasks: TaskTracker,
+    rate_limits: Mutex<HashMap<SubscriptionId, TokenBucket>>,
+    round: std::sync::atomic::AtomicUsize,
+}
+
+impl Deliverer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pool: Pool,
+        subscriptions: SubscriptionCache,
+        client: WebhookClient,
+        metrics: Metrics,
+        health: Health,
+        relay_id: Arc<str>,
+        lease_duration: Duration,
+        batch_size: u32,
+        max_concurrency: u32,
+        results: mpsc::Sender<Completion>,
+        abandon: CancellationToken,
+    ) -> Deliverer {
+        Deliverer {
+            pool,
+            subscriptions,
+            client,
+            metrics,
+            health,
+            relay_id,
+            lease_duration,
+            batch_size,
+            permits: Arc::new(Semaphore::new(max_concurrency as usize)),
+            results,
+            slot_freed: Arc::new(Notify::new()),
+            abandon,
+            tasks: TaskTracker::new(),
+            rate_limits: Mutex::new(HashMap::new()),
+            round: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// One claim round: lease what is due and can start now, and start a request for each.
+    /// Returns (claimed, asked): fewer claimed than asked means nothing more is due now.
+    pub async fn claim_and_start(self: &Arc<Self>) -> Result<(usize, usize), DbError> {
+        let free = self
+            .permits
+            .available_permits()
+            .min(self.batch_size as usize);
+        if free == 0 {
+            return Ok((0, 0));
+        }
+        let mut enabled = self.subscriptions.enabled();
+        if enabled.is_empty() {
+            return Ok((0, free));
+        }
+        // Rotate the order each round so, when capacity is short, no subscription always
+        // comes first. (The claim never waits on a lock, so order cannot deadlock.)
+        let offset = self
+            .round
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % enabled.len();
+        enabled.rotate_left(offset);
+
+        let (ids, wanted) = self.wanted_per_subscription(&enabled, free);
+        if ids.is_empty() {
+            return Ok((0, free));
+        }
+        let claimed = self.claim(&ids, &wanted, free).await?;
+        let count = claimed.len();
+        let mut per_subscription: HashMap<SubscriptionId, u32> = HashMap::new();
+        for delivery in claimed {
+            *per_subscription
+                .entry(delivery.subscription_id)
+                .or_default() += 1;
+            let Some(subscription) = self.subscriptions.get(delivery.subscription_id) else {
+                // Removed since the claim: its delete trigger already marked the delivery dead.
+                continue;
+            };
+            let permit = match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                // Only this loop takes permits and it claimed no more than were free.
+                Err(_) => unreachable!("claimed more deliveries than free permits"),
+            };
+            let this = Arc::clone(self);
+            self.tasks.spawn(async move {
+                this.deliver(delivery, subscription, permit).await;
+            });
+        }
+        self.consume_rate_tokens(&per_subscription);
+        Ok((count, free))
+    }
+
+    fn wanted_per_subscription(
+        &self,
+        enabled: &[Arc<Subscription>],
+        free: usize,
+    ) -> (Vec<i64>, Vec<i32>) {
+        let mut limits = self
+            .rate_limits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        let mut ids = Vec::with_capacity(enabled.len());
+        let mut wanted = Vec::with_capacity(enabled.len());
+        for subscription in enabled {
+            let mut want = free.min(subscription.max_in_flight as usize);
+            if let Some(rate) = subscription.rate_limit_per_second {
+                let bucket = limits
+                    .entry(subscription.id)
+                    .or_insert_with(|| TokenBucket::new(rate, now));
+                bucket.set_rate(rate);
+                want = want.min(bucket.available(now));
+            }
+            if want > 0 {
+                ids.push(subscription.id.0);
+                wanted.push(i32::try_from(want).unwrap_or(i32::MAX));
+            }
+        }
+        limits.retain(|id, _| enabled.iter().any(|s| s.id == *id));
+        (ids, wanted)
+    }
+
+    fn consume_rate_tokens(&self, claimed: &HashMap<SubscriptionId, u32>) {
+        let mut limits = self
+            .rate_limits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (id, count) in claimed {
+            if let Some(bucket) = limits.get_mut(id) {
+                bucket.take(*count);
+            }
+        }
+    }
+
+    async fn claim(
+        &self,
+        ids: &[i64],
+        wanted: &[i32],
+        total: usize,
+    ) -> Result<Vec<ClaimedDelivery>, DbError> {
+        let client = self.pool.get().await.context("claiming deliveries")?;
+        let statement = client
+            .prepare_cached(sql::CLAIM_DELIVERIES)
+            .await
+            .context("preparing delivery claim")?;
+        let total = i32::try_from(total).unwrap_or(i32::MAX);
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &ids,
+                    &wanted,
+                    &total,
+                    &&*self.relay_id,
+                    &self.lease_duration.as_secs_f64(),
+                ],
+            )
+            .await
+            .context("claiming deliveries")?;
+        Ok(rows
+            .into_iter()
+            .map(|row| ClaimedDelivery {
+                delivery_id: row.get(0),
+                subscription_id: SubscriptionId(row.get(1)),
+                attempts_before: u32::try_from(row.get::<_, i32>(2)).unwrap_or(0),
+                ordering_key: row.get(12),
+                event: EventForDelivery {
+                    event_id: row.get(4),
+                    event_type: row.get(5),
+                    tenant_id: row.get(6),
+                    source_service: row.get(7),
+                    created_at: row.get::<_, DateTime<Utc>>(8),
+                    payload_json: row.get(9),
+                    metadata_json: row.get(10),
+                    ordering_key: row.get(11),
+                },
+            })
+            .collect())
+    }
+
+    /// Sends one request and hands its verdict to the completer. Holds its permit until the
+    /// completer has the result, so a slow database slows claiming (back-pressure).
+    async fn deliver(
+        self: Arc<Self>,
+        delivery: ClaimedDelivery,
+        subscription: Arc<Subscription>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let result = tokio::select! {
+            _ = self.abandon.cancelled() => {
+                drop(permit);
+                return;
+            }
+            result = self.send(&delivery, &subscription) => result,
+        };
+        let duration = clock.elapsed();
+        self.metrics
+            .delivery_duration
+            .with_label_values(&[&subscription.name])
+            .observe(duration.as_secs_f64());
+        let verdict = outcome::judge(
+            result,
+            delivery.attempts_before,
+            &subscription.retry_schedule,
+            Utc::now(),
+            rand::random_range(-1.0..=1.0),
+        );
+        tracing::debug!(
+            delivery_id = delivery.delivery_id,
+            event_id = %delivery.event.event_id,
+            subscription = %subscription.name,
+            attempt = delivery.attempts_before + 1,
+            status_code = verdict.status_code,
+            outcome = verdict.next.status(),
+            duration_ms = duration.as_millis() as u64,
+            "attempt finished"
+        );
+        let completion = Completion {
+            delivery_id: delivery.delivery_id,
+            subscription_id: subscription.id,
+            subscription_name: Arc::from(subscription.name.as_str()),
+            verdict,
+            started_at,
+            duration,
+            event_created_at: delivery.event.created_at,
+            ordering_key: delivery.ordering_key,
+        };
+        tokio::select! {
+            _ = self.abandon.cancelled() => {}
+            _ = self.results.send(completion) => {}
+        }
+        drop(permit);
+        self.slot_freed.notify_one();
+    }
+
+    async fn send(&self, delivery: &ClaimedDelivery, subscription: &Subscription) -> HttpResult {
+        let body = match webhook::build_body(&delivery.event) {
+            Ok(body) => body,
+            Err(error) => {
+                return HttpResult::Failed {
+                    kind: FailureKind::InvalidRequest,
+                    error: format!("building the webhook body: {error}"),
+                };
+            }
+        };
+        let message_id = delivery.event.event_id.to_string();
+        let timestamp = Utc::now().timestamp();
+        let signature = webhook::sign(&subscription.secrets, &message_id, timestamp, &body);
+        let mut headers = subscription.headers.clone();
+        headers.push(("webhook-id".to_string(), message_id));
+        headers.push(("webhook-timestamp".to_string(), timestamp.to_string()));
+        headers.push(("webhook-signature".to_string(), signature));
+        self.client
+            .send(WebhookRequest {
+                url: &subscription.url,
+                headers: &headers,
+                body,
+                timeout: subscription.timeout,
+            })
+            .await
+    }
+
+    /// Claims and starts work until cancelled: at once when woken (new deliveries, freed
+    /// capacity, reclaimed leases), else every poll interval (retries coming due).
+    pub async fn run(
+        self: Arc<Self>,
+        wake: Arc<Notify>,
+        poll_interval: Duration,
+        cancel: CancellationToken,
+    ) {
+        let mut backoff = ERROR_BACKOFF_START;
+        loop {
+            loop {
+                if cancel.is_cancelled() {
+                    return;
+                }
+                match self.claim_and_start().await {
+                    Ok((claimed, asked)) => {
+                        backoff = ERROR_BACKOFF_START;
+                        if claimed > 0 {
+                            tracing::debug!(batch_size = claimed, "claimed deliveries");
+                        }
+                        if claimed == 0 || claimed < asked {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        self.health.set_database_reachable(false);
+                        self.metrics
+                            .db_errors
+                            .with_label_values(&["deliverer"])
+                            .inc();
+                        tracing::warn!(
+                            error = format!("{:#}", anyhow::Error::from(error)),
+                            retry_in = ?backoff,
+                            "claiming deliveries failed; will retry"
+                        );
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(ERROR_BACKOFF_MAX);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = wake.notified() => {}
+                _ = self.slot_freed.notified() => {}
+                _ = tokio::time::sleep(poll_interval) => {}
+            }
+        }
+    }
+}
+
+/// Per-relay token bucket for `rate_limit_per_second`. Holds at most one second of tokens
+/// (at least one), so an idle subscriber gets a burst of at most its per-second rate.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, now: Instant) -> TokenBucket {
+        TokenBucket {
+            rate,
+            tokens: rate.max(1.0),
+            refilled_at: now,
+        }
+    }
+
+    fn set_rate(&mut self, rate: f64) {
+        self.rate = rate;
+    }
+
+    fn capacity(&self) -> f64 {
+        self.rate.max(1.0)
+    }
+
+    fn available(&mut self, now: Instant) -> usize {
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity());
+        self.refilled_at = now;
+        self.tokens.floor().max(0.0) as usize
+    }
+
+    fn take(&mut self, count: u32) {
+        self.tokens -= f64::from(count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenBucket;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn token_bucket_refills_at_its_rate_and_caps_at_one_second() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(2.0, start);
+        assert_eq!(bucket.available(start), 2);
+        bucket.take(2);
+        assert_eq!(bucket.available(start), 0);
+        assert_eq!(bucket.available(start + Duration::from_millis(500)), 1);
+        assert_eq!(
+            bucket.available(start + Duration::from_secs(60)),
+            2,
+            "capped"
+        );
+    }
+
+    #[test]
+    fn slow_rates_still_allow_one_request() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(0.5, start);
+        assert_eq!(bucket.available(start), 1);
+        bucket.take(1);
+        assert_eq!(bucket.available(start + Duration::from_secs(1)), 0);
+        assert_eq!(bucket.available(start + Duration::from_secs(2)), 1);
+    }
+}

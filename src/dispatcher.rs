@@ -1,0 +1,167 @@
+//! Events → deliveries. Wakes on NOTIFY (or the fallback poll), claims due events in
+//! batches with `FOR UPDATE SKIP LOCKED`, fans each out to every matching enabled
+//! subscription and marks it dispatched, one statement (one transaction) per batch.
+//!
+//! Fan-out is quick database work; it never waits on the network, so a slow subscriber
+//! never holds up dispatch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{DbContext, DbError, sql};
+use crate::health::Health;
+use crate::metrics::Metrics;
+
+/// After a database error, wait this long before the next try (doubling up to the max).
+const ERROR_BACKOFF_START: Duration = Duration::from_millis(250);
+const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// First re-check of a pending ordered-dispatch probe. Short, because the probe normally
+/// completes once the transactions running at probe time commit (milliseconds).
+const ORDERED_FOLLOW_UP_START: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DispatchedBatch {
+    /// Events fanned out to unordered subscriptions (and marked dispatched).
+    pub events: u64,
+    /// Events the ordered pass moved its cursor over.
+    pub ordered_events: u64,
+    /// Ordered fan-out is waiting for older producer transactions to end; run again soon.
+    pub ordered_probe_pending: bool,
+    pub deliveries: u64,
+}
+
+pub struct Dispatcher {
+    pub pool: Pool,
+    pub batch_size: u32,
+    pub metrics: Metrics,
+    pub health: Health,
+    /// Notified when new deliveries exist, so the deliverer claims them at once.
+    pub deliveries_created: Arc<Notify>,
+}
+
+impl Dispatcher {
+    /// Dispatches one batch. The seam tests step instead of waiting for timers.
+    pub async fn run_once(&self) -> Result<DispatchedBatch, DbError> {
+        let client = self.pool.get().await.context("dispatching events")?;
+        let statement = client
+            .prepare_cached(sql::DISPATCH_EVENTS)
+            .await
+            .context("preparing dispatch")?;
+        let limit = i64::from(self.batch_size);
+        let row = client
+            .query_one(&statement, &[&limit])
+            .await
+            .context("dispatching events")?;
+        let batch = DispatchedBatch {
+            events: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+            deliveries: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+            ordered_events: 0,
+            ordered_probe_pending: false,
+        };
+        // Ordered subscriptions get their deliveries from a second, commit-order-safe pass.
+        let ordered = client
+            .prepare_cached(sql::DISPATCH_ORDERED)
+            .await
+            .context("preparing ordered dispatch")?;
+        let ordered_row = client
+            .query_one(
+                &ordered,
+                &[&i32::try_from(self.batch_size).unwrap_or(i32::MAX)],
+            )
+            .await
+            .context("dispatching events to ordered subscriptions")?;
+        let mut probe_pending: bool = ordered_row.get(2);
+        if !probe_pending {
+            // A statement of its own (autocommit): the probe's xid must be assigned after
+            // it reads the sequence, in a transaction that had none before.
+            let probe = client
+                .prepare_cached(sql::START_ORDERED_PROBE)
+                .await
+                .context("preparing ordered probe")?;
+            probe_pending = client
+                .query_one(&probe, &[])
+                .await
+                .context("starting an ordered-dispatch probe")?
+                .get(0);
+        }
+        let batch = DispatchedBatch {
+            ordered_events: u64::try_from(ordered_row.get::<_, i64>(0)).unwrap_or(0),
+            ordered_probe_pending: probe_pending,
+            deliveries: batch.deliveries + u64::try_from(ordered_row.get::<_, i64>(1)).unwrap_or(0),
+            ..batch
+        };
+        self.metrics.events_dispatched.inc_by(batch.events);
+        if batch.deliveries > 0 {
+            self.deliveries_created.notify_one();
+        }
+        Ok(batch)
+    }
+
+    /// Dispatches until nothing is due. Returns how many events went out, and whether
+    /// ordered fan-out has a probe waiting.
+    pub async fn drain(&self) -> Result<(u64, bool), DbError> {
+        let mut total = 0;
+        loop {
+            let batch = self.run_once().await?;
+            total += batch.events;
+            let full = u64::from(self.batch_size);
+            if batch.events < full && batch.ordered_events < full {
+                return Ok((total, batch.ordered_probe_pending));
+            }
+        }
+    }
+
+    pub async fn run(self, wake: Arc<Notify>, poll_interval: Duration, cancel: CancellationToken) {
+        let mut backoff = ERROR_BACKOFF_START;
+        let mut follow_up = ORDERED_FOLLOW_UP_START;
+        loop {
+            let mut wait = poll_interval;
+            match self.drain().await {
+                Ok((events, probe_pending)) => {
+                    // A pending probe usually completes as soon as the producers that were
+                    // mid-transaction commit: look again shortly, backing off towards the
+                    // poll interval while an old transaction holds it.
+                    if probe_pending {
+                        wait = follow_up.min(poll_interval);
+                        follow_up = (follow_up * 2).min(poll_interval);
+                    } else {
+                        follow_up = ORDERED_FOLLOW_UP_START;
+                    }
+                    self.health.set_database_reachable(true);
+                    backoff = ERROR_BACKOFF_START;
+                    if events > 0 {
+                        tracing::debug!(batch_size = events, "dispatched events");
+                    }
+                }
+                Err(error) => {
+                    self.health.set_database_reachable(false);
+                    self.metrics
+                        .db_errors
+                        .with_label_values(&["dispatcher"])
+                        .inc();
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        retry_in = ?backoff,
+                        "dispatch failed; will retry"
+                    );
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ERROR_BACKOFF_MAX);
+                    continue;
+                }
+            }
+            let reason = tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = wake.notified() => "notify",
+                _ = tokio::time::sleep(wait) => "poll",
+            };
+            self.metrics.wakeups.with_label_values(&[reason]).inc();
+        }
+    }
+}

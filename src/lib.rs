@@ -1,0 +1,22 @@
+//! outbox-relay: moves committed rows of `outbox.events` to subscribers as signed webhooks.
+//!
+//! The library holds everything; `src/main.rs` only parses the command line and calls in.
+//! [`relay`] shows how the parts fit; the README describes the guarantees and
+//! `../shared/SPEC.md` the public contract.
+
+pub mod admin;
+pub mod completer;
+pub mod config;
+pub mod db;
+pub mod deliverer;
+pub mod demo;
+pub mod devkit;
+pub mod dispatcher;
+pub mod health;
+pub mod http;
+pub mod maintenance;
+pub mod metrics;
+pub mod relay;
+pub mod shutdown;
+pub mod subscriptions;
+pub mod telemetry;

@@ -1,0 +1,176 @@
+//! Background upkeep every relay runs: renewing its own leases (heartbeat), re-queueing
+//! deliveries whose lease expired (their relay died), and refreshing the backlog gauges.
+//!
+//! Leases are short and renewed by the heartbeat, so a relay killed with -9 has its work
+//! picked up within seconds (lease duration + one heartbeat), not after the slowest timeout;
+//! and a live relay's slow request is never taken over, however long the subscriber takes.
+//! There is no leader: reclaiming is one guarded UPDATE with SKIP LOCKED, safe to run on
+//! every relay at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{DbContext, DbError, sql};
+use crate::health::Health;
+use crate::metrics::Metrics;
+
+/// Expired leases re-queued per statement; the loop repeats while batches come back full.
+const RECLAIM_BATCH: i64 = 1000;
+/// Gauges are refreshed this often (one query), not per scrape.
+pub const GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+
+pub struct Maintenance {
+    pub pool: Pool,
+    pub relay_id: Arc<str>,
+    pub lease_duration: Duration,
+    pub metrics: Metrics,
+    pub health: Health,
+    /// Notified when reclaimed deliveries are due, so the deliverer takes them at once.
+    pub deliveries_requeued: Arc<Notify>,
+}
+
+impl Maintenance {
+    /// Extends every lease this relay holds. Returns how many.
+    pub async fn heartbeat(&self) -> Result<u64, DbError> {
+        let client = self.pool.get().await.context("renewing leases")?;
+        let statement = client
+            .prepare_cached(sql::HEARTBEAT_LEASES)
+            .await
+            .context("preparing lease renewal")?;
+        client
+            .execute(
+                &statement,
+                &[&&*self.relay_id, &self.lease_duration.as_secs_f64()],
+            )
+            .await
+            .context("renewing leases")
+    }
+
+    /// Re-queues deliveries whose lease expired. Returns how many.
+    pub async fn reclaim_expired(&self) -> Result<u64, DbError> {
+        let client = self.pool.get().await.context("reclaiming expired leases")?;
+        let statement = client
+            .prepare_cached(sql::RECLAIM_EXPIRED_LEASES)
+            .await
+            .context("preparing lease reclaim")?;
+        let mut total = 0;
+        loop {
+            let reclaimed = client
+                .query(&statement, &[&RECLAIM_BATCH])
+                .await
+                .context("reclaiming expired leases")?
+                .len() as u64;
+            total += reclaimed;
+            if reclaimed < RECLAIM_BATCH as u64 {
+                break;
+            }
+        }
+        if total > 0 {
+            self.metrics.leases_reclaimed.inc_by(total);
+            self.deliveries_requeued.notify_one();
+            tracing::warn!(
+                reclaimed = total,
+                "re-queued deliveries whose relay stopped renewing its lease"
+            );
+        }
+        Ok(total)
+    }
+
+    /// Readiness requires the schema to be at least what this binary embeds: an older one
+    /// lacks columns or functions the relay's statements use.
+    pub async fn check_schema(&self) -> Result<bool, DbError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .context("checking the schema version")?;
+        let applied: Option<i32> = client
+            .query_one(sql::APPLIED_MIGRATIONS, &[])
+            .await
+            .context("checking the schema version")?
+            .get(0);
+        let wanted = crate::db::embedded_migrations()
+            .last()
+            .map(|(version, _)| *version)
+            .unwrap_or(0);
+        let current = applied.map(i64::from).unwrap_or(0) >= wanted;
+        self.health
+            .schema_current
+            .store(current, std::sync::atomic::Ordering::SeqCst);
+        if !current {
+            tracing::error!(applied = ?applied, wanted, "schema is older than this relay: run outbox-relay migrate");
+        }
+        Ok(current)
+    }
+
+    pub async fn refresh_gauges(&self) -> Result<(), DbError> {
+        self.check_schema().await?;
+        let client = self.pool.get().await.context("refreshing gauges")?;
+        let backlog = client
+            .prepare_cached(sql::BACKLOG_GAUGES)
+            .await
+            .context("preparing backlog gauges")?;
+        let oldest = client
+            .prepare_cached(sql::OLDEST_PENDING_SECONDS)
+            .await
+            .context("preparing oldest-pending gauge")?;
+        let rows = client
+            .query(&backlog, &[])
+            .await
+            .context("reading backlog")?;
+        // Subscriptions that were removed must not keep reporting their last value.
+        self.metrics.pending_deliveries.reset();
+        self.metrics.dead_deliveries.reset();
+        for row in rows {
+            let name: String = row.get(0);
+            self.metrics
+                .pending_deliveries
+                .with_label_values(&[&name])
+                .set(row.get(1));
+            self.metrics
+                .dead_deliveries
+                .with_label_values(&[&name])
+                .set(row.get(2));
+        }
+        let oldest: f64 = client
+            .query_one(&oldest, &[])
+            .await
+            .context("reading oldest pending age")?
+            .get(0);
+        self.metrics.oldest_pending_seconds.set(oldest as i64);
+        Ok(())
+    }
+
+    pub async fn run(self, heartbeat_interval: Duration, cancel: CancellationToken) {
+        let mut heartbeat = tokio::time::interval(heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauges = tokio::time::interval(GAUGE_REFRESH_INTERVAL);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = heartbeat.tick() => {
+                    let result = match self.heartbeat().await {
+                        Ok(_) => self.reclaim_expired().await.map(|_| ()),
+                        Err(error) => Err(error),
+                    };
+                    if let Err(error) = result {
+                        self.metrics.db_errors.with_label_values(&["maintenance"]).inc();
+                        tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)),
+                            "lease heartbeat failed; leases expire unless renewed in time");
+                    }
+                }
+                _ = gauges.tick() => {
+                    if let Err(error) = self.refresh_gauges().await {
+                        self.metrics.db_errors.with_label_values(&["maintenance"]).inc();
+                        tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "refreshing gauges failed");
+                    }
+                }
+            }
+        }
+    }
+}

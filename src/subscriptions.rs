@@ -1,0 +1,168 @@
+//! The relay's view of `outbox.subscriptions`: a snapshot reloaded every second and at once
+//! when the subscriptions trigger notifies, so inserts, updates and disables take effect in
+//! a running relay within a second, without restart.
+//!
+//! Matching events to subscriptions is not done here: the dispatcher does it in SQL, against
+//! the table itself, so it can never act on a stale copy. This cache only serves delivery
+//! settings (URL, secret, headers, timeout, limits).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{DbContext, DbError, sql};
+use crate::deliverer::webhook::SigningSecret;
+
+/// Reload period when no notification arrives (a lost NOTIFY, or a change made while the
+/// LISTEN connection was down).
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubscriptionId(pub i64);
+
+/// Delivery settings of one subscription.
+#[derive(Debug)]
+pub struct Subscription {
+    pub id: SubscriptionId,
+    pub name: String,
+    pub url: String,
+    /// Signing secrets; more than one while a secret is being rotated.
+    pub secrets: Vec<SigningSecret>,
+    pub enabled: bool,
+    pub timeout: Duration,
+    pub max_in_flight: u32,
+    pub rate_limit_per_second: Option<f64>,
+    pub headers: Vec<(String, String)>,
+    pub retry_schedule: Vec<Duration>,
+}
+
+#[derive(Clone, Default)]
+pub struct SubscriptionCache {
+    inner: Arc<RwLock<HashMap<SubscriptionId, Arc<Subscription>>>>,
+}
+
+impl SubscriptionCache {
+    pub fn get(&self, id: SubscriptionId) -> Option<Arc<Subscription>> {
+        self.read().get(&id).cloned()
+    }
+
+    /// Enabled subscriptions, ordered by id.
+    pub fn enabled(&self) -> Vec<Arc<Subscription>> {
+        let mut enabled: Vec<_> = self
+            .read()
+            .values()
+            .filter(|s| s.enabled)
+            .cloned()
+            .collect();
+        enabled.sort_by_key(|s| s.id);
+        enabled
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<SubscriptionId, Arc<Subscription>>> {
+        // A panic while holding the lock cannot leave the map half-written (we only swap it
+        // whole), so a poisoned lock is still safe to read.
+        self.inner
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Replaces the snapshot with what the table says now.
+    pub async fn reload(&self, pool: &Pool) -> Result<usize, DbError> {
+        let client = pool.get().await.context("loading subscriptions")?;
+        let statement = client
+            .prepare_cached(sql::LOAD_SUBSCRIPTIONS)
+            .await
+            .context("preparing subscription load")?;
+        let rows = client
+            .query(&statement, &[])
+            .await
+            .context("loading subscriptions")?;
+        let mut fresh = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let name: String = row.get(1);
+            let secret: String = row.get(3);
+            let mut secrets = match SigningSecret::parse(&secret) {
+                Ok(secret) => vec![secret],
+                Err(error) => {
+                    // The table's CHECK makes this unreachable unless someone dropped it;
+                    // skip the subscription rather than sign with garbage.
+                    tracing::error!(subscription = %name, error = %error, "unusable secret; subscription skipped");
+                    continue;
+                }
+            };
+            // During a rotation's overlap (the query returns NULL once it has expired), sign
+            // with the previous secret too, after the new one.
+            if let Some(previous) = row.get::<_, Option<String>>(10) {
+                match SigningSecret::parse(&previous) {
+                    Ok(previous) => secrets.push(previous),
+                    Err(error) => tracing::error!(
+                        subscription = %name,
+                        error = %error,
+                        "unusable previous secret; signing with the current secret only"
+                    ),
+                }
+            }
+            let headers = match row.get::<_, serde_json::Value>(8) {
+                serde_json::Value::Object(map) => map
+                    .into_iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let schedule: Vec<f64> = row.get(9);
+            let subscription = Subscription {
+                id: SubscriptionId(row.get(0)),
+                name,
+                url: row.get(2),
+                secrets,
+                enabled: row.get(4),
+                timeout: seconds(row.get(5)),
+                max_in_flight: u32::try_from(row.get::<_, i32>(6)).unwrap_or(1).max(1),
+                rate_limit_per_second: row.get(7),
+                headers,
+                retry_schedule: schedule.into_iter().map(seconds).collect(),
+            };
+            fresh.insert(subscription.id, Arc::new(subscription));
+        }
+        let count = fresh.len();
+        *self
+            .inner
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh;
+        Ok(count)
+    }
+
+    /// Keeps the snapshot fresh until cancelled. `changed` is notified by the LISTEN
+    /// connection; `reloaded` is notified after every successful reload so the deliverer
+    /// can use a new subscription at once.
+    pub async fn keep_fresh(
+        self,
+        pool: Pool,
+        changed: Arc<Notify>,
+        reloaded: Arc<Notify>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            match self.reload(&pool).await {
+                Ok(_) => reloaded.notify_one(),
+                Err(error) => tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "reloading subscriptions failed; using the previous snapshot"
+                ),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = changed.notified() => {}
+                _ = tokio::time::sleep(RELOAD_INTERVAL) => {}
+            }
+        }
+    }
+}
+
+fn seconds(value: f64) -> Duration {
+    Duration::try_from_secs_f64(value).unwrap_or(Duration::ZERO)
+}

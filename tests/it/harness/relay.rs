@@ -1,0 +1,165 @@
+//! Running relays in tests (in-process, or the real binary for kill -9), plus the small
+//! SQL helpers most tests share.
+
+use std::future::Future;
+use std::process::Stdio;
+use std::time::Duration;
+
+use outbox_relay::config::RelayConfig;
+use outbox_relay::relay::RelayHandle;
+use uuid::Uuid;
+
+use super::db::TestDb;
+
+/// Generous: these are deadlines for things that normally take milliseconds, on a shared
+/// machine. Nothing asserts on how fast anything was.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub async fn spawn_relay(db: &TestDb, config: RelayConfig) -> RelayHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay HTTP listener");
+    outbox_relay::relay::start(config, &db.url, listener)
+        .await
+        .expect("relay starts")
+}
+
+pub async fn spawn_default_relay(db: &TestDb) -> RelayHandle {
+    spawn_relay(db, RelayConfig::for_tests()).await
+}
+
+/// Polls `condition` until it holds; panics with `what` after the deadline.
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    while !condition().await {
+        if tokio::time::Instant::now() > until {
+            panic!("timed out after {deadline:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Inserts a subscription with the given extra column assignments (SQL fragments such as
+/// `event_types => '{lead.*}'` are not supported; pass `("event_types", "'{lead.*}'")`).
+/// Returns (id, secret).
+pub async fn add_subscription(
+    db: &TestDb,
+    name: &str,
+    url: &str,
+    columns: &[(&str, &str)],
+) -> (i64, String) {
+    let mut names = String::from("name, url");
+    let mut values = String::from("$1, $2");
+    for (column, value) in columns {
+        names.push_str(", ");
+        names.push_str(column);
+        values.push_str(", ");
+        values.push_str(value);
+    }
+    let row = db
+        .client()
+        .await
+        .query_one(
+            &format!(
+                "INSERT INTO outbox.subscriptions ({names}) VALUES ({values}) RETURNING id, secret"
+            ),
+            &[&name, &url],
+        )
+        .await
+        .expect("insert subscription");
+    (row.get(0), row.get(1))
+}
+
+pub async fn publish(db: &TestDb, event_type: &str, payload: serde_json::Value) -> Uuid {
+    db.client()
+        .await
+        .query_one("SELECT outbox.publish($1, $2)", &[&event_type, &payload])
+        .await
+        .expect("publish")
+        .get(0)
+}
+
+/// Runs one SQL statement returning a single bigint (counts in assertions).
+pub async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.client()
+        .await
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// (status, attempts) of every delivery, in id order.
+pub async fn deliveries(db: &TestDb) -> Vec<(String, i32)> {
+    db.client()
+        .await
+        .query(
+            "SELECT status, attempts FROM outbox.deliveries ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("read deliveries")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+pub async fn wait_for_statuses(db: &TestDb, status: &str, count_wanted: i64) {
+    let sql = format!("SELECT count(*) FROM outbox.deliveries WHERE status = '{status}'");
+    wait_until(
+        &format!("{count_wanted} deliveries are {status}"),
+        DEADLINE,
+        || async { count(db, &sql).await >= count_wanted },
+    )
+    .await;
+}
+
+/// The real binary, for crash and signal tests.
+pub struct RelayProcess {
+    pub child: tokio::process::Child,
+}
+
+impl RelayProcess {
+    pub fn spawn(db: &TestDb, relay_id: &str, extra_args: &[&str]) -> RelayProcess {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+            .arg("run")
+            .args(["--http-addr", "127.0.0.1:0"])
+            .args(["--allow-private-targets", "127.0.0.0/8"])
+            .args(["--poll-interval", "200ms"])
+            .args(["--lease-duration", "2s"])
+            .args(["--heartbeat-interval", "500ms"])
+            .args(["--relay-id", relay_id])
+            .args(extra_args)
+            .env("DATABASE_URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start outbox-relay binary");
+        RelayProcess { child }
+    }
+
+    pub async fn kill_9(&mut self) {
+        self.child.kill().await.expect("kill -9 relay");
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("relay still running") as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("send SIGTERM");
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("relay exits after SIGTERM")
+            .expect("wait for relay")
+    }
+}

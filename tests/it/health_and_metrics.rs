@@ -1,0 +1,240 @@
+//! What Prometheus and the orchestrator see: /healthz, /readyz (naming what failed) and
+//! /metrics moving with real deliveries; and the demo, the README's first command.
+
+use std::time::Duration;
+
+use outbox_relay::config::RelayConfig;
+use outbox_relay::devkit::receiver::{Receiver, Reply};
+use serde_json::json;
+
+use crate::harness::db::TestDb;
+use crate::harness::relay::*;
+
+async fn get(url: &str) -> (u16, String) {
+    let response = reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+#[tokio::test]
+async fn a_running_relay_is_healthy_and_ready() {
+    let db = TestDb::new().await;
+    let relay = spawn_default_relay(&db).await;
+    let base = format!("http://{}", relay.http_addr);
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    wait_until("/readyz answers 200", DEADLINE, || async {
+        get(&format!("{base}/readyz")).await.0 == 200
+    })
+    .await;
+    let (_, body) = get(&format!("{base}/readyz")).await;
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["ready"], true);
+    assert_eq!(body["failed"], json!([]));
+    relay.shutdown().await;
+}
+
+/// Pointed at a database that is not there, the relay runs (no panic) and says why it is
+/// not ready.
+#[tokio::test]
+async fn readyz_names_an_unreachable_database() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!(
+        "postgres://postgres@{}/nowhere",
+        closed.local_addr().expect("addr")
+    );
+    drop(closed);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let relay = outbox_relay::relay::start(RelayConfig::for_tests(), &url, listener)
+        .await
+        .expect("starts even without a database");
+    let base = format!("http://{}", relay.http_addr);
+    wait_until("/readyz reports the database", DEADLINE, || async {
+        let (status, body) = get(&format!("{base}/readyz")).await;
+        status == 503
+            && body.contains("database unreachable")
+            && body.contains("LISTEN connection down")
+    })
+    .await;
+    assert_eq!(
+        get(&format!("{base}/healthz")).await.0,
+        200,
+        "the process itself is fine"
+    );
+    relay.shutdown().await;
+}
+
+/// A schema older than the binary (a migration not applied) keeps the relay not-ready.
+#[tokio::test]
+async fn readyz_names_missing_migrations() {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute("DELETE FROM outbox.schema_history WHERE version = (SELECT max(version) FROM outbox.schema_history)")
+        .await
+        .expect("forget the newest migration");
+    let relay = spawn_default_relay(&db).await;
+    let (status, body) = get(&format!("http://{}/readyz", relay.http_addr)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("run outbox-relay migrate"), "{body}");
+    relay.shutdown().await;
+}
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == name_and_labels)
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+}
+
+#[tokio::test]
+async fn metrics_move_with_deliveries() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.set_default("/broken", Reply::Status(500));
+    add_subscription(&db, "crm", &receiver.url("/ok"), &[]).await;
+    add_subscription(
+        &db,
+        "broken",
+        &receiver.url("/broken"),
+        &[("retry_schedule", "'{100 milliseconds}'")],
+    )
+    .await;
+    let relay = spawn_default_relay(&db).await;
+    for n in 0..3 {
+        publish(&db, "lead.created", json!({ "n": n })).await;
+    }
+    wait_for_statuses(&db, "delivered", 3).await;
+    wait_for_statuses(&db, "dead", 3).await;
+
+    let url = format!("http://{}/metrics", relay.http_addr);
+    // Gauges refresh on a 5 s timer.
+    wait_until("gauges show the dead deliveries", DEADLINE, || async {
+        metric(
+            &get(&url).await.1,
+            r#"outbox_dead_deliveries{subscription="broken"}"#,
+        ) == Some(3.0)
+    })
+    .await;
+    let text = get(&url).await.1;
+    assert_eq!(metric(&text, "outbox_events_dispatched_total"), Some(3.0));
+    assert_eq!(
+        metric(
+            &text,
+            r#"outbox_deliveries_total{outcome="delivered",subscription="crm"}"#
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"outbox_deliveries_total{outcome="failed",subscription="broken"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"outbox_deliveries_total{outcome="dead",subscription="broken"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"outbox_delivery_duration_seconds_count{subscription="crm"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"outbox_delivery_lag_seconds_count{subscription="crm"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(&text, r#"outbox_pending_deliveries{subscription="crm"}"#),
+        Some(0.0)
+    );
+    assert!(
+        metric(&text, r#"outbox_wakeups_total{reason="notify"}"#).unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    assert!(metric(&text, "outbox_oldest_pending_seconds").is_some());
+    assert!(!text.contains("tenant"), "no tenant labels");
+    relay.shutdown().await;
+}
+
+/// The pending gauge counts what is waiting, and the oldest-pending age grows with it.
+#[tokio::test]
+async fn backlog_gauges_report_waiting_work() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.set_default("/down", Reply::Status(503));
+    add_subscription(
+        &db,
+        "down",
+        &receiver.url("/down"),
+        &[("retry_schedule", "'{1 hour}'")],
+    )
+    .await;
+    let relay = spawn_default_relay(&db).await;
+    publish(&db, "lead.created", json!({})).await;
+    publish(&db, "lead.created", json!({})).await;
+    wait_for_statuses(&db, "failing", 2).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let url = format!("http://{}/metrics", relay.http_addr);
+    wait_until(
+        "pending gauge is 2 and the oldest age is at least 1 s",
+        DEADLINE,
+        || async {
+            let text = get(&url).await.1;
+            metric(&text, r#"outbox_pending_deliveries{subscription="down"}"#) == Some(2.0)
+                && metric(&text, "outbox_oldest_pending_seconds").unwrap_or(0.0) >= 1.0
+        },
+    )
+    .await;
+    relay.shutdown().await;
+}
+
+/// `outbox-relay demo --once`: the sample flow is delivered and every signature verifies.
+#[tokio::test]
+async fn demo_delivers_the_sample_flow_with_verified_signatures() {
+    let db = TestDb::new().await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["demo", "--once"])
+        .env("DATABASE_URL", &db.url)
+        .output();
+    let output = tokio::time::timeout(DEADLINE, output)
+        .await
+        .expect("demo finishes")
+        .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.matches("signature verified").count(), 3, "{stdout}");
+    for event_type in ["lead.created", "lead.qualified", "lead.converted"] {
+        assert!(stdout.contains(event_type), "{stdout}");
+    }
+    assert!(!stdout.contains("rolled back, never sent"), "{stdout}");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'"
+        )
+        .await,
+        3
+    );
+}

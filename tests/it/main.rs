@@ -1,0 +1,15 @@
+//! Integration tests: one binary, so they link once and share one PostgreSQL server and
+//! one migrated template database. Each test gets its own database cloned from it.
+
+mod harness;
+mod harness_selftest;
+
+mod cli_commands;
+mod constraints;
+mod delivery;
+mod failures;
+mod health_and_metrics;
+mod operator_sql;
+mod ordered;
+mod resilience;
+mod routing;

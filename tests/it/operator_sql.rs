@@ -1,0 +1,1446 @@
+//! The operator SQL surface: the views (V5), outbox.replay and outbox.backfill (V6), the
+//! documented queries in sql/ (run through psql) and the least-privilege roles.
+//!
+//! Most tests set deliveries up directly with SQL and need no relay; the end-to-end test
+//! runs one against a real receiver.
+
+use std::path::PathBuf;
+
+use outbox_relay::devkit::receiver::{Receiver, Reply};
+use serde_json::{Value, json};
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::harness::db::TestDb;
+use crate::harness::relay::*;
+
+/// A URL nothing listens on: no relay runs in the fixture tests.
+const NOWHERE: &str = "http://127.0.0.1:9/hook";
+
+async fn subscription(db: &TestDb, name: &str) -> i64 {
+    add_subscription(db, name, NOWHERE, &[]).await.0
+}
+
+/// Inserts a dispatched event created `age` ago (an interval literal); returns (row id, event_id).
+async fn event(db: &TestDb, event_type: &str, tenant: Option<&str>, age: &str) -> (i64, Uuid) {
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "INSERT INTO outbox.events (event_type, payload, tenant_id, created_at, dispatched_at)
+             VALUES ($1, '{}', $2, now() - $3::text::interval, now())
+             RETURNING id, event_id",
+            &[&event_type, &tenant, &age],
+        )
+        .await
+        .expect("insert event");
+    (row.get(0), row.get(1))
+}
+
+/// Inserts a delivery in the given status, with what the relay would have left on such a
+/// row (last error for failing/dead, a lease for in_flight, delivered_at for delivered).
+async fn delivery(db: &TestDb, event_row: i64, subscription_id: i64, status: &str) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "INSERT INTO outbox.deliveries
+                 (event_id, subscription_id, status, attempts, last_status_code, last_error,
+                  lease_owner, lease_expires_at, delivered_at, next_attempt_at)
+             VALUES ($1, $2, $3::text,
+                     CASE WHEN $3::text IN ('pending', 'in_flight') THEN 0 ELSE 3 END,
+                     CASE WHEN $3::text IN ('failing', 'dead') THEN 500 END,
+                     CASE WHEN $3::text IN ('failing', 'dead') THEN 'HTTP 500 Internal Server Error' END,
+                     CASE WHEN $3::text = 'in_flight' THEN 'relay-1' END,
+                     CASE WHEN $3::text = 'in_flight' THEN now() + interval '1 hour' END,
+                     CASE WHEN $3::text = 'delivered' THEN now() END,
+                     now() + interval '1 hour')
+             RETURNING id",
+            &[&event_row, &subscription_id, &status],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("insert {status} delivery: {e}"))
+        .get(0)
+}
+
+async fn query(db: &TestDb, sql: &str) -> Vec<Row> {
+    db.client()
+        .await
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// `SELECT replay_id, matched FROM <call>`, where call is e.g. `outbox.replay(dry_run => true)`.
+async fn call(db: &TestDb, call: &str) -> Result<(i64, i64), tokio_postgres::Error> {
+    let row = db
+        .client()
+        .await
+        .query_one(&format!("SELECT replay_id, matched FROM {call}"), &[])
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// (SQLSTATE, message, hint) of a database error.
+fn db_error(error: &tokio_postgres::Error) -> (String, String, String) {
+    let db = error
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a database error: {error}"));
+    (
+        db.code().code().to_string(),
+        db.message().to_string(),
+        db.hint().unwrap_or_default().to_string(),
+    )
+}
+
+/// Ids of the deliveries a replay with these arguments re-queues, found by running it in a
+/// transaction that is then rolled back, so one fixture serves many criteria. A dry run
+/// with the same arguments must count exactly as many.
+async fn requeued_by(db: &TestDb, args: &str) -> Vec<i64> {
+    let mut client = db.client().await;
+    let tx = client.transaction().await.expect("begin");
+    let dry_args = if args.is_empty() {
+        "dry_run => true".to_string()
+    } else {
+        format!("{args}, dry_run => true")
+    };
+    let counted: i64 = tx
+        .query_one(
+            &format!("SELECT matched FROM outbox.replay({dry_args})"),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("outbox.replay({dry_args}): {e}"))
+        .get(0);
+    let row = tx
+        .query_one(
+            &format!("SELECT replay_id, matched FROM outbox.replay({args})"),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("outbox.replay({args}): {e}"));
+    let (replay_id, matched): (i64, i64) = (row.get(0), row.get(1));
+    let ids: Vec<i64> = tx
+        .query(
+            "SELECT id FROM outbox.deliveries WHERE replay_id = $1 ORDER BY id",
+            &[&replay_id],
+        )
+        .await
+        .expect("read re-queued")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        matched,
+        ids.len() as i64,
+        "matched must count what was re-queued ({args})"
+    );
+    assert_eq!(counted, matched, "the dry run counted otherwise ({args})");
+    tx.rollback().await.expect("rollback");
+    ids
+}
+
+/// Runs a file of sql/ through psql with ON_ERROR_STOP; returns its output, panicking with
+/// stderr when psql fails.
+async fn psql(db: &TestDb, file: &str, vars: &[(&str, &str)]) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("sql")
+        .join(file);
+    let mut command = tokio::process::Command::new("psql");
+    command
+        .arg(&db.url)
+        .args(["--no-psqlrc", "-v", "ON_ERROR_STOP=1"]);
+    for (name, value) in vars {
+        command.arg("-v").arg(format!("{name}={value}"));
+    }
+    let output = command
+        .arg("-f")
+        .arg(&path)
+        .output()
+        .await
+        .expect("run psql (is it installed?)");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "psql -f {} failed ({}):\n{}\n{stdout}",
+        path.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+// ---------------------------------------------------------------------------------------
+// Views
+// ---------------------------------------------------------------------------------------
+
+/// Only failing and dead deliveries appear, each with its event, subscription name (NULL
+/// once the subscription is removed), attempts, last status code, last error and age.
+#[tokio::test]
+async fn failed_deliveries_lists_failing_and_dead_deliveries_with_their_context() {
+    let db = TestDb::new().await;
+    let crm = subscription(&db, "crm").await;
+    let gone = subscription(&db, "gone").await;
+    let (e1, e1_id) = event(&db, "lead.created", Some("acme"), "2 hours").await;
+    let (e2, _) = event(&db, "invoice.paid", None, "5 minutes").await;
+    for status in ["pending", "in_flight", "delivered"] {
+        let (e, _) = event(&db, "lead.updated", None, "1 minute").await;
+        delivery(&db, e, crm, status).await;
+    }
+    let failing = delivery(&db, e1, crm, "failing").await;
+    let dead = delivery(&db, e2, crm, "dead").await;
+    let orphan = delivery(&db, e1, gone, "pending").await;
+    db.client()
+        .await
+        .execute("DELETE FROM outbox.subscriptions WHERE name = 'gone'", &[])
+        .await
+        .expect("remove subscription");
+
+    let rows = query(
+        &db,
+        "SELECT delivery_id, status, event_id, event_type, tenant_id, subscription, attempts,
+                last_status_code, last_error, extract(epoch FROM event_age)::float8
+           FROM outbox.failed_deliveries ORDER BY delivery_id",
+    )
+    .await;
+    // One line per row: id, status, event type, subscription, attempts, last code, last error.
+    let got: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {:?} {} {:?} {:?}",
+                r.get::<_, i64>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(3),
+                r.get::<_, Option<String>>(5),
+                r.get::<_, i32>(6),
+                r.get::<_, Option<i32>>(7),
+                r.get::<_, Option<String>>(8),
+            )
+        })
+        .collect();
+    let http_500 = r#"Some(500) Some("HTTP 500 Internal Server Error")"#;
+    assert_eq!(
+        got,
+        vec![
+            format!(r#"{failing} failing lead.created Some("crm") 3 {http_500}"#),
+            format!(r#"{dead} dead invoice.paid Some("crm") 3 {http_500}"#),
+            format!(
+                r#"{orphan} dead lead.created None 0 None Some("subscription gone was removed")"#
+            ),
+        ]
+    );
+    let first = &rows[0];
+    assert_eq!(first.get::<_, Uuid>(2), e1_id);
+    assert_eq!(first.get::<_, Option<String>>(4).as_deref(), Some("acme"));
+    let age: f64 = first.get(9);
+    assert!(
+        (7100.0..7300.0).contains(&age),
+        "event_age of an event created 2 hours ago: {age} s"
+    );
+}
+
+/// Counts per status, the oldest unfinished delivery's age (by delivery created_at), last
+/// success (max delivered_at) and last failure (latest attempt with an error; a later
+/// successful attempt does not count); a subscription without deliveries has zeros.
+#[tokio::test]
+async fn subscription_health_counts_statuses_and_reports_last_success_and_failure() {
+    let db = TestDb::new().await;
+    let crm = subscription(&db, "crm").await;
+    subscription(&db, "idle").await;
+    db.client()
+        .await
+        .execute(
+            "UPDATE outbox.subscriptions SET enabled = false, disabled_reason = 'HTTP 410 Gone' WHERE name = 'idle'",
+            &[],
+        )
+        .await
+        .expect("disable");
+    let statuses = [
+        "pending",
+        "pending",
+        "in_flight",
+        "failing",
+        "delivered",
+        "delivered",
+        "delivered",
+        "dead",
+    ];
+    let mut ids = Vec::new();
+    for status in statuses {
+        let (e, _) = event(&db, "lead.created", None, "1 minute").await;
+        ids.push(delivery(&db, e, crm, status).await);
+    }
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "UPDATE outbox.deliveries SET created_at = now() - interval '3 hours' WHERE id = {in_flight};
+             UPDATE outbox.deliveries SET created_at = now() - interval '10 days' WHERE id = {dead};
+             UPDATE outbox.deliveries SET delivered_at = '2020-01-01 00:00:00+00' WHERE status = 'delivered' AND id <> {delivered};
+             INSERT INTO outbox.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code, error)
+             VALUES ({failing}, 1, '2020-02-03 04:05:06+00', 10, 500, 'HTTP 500'),
+                    ({failing}, 2, '2020-01-01 00:00:00+00', 10, 503, 'HTTP 503'),
+                    ({delivered}, 2, '2021-03-01 00:00:00+00', 10, 200, NULL);",
+            in_flight = ids[2],
+            failing = ids[3],
+            delivered = ids[4],
+            dead = ids[7],
+        ))
+        .await
+        .expect("shape the history");
+
+    let rows = query(
+        &db,
+        "SELECT name, enabled, disabled_reason, pending, in_flight, failing, delivered,
+                delivered_last_24h, dead, extract(epoch FROM oldest_pending_age)::float8,
+                last_success_at = (SELECT max(delivered_at) FROM outbox.deliveries WHERE delivered_at > '2020-01-01 00:00:00+00'),
+                last_failure_at = '2020-02-03 04:05:06+00',
+                last_success_at IS NULL AND last_failure_at IS NULL
+           FROM outbox.subscription_health ORDER BY name",
+    )
+    .await;
+    assert_eq!(rows.len(), 2);
+    let crm_row = &rows[0];
+    assert_eq!(crm_row.get::<_, String>(0), "crm");
+    assert!(crm_row.get::<_, bool>(1));
+    let counts: Vec<i64> = (3..9).map(|i| crm_row.get(i)).collect();
+    assert_eq!(
+        counts,
+        vec![2, 1, 1, 3, 1, 1],
+        "pending, in_flight, failing, delivered, delivered_last_24h, dead"
+    );
+    let oldest: f64 = crm_row.get(9);
+    assert!(
+        (10_700.0..11_000.0).contains(&oldest),
+        "the 3-hour-old in_flight delivery is the oldest unfinished one (dead does not count): {oldest} s"
+    );
+    assert_eq!(
+        crm_row.get::<_, Option<bool>>(10),
+        Some(true),
+        "last success is the latest delivered_at"
+    );
+    assert_eq!(
+        crm_row.get::<_, Option<bool>>(11),
+        Some(true),
+        "last failure is the latest attempt with an error"
+    );
+
+    let idle = &rows[1];
+    assert_eq!(idle.get::<_, String>(0), "idle");
+    assert!(!idle.get::<_, bool>(1));
+    assert_eq!(
+        idle.get::<_, Option<String>>(2).as_deref(),
+        Some("HTTP 410 Gone")
+    );
+    let counts: Vec<i64> = (3..9).map(|i| idle.get(i)).collect();
+    assert_eq!(counts, vec![0; 6]);
+    assert_eq!(idle.get::<_, Option<f64>>(9), None);
+    assert!(idle.get::<_, bool>(12), "no last success or failure");
+}
+
+/// The cost promise of COMMENT ON VIEW: with a delivered history much bigger than the open
+/// work, the open-work columns are read through the partial indexes, never by scanning the
+/// deliveries table or an index over all of it.
+#[tokio::test]
+async fn subscription_health_reads_open_work_through_partial_indexes() {
+    let db = TestDb::new().await;
+    let crm = subscription(&db, "crm").await;
+    let billing = subscription(&db, "billing").await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO outbox.events (event_type, payload, dispatched_at)
+                 SELECT 'lead.created', '{{}}', now() FROM generate_series(1, 20000);
+             INSERT INTO outbox.deliveries (event_id, subscription_id, status, attempts, delivered_at)
+                 SELECT e.id, s.id, 'delivered', 1, now() FROM outbox.events e, (VALUES ({crm}), ({billing})) s(id);
+             UPDATE outbox.deliveries SET status = (ARRAY['pending', 'failing', 'dead'])[1 + id % 3], delivered_at = NULL
+              WHERE id % 2000 = 0;
+             ANALYZE outbox.deliveries;"
+        ))
+        .await
+        .expect("a large delivered history");
+    let plan: Vec<String> = query(
+        &db,
+        "EXPLAIN SELECT name, pending, in_flight, failing, dead, delivered_last_24h,
+                oldest_pending_age, last_success_at
+           FROM outbox.subscription_health",
+    )
+    .await
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    let plan = plan.join("\n");
+    for whole_table in [
+        "Seq Scan on deliveries",
+        "deliveries_pkey",
+        "deliveries_event_subscription_key",
+    ] {
+        assert!(
+            !plan.contains(whole_table),
+            "{whole_table} in the plan:\n{plan}"
+        );
+    }
+    for index in ["deliveries_not_delivered_idx", "deliveries_delivered_idx"] {
+        assert!(plan.contains(index), "{index} not used:\n{plan}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// sql/*.sql through psql
+// ---------------------------------------------------------------------------------------
+
+/// Two subscriptions with a dead, a failing and a delivered delivery and their failed
+/// attempts; returns the dead event's event_id.
+async fn operator_fixture(db: &TestDb) -> Uuid {
+    let crm = subscription(db, "crm").await;
+    let billing = subscription(db, "billing").await;
+    let (dead_event, dead_event_id) = event(db, "lead.created", Some("acme"), "2 hours").await;
+    let (failing_event, _) = event(db, "invoice.paid", None, "10 minutes").await;
+    let dead = delivery(db, dead_event, crm, "dead").await;
+    delivery(db, dead_event, billing, "delivered").await;
+    let failing = delivery(db, failing_event, billing, "failing").await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO outbox.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code, error, response_body)
+             VALUES ({dead}, 1, now() - interval '20 minutes', 12, 500, 'HTTP 500 Internal Server Error', 'boom'),
+                    ({dead}, 2, now() - interval '10 minutes', 12, NULL, 'timeout after 15s', NULL),
+                    ({failing}, 1, now() - interval '5 minutes', 8, 503, 'HTTP 503 Service Unavailable', 'later');
+             INSERT INTO outbox.events (event_type, payload) VALUES ('lead.updated', '{{}}');"
+        ))
+        .await
+        .expect("attempts and an undispatched event");
+    dead_event_id
+}
+
+#[tokio::test]
+async fn failures_sql_groups_failures_by_subscription_and_error() {
+    let db = TestDb::new().await;
+    operator_fixture(&db).await;
+    let out = psql(&db, "failures.sql", &[]).await;
+    for expected in [
+        "Failed attempts by subscription and error, last 24 hours",
+        "timeout after 15s",
+        "HTTP 503 Service Unavailable",
+        "Failing now",
+        "Dead, all time",
+        "crm",
+        "billing",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+    let out = psql(&db, "failures.sql", &[("since", "1 minute")]).await;
+    assert!(
+        !out.contains("timeout after 15s"),
+        "attempts older than :since are listed:\n{out}"
+    );
+}
+
+#[tokio::test]
+async fn backlog_sql_shows_unfinished_work_and_undispatched_events() {
+    let db = TestDb::new().await;
+    operator_fixture(&db).await;
+    let out = psql(&db, "backlog.sql", &[("overdue", "5 minutes")]).await;
+    for expected in [
+        "Unfinished deliveries per subscription; overdue = due for more than 5 minutes",
+        "billing",
+        "Events not yet dispatched",
+        "In-flight deliveries whose lease expired",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+}
+
+#[tokio::test]
+async fn top_errors_sql_ranks_recent_error_messages() {
+    let db = TestDb::new().await;
+    operator_fixture(&db).await;
+    let out = psql(&db, "top_errors.sql", &[]).await;
+    assert!(out.contains("Top 20 errors in the last 1 hour"), "{out}");
+    for expected in [
+        "HTTP 500 Internal Server Error",
+        "timeout after 15s",
+        "HTTP 503 Service Unavailable",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+    let out = psql(
+        &db,
+        "top_errors.sql",
+        &[("since", "7 minutes"), ("top", "5")],
+    )
+    .await;
+    assert!(out.contains("HTTP 503 Service Unavailable"), "{out}");
+    assert!(!out.contains("timeout after 15s"), "{out}");
+}
+
+#[tokio::test]
+async fn event_story_sql_tells_one_event_from_deliveries_to_replays() {
+    let db = TestDb::new().await;
+    let event_id = operator_fixture(&db).await;
+    let (replay_id, matched) = call(
+        &db,
+        &format!("outbox.replay(event_ids => '{{{event_id}}}', reason => 'story-check')"),
+    )
+    .await
+    .expect("replay");
+    assert_eq!(matched, 1);
+    let out = psql(
+        &db,
+        "event_story.sql",
+        &[("event_id", &event_id.to_string())],
+    )
+    .await;
+    for expected in [
+        event_id.to_string().as_str(),
+        "lead.created",
+        "acme",
+        "Deliveries (one per subscription)",
+        "crm",
+        "billing",
+        "Attempts",
+        "timeout after 15s",
+        "boom",
+        "Replays and backfills that touched it",
+        "story-check",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+    assert!(
+        !out.contains("HTTP 503"),
+        "another event's attempt is in the story:\n{out}"
+    );
+    assert!(out.contains(&format!(" {replay_id} |")), "{out}");
+
+    let usage = psql(&db, "event_story.sql", &[]).await;
+    assert!(usage.contains("usage:"), "{usage}");
+}
+
+/// Running the recipes file previews the common replays and leaves nothing behind.
+#[tokio::test]
+async fn replay_recipes_sql_previews_replays_without_changing_anything() {
+    let db = TestDb::new().await;
+    operator_fixture(&db).await;
+    let before = deliveries(&db).await;
+    let out = psql(&db, "replay_recipes.sql", &[]).await;
+    assert!(out.contains("dead (the default)"), "{out}");
+    assert!(out.contains("dead and failing"), "{out}");
+    assert_eq!(deliveries(&db).await, before);
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.replays").await, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// outbox.replay
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_dry_run_changes_no_delivery_but_records_the_replay() {
+    let db = TestDb::new().await;
+    let crm = subscription(&db, "crm").await;
+    for _ in 0..3 {
+        let (e, _) = event(&db, "lead.created", None, "1 minute").await;
+        delivery(&db, e, crm, "dead").await;
+    }
+    let before = query(
+        &db,
+        "SELECT row_to_json(d)::text FROM outbox.deliveries d ORDER BY id",
+    )
+    .await
+    .iter()
+    .map(|r| r.get::<_, String>(0))
+    .collect::<Vec<_>>();
+
+    let (replay_id, matched) = call(
+        &db,
+        "outbox.replay(subscription => 'crm', max_events => 2, dry_run => true, reason => 'how many?')",
+    )
+    .await
+    .expect("dry run");
+    assert_eq!(matched, 2, "max_events bounds the dry run's count too");
+
+    let after = query(
+        &db,
+        "SELECT row_to_json(d)::text FROM outbox.deliveries d ORDER BY id",
+    )
+    .await
+    .iter()
+    .map(|r| r.get::<_, String>(0))
+    .collect::<Vec<_>>();
+    assert_eq!(before, after, "a dry run changed deliveries");
+    let row = &query(
+        &db,
+        "SELECT id, dry_run, matched, reason, requested_by = current_user, criteria FROM outbox.replays",
+    )
+    .await[0];
+    assert_eq!(row.get::<_, i64>(0), replay_id);
+    assert!(row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, i64>(2), 2);
+    assert_eq!(
+        row.get::<_, Option<String>>(3).as_deref(),
+        Some("how many?")
+    );
+    assert!(
+        row.get::<_, bool>(4),
+        "requested_by defaults to current_user"
+    );
+    assert_eq!(
+        row.get::<_, Value>(5),
+        json!({"status": ["dead"], "subscription": "crm", "max_events": 2})
+    );
+}
+
+#[tokio::test]
+async fn replay_requeues_dead_deliveries_with_a_fresh_attempt_budget() {
+    let db = TestDb::new().await;
+    let crm = subscription(&db, "crm").await;
+    let (e1, _) = event(&db, "lead.created", None, "1 hour").await;
+    let (e2, _) = event(&db, "lead.created", None, "1 hour").await;
+    let dead = delivery(&db, e1, crm, "dead").await;
+    let delivered = delivery(&db, e2, crm, "delivered").await;
+
+    let (replay_id, matched) = call(&db, "outbox.replay(reason => 'receiver fixed')")
+        .await
+        .expect("replay");
+    assert_eq!(matched, 1);
+
+    let row = &query(
+        &db,
+        &format!(
+            "SELECT status, attempts, next_attempt_at <= now(), replay_id, last_status_code,
+                    last_error, lease_owner IS NULL
+               FROM outbox.deliveries WHERE id = {dead}"
+        ),
+    )
+    .await[0];
+    assert_eq!(row.get::<_, String>(0), "pending");
+    assert_eq!(row.get::<_, i32>(1), 0);
+    assert!(row.get::<_, bool>(2), "due now");
+    assert_eq!(row.get::<_, Option<i64>>(3), Some(replay_id));
+    assert_eq!(
+        row.get::<_, Option<i32>>(4),
+        None,
+        "last_* describe attempt 0"
+    );
+    assert_eq!(row.get::<_, Option<String>>(5), None);
+    assert!(row.get::<_, bool>(6));
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM outbox.deliveries WHERE id = {delivered} AND status = 'delivered' AND replay_id IS NULL")
+        )
+        .await,
+        1,
+        "the default replays dead deliveries only"
+    );
+    let row = &query(
+        &db,
+        &format!(
+            "SELECT matched, dry_run, reason, criteria FROM outbox.replays WHERE id = {replay_id}"
+        ),
+    )
+    .await[0];
+    assert_eq!(row.get::<_, i64>(0), 1);
+    assert!(!row.get::<_, bool>(1));
+    assert_eq!(
+        row.get::<_, Option<String>>(2).as_deref(),
+        Some("receiver fixed")
+    );
+    assert_eq!(
+        row.get::<_, Value>(3),
+        json!({"status": ["dead"], "max_events": 10000})
+    );
+}
+
+/// One fixture, each criterion alone and some combined: exactly the matching deliveries are
+/// re-queued, lowest delivery id first when max_events cuts.
+#[tokio::test]
+async fn replay_respects_every_criterion() {
+    let db = TestDb::new().await;
+    let a = subscription(&db, "a").await;
+    let b = subscription(&db, "b").await;
+    let (lead_old, lead_old_id) = event(&db, "lead.created", Some("t1"), "3 days").await;
+    let (lead_updated, _) = event(&db, "lead.updated", Some("t2"), "1 day").await;
+    let (invoice, invoice_id) = event(&db, "invoice.paid", Some("t1"), "1 minute").await;
+    let (lead_new, _) = event(&db, "lead.created", Some("t1"), "1 hour").await;
+    let a1 = delivery(&db, lead_old, a, "dead").await;
+    let b1 = delivery(&db, lead_old, b, "dead").await;
+    let a2 = delivery(&db, lead_updated, a, "dead").await;
+    let a3 = delivery(&db, invoice, a, "failing").await;
+    let b3 = delivery(&db, invoice, b, "dead").await;
+    let a4 = delivery(&db, lead_new, a, "delivered").await;
+    let b4 = delivery(&db, lead_new, b, "pending").await;
+
+    let cases: Vec<(String, Vec<i64>)> = vec![
+        ("".into(), vec![a1, b1, a2, b3]),
+        ("subscription => 'a'".into(), vec![a1, a2]),
+        ("event_type => 'lead.*'".into(), vec![a1, b1, a2]),
+        ("event_type => 'lead.created'".into(), vec![a1, b1]),
+        ("tenant_id => 't2'".into(), vec![a2]),
+        ("created_after => now() - interval '2 days'".into(), vec![a2, b3]),
+        ("created_before => now() - interval '2 days'".into(), vec![a1, b1]),
+        (
+            "created_after => now() - interval '2 days', created_before => now() - interval '2 minutes'"
+                .into(),
+            vec![a2],
+        ),
+        (
+            format!("status => '{{dead,failing}}', event_ids => '{{{invoice_id}}}'"),
+            vec![a3, b3],
+        ),
+        (
+            format!("event_ids => '{{{invoice_id},{lead_old_id}}}', subscription => 'b'"),
+            vec![b1, b3],
+        ),
+        ("status => '{delivered}'".into(), vec![a4]),
+        ("status => '{pending,failing}'".into(), vec![a3, b4]),
+        ("max_events => 2".into(), vec![a1, b1]),
+        (
+            "status => '{dead,failing,delivered,pending}', subscription => 'a', event_type => 'lead.*', tenant_id => 't1'"
+                .into(),
+            vec![a1, a4],
+        ),
+        ("event_ids => '{}'".into(), vec![]),
+    ];
+    for (args, expected) in cases {
+        assert_eq!(requeued_by(&db, &args).await, expected, "replay({args})");
+    }
+
+    // Every non-null criterion is recorded under its parameter name.
+    let (replay_id, _) = call(
+        &db,
+        &format!(
+            "outbox.replay(status => '{{dead,failing}}', subscription => 'a', event_type => 'lead.*',
+                           tenant_id => 't1', created_after => '2020-01-01 00:00+00',
+                           created_before => '2100-01-01 00:00+00', event_ids => '{{{lead_old_id}}}',
+                           max_events => 7, requested_by => 'alice', dry_run => true)"
+        ),
+    )
+    .await
+    .expect("dry run");
+    let row = &query(
+        &db,
+        &format!("SELECT requested_by, criteria FROM outbox.replays WHERE id = {replay_id}"),
+    )
+    .await[0];
+    assert_eq!(row.get::<_, String>(0), "alice");
+    let mut criteria: Value = row.get(1);
+    // Timestamps are written in the session's time zone: compare them as instants.
+    for (key, expected) in [
+        ("created_after", "2020-01-01T00:00:00Z"),
+        ("created_before", "2100-01-01T00:00:00Z"),
+    ] {
+        let written = criteria
+            .as_object_mut()
+            .and_then(|c| c.remove(key))
+            .unwrap_or_else(|| panic!("{key} missing"));
+        let instant = |text: &str| {
+            chrono::DateTime::parse_from_rfc3339(text)
+                .unwrap_or_else(|e| panic!("{key} {text:?}: {e}"))
+        };
+        assert_eq!(
+            instant(written.as_str().unwrap_or_default()),
+            instant(expected)
+        );
+    }
+    assert_eq!(
+        criteria,
+        json!({
+            "status": ["dead", "failing"],
+            "subscription": "a",
+            "event_type": "lead.*",
+            "tenant_id": "t1",
+            "event_ids": [lead_old_id.to_string()],
+            "max_events": 7
+        })
+    );
+}
+
+/// Bad input fails with SQLSTATE 22023, a message naming the problem and a hint, and
+/// records nothing.
+#[tokio::test]
+async fn replay_refuses_bad_input_with_clear_errors() {
+    let db = TestDb::new().await;
+    subscription(&db, "crm").await;
+    let cases = [
+        (
+            "status => '{dead,gone}'",
+            "unknown delivery status in {dead,gone}",
+            "Statuses are pending",
+        ),
+        (
+            "status => '{}'",
+            "status must be a non-empty list",
+            "status =>",
+        ),
+        (
+            "subscription => 'nope'",
+            "no subscription named 'nope'",
+            "outbox.subscriptions",
+        ),
+        (
+            "max_events => 0",
+            "max_events must be at least 1 (got 0)",
+            "dry_run",
+        ),
+        (
+            "max_events => NULL",
+            "max_events must be at least 1 (got NULL)",
+            "dry_run",
+        ),
+        (
+            "status => '{in_flight}'",
+            "in_flight deliveries cannot be replayed",
+            "lease",
+        ),
+        (
+            "event_type => 'lead.%'",
+            "neither an event type nor a glob",
+            "lead.*",
+        ),
+        (
+            "created_after => now(), created_before => now() - interval '1 day'",
+            "must be earlier than created_before",
+            "window",
+        ),
+    ];
+    for (args, message, hint) in cases {
+        let error = call(&db, &format!("outbox.replay({args})"))
+            .await
+            .expect_err(args);
+        let (code, got_message, got_hint) = db_error(&error);
+        assert_eq!(code, "22023", "{args}: {got_message}");
+        assert!(
+            got_message.contains(message),
+            "{args}: message {got_message:?} lacks {message:?}"
+        );
+        assert!(
+            got_hint.contains(hint),
+            "{args}: hint {got_hint:?} lacks {hint:?}"
+        );
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.replays").await, 0);
+}
+
+/// A relay holds in_flight deliveries: asking for them is an error, and replaying every
+/// other status leaves them (and their lease) alone.
+#[tokio::test]
+async fn in_flight_deliveries_are_never_requeued() {
+    let db = TestDb::new().await;
+    let crm = subscription(&db, "crm").await;
+    let (e1, _) = event(&db, "lead.created", None, "1 minute").await;
+    let (e2, _) = event(&db, "lead.created", None, "1 minute").await;
+    let in_flight = delivery(&db, e1, crm, "in_flight").await;
+    let dead = delivery(&db, e2, crm, "dead").await;
+
+    let error = call(&db, "outbox.replay(status => '{dead,in_flight}')")
+        .await
+        .expect_err("in_flight refused");
+    assert!(db_error(&error).1.contains("in_flight"), "{error}");
+
+    assert_eq!(
+        requeued_by(&db, "status => '{pending,failing,dead,delivered}'").await,
+        vec![dead]
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM outbox.deliveries WHERE id = {in_flight}
+                   AND status = 'in_flight' AND lease_owner = 'relay-1' AND replay_id IS NULL"
+            )
+        )
+        .await,
+        1
+    );
+}
+
+/// A row another transaction holds locked (a relay claiming it) is skipped, not waited
+/// for, and matched counts only what was re-queued.
+#[tokio::test]
+async fn replay_skips_rows_locked_by_others_instead_of_waiting() {
+    let db = TestDb::new().await;
+    let crm = subscription(&db, "crm").await;
+    let (e1, _) = event(&db, "lead.created", None, "1 minute").await;
+    let (e2, _) = event(&db, "lead.created", None, "1 minute").await;
+    let locked = delivery(&db, e1, crm, "dead").await;
+    let free = delivery(&db, e2, crm, "dead").await;
+
+    let mut holder = db.client().await;
+    let tx = holder.transaction().await.expect("begin");
+    tx.execute(
+        "SELECT id FROM outbox.deliveries WHERE id = $1 FOR UPDATE",
+        &[&locked],
+    )
+    .await
+    .expect("lock");
+    // The deadline is a hang guard, not a timing assertion.
+    let (replay_id, matched) = tokio::time::timeout(DEADLINE, call(&db, "outbox.replay()"))
+        .await
+        .expect("replay waited for a locked row")
+        .expect("replay");
+    tx.rollback().await.expect("rollback");
+
+    assert_eq!(matched, 1);
+    assert_eq!(
+        query(
+            &db,
+            "SELECT id, replay_id FROM outbox.deliveries ORDER BY id"
+        )
+        .await
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1)))
+        .collect::<Vec<_>>(),
+        vec![(locked, None), (free, Some(replay_id))]
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT matched FROM outbox.replays WHERE id = {replay_id}")
+        )
+        .await,
+        1
+    );
+}
+
+/// Deliveries of a removed subscription have nobody to go to and are never re-queued.
+#[tokio::test]
+async fn replay_leaves_deliveries_of_removed_subscriptions_dead() {
+    let db = TestDb::new().await;
+    let gone = subscription(&db, "gone").await;
+    let (e, _) = event(&db, "lead.created", None, "1 minute").await;
+    delivery(&db, e, gone, "failing").await;
+    db.client()
+        .await
+        .execute("DELETE FROM outbox.subscriptions WHERE id = $1", &[&gone])
+        .await
+        .expect("remove");
+    assert_eq!(requeued_by(&db, "").await, Vec::<i64>::new());
+    assert_eq!(deliveries(&db).await, vec![("dead".to_string(), 3)]);
+}
+
+// ---------------------------------------------------------------------------------------
+// outbox.backfill
+// ---------------------------------------------------------------------------------------
+
+/// Inserts a dispatched event with the given columns; returns its row id.
+async fn past_event(db: &TestDb, event_type: &str, columns: &str, values: &str) -> i64 {
+    let sql = format!(
+        "INSERT INTO outbox.events (event_type, payload, dispatched_at{columns})
+         VALUES ($1, '{{\"plan\": \"pro\"}}', now(){values}) RETURNING id"
+    );
+    db.client()
+        .await
+        .query_one(&sql, &[&event_type])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// The subscription's rules (type globs, tenant, payload filter, the events'
+/// target_services) decide, as in the dispatcher; events it already has, and events not
+/// yet dispatched, are left alone.
+#[tokio::test]
+async fn backfill_creates_deliveries_only_for_matching_past_events_the_subscription_lacked() {
+    let db = TestDb::new().await;
+    let (newcomer, _) = add_subscription(
+        &db,
+        "newcomer",
+        NOWHERE,
+        &[
+            ("event_types", "'{lead.*,invoice.paid}'"),
+            ("tenant_id", "'acme'"),
+            ("filter", "'{\"plan\": \"pro\"}'"),
+        ],
+    )
+    .await;
+    let other = subscription(&db, "other").await;
+    let t = ", tenant_id";
+    let matching = past_event(&db, "lead.created", t, ", 'acme'").await;
+    let invoice = past_event(&db, "invoice.paid", t, ", 'acme'").await;
+    let targeted = past_event(
+        &db,
+        "lead.updated",
+        ", tenant_id, target_services",
+        ", 'acme', '{newcomer,billing}'",
+    )
+    .await;
+    let had_it = past_event(&db, "lead.created", t, ", 'acme'").await;
+    delivery(&db, had_it, newcomer, "delivered").await;
+    let other_had_it = past_event(&db, "lead.created", t, ", 'acme'").await;
+    delivery(&db, other_had_it, other, "delivered").await;
+    past_event(&db, "order.created", t, ", 'acme'").await;
+    past_event(&db, "lead.created", t, ", 'globex'").await;
+    past_event(&db, "lead.created", "", "").await;
+    past_event(
+        &db,
+        "lead.created",
+        ", tenant_id, target_services",
+        ", 'acme', '{billing}'",
+    )
+    .await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO outbox.events (event_type, payload, tenant_id, dispatched_at)
+                 VALUES ('lead.created', '{\"plan\": \"free\"}', 'acme', now());
+             INSERT INTO outbox.events (event_type, payload, tenant_id)
+                 VALUES ('lead.created', '{\"plan\": \"pro\"}', 'acme');",
+        )
+        .await
+        .expect("filter mismatch and undispatched events");
+
+    let (replay_id, matched) = call(
+        &db,
+        "outbox.backfill('newcomer', created_after => now() - interval '1 hour', reason => 'onboarding')",
+    )
+    .await
+    .expect("backfill");
+    assert_eq!(matched, 4);
+
+    let created: Vec<(i64, String, i32, bool)> = query(
+        &db,
+        &format!(
+            "SELECT event_id, status, attempts, next_attempt_at <= now() FROM outbox.deliveries
+              WHERE replay_id = {replay_id} AND subscription_id = {newcomer} ORDER BY event_id"
+        ),
+    )
+    .await
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect();
+    assert_eq!(
+        created,
+        vec![
+            (matching, "pending".into(), 0, true),
+            (invoice, "pending".into(), 0, true),
+            (targeted, "pending".into(), 0, true),
+            (other_had_it, "pending".into(), 0, true),
+        ]
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.deliveries WHERE replay_id IS NOT NULL"
+        )
+        .await,
+        4,
+        "nothing else was touched"
+    );
+    let row = &query(
+        &db,
+        &format!(
+            "SELECT matched, dry_run, reason, criteria FROM outbox.replays WHERE id = {replay_id}"
+        ),
+    )
+    .await[0];
+    assert_eq!(row.get::<_, i64>(0), 4);
+    assert!(!row.get::<_, bool>(1));
+    assert_eq!(
+        row.get::<_, Option<String>>(2).as_deref(),
+        Some("onboarding")
+    );
+    let criteria: Value = row.get(3);
+    assert_eq!(criteria["backfill"], json!(true));
+    assert_eq!(criteria["subscription"], json!("newcomer"));
+    assert_eq!(criteria["max_events"], json!(100000));
+    assert!(criteria["created_after"].is_string() && criteria["created_before"].is_string());
+
+    // Again: nothing is missing any more.
+    assert_eq!(
+        call(&db, "outbox.backfill('newcomer', '-infinity')")
+            .await
+            .expect("second backfill")
+            .1,
+        0
+    );
+}
+
+#[tokio::test]
+async fn backfill_respects_the_window_event_type_and_max_events() {
+    let db = TestDb::new().await;
+    let sub = subscription(&db, "newcomer").await;
+    let mut ids = Vec::new();
+    for (event_type, age) in [
+        ("lead.created", "10 days"),
+        ("lead.created", "3 days"),
+        ("invoice.paid", "3 days"),
+        ("lead.updated", "2 days"),
+        ("lead.created", "1 hour"),
+    ] {
+        ids.push(event(&db, event_type, None, age).await.0);
+    }
+    let backfilled = |args: &'static str| {
+        let db = &db;
+        async move {
+            let mut client = db.client().await;
+            let tx = client.transaction().await.expect("begin");
+            let replay_id: i64 = tx
+                .query_one(
+                    &format!("SELECT replay_id FROM outbox.backfill({args})"),
+                    &[],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("backfill({args}): {e}"))
+                .get(0);
+            let events: Vec<i64> = tx
+                .query(
+                    "SELECT event_id FROM outbox.deliveries WHERE replay_id = $1 AND subscription_id = $2 ORDER BY event_id",
+                    &[&replay_id, &sub],
+                )
+                .await
+                .expect("read")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            tx.rollback().await.expect("rollback");
+            events
+        }
+    };
+    assert_eq!(
+        backfilled("'newcomer', '-infinity'").await,
+        ids.clone(),
+        "created_before defaults to now()"
+    );
+    assert_eq!(
+        backfilled("'newcomer', now() - interval '4 days', now() - interval '1 day'").await,
+        vec![ids[1], ids[2], ids[3]]
+    );
+    assert_eq!(
+        backfilled("'newcomer', now() - interval '4 days', event_type => 'lead.*'").await,
+        vec![ids[1], ids[3], ids[4]]
+    );
+    assert_eq!(
+        backfilled("'newcomer', '-infinity', event_type => 'invoice.paid'").await,
+        vec![ids[2]]
+    );
+    assert_eq!(
+        backfilled("'newcomer', '-infinity', max_events => 2").await,
+        vec![ids[0], ids[1]],
+        "oldest events first"
+    );
+    assert_eq!(
+        backfilled("subscription => 'newcomer', created_after => '-infinity', created_before => now() - interval '5 days'").await,
+        vec![ids[0]]
+    );
+}
+
+#[tokio::test]
+async fn backfill_refuses_unknown_or_disabled_subscriptions_and_bad_windows() {
+    let db = TestDb::new().await;
+    add_subscription(
+        &db,
+        "off",
+        NOWHERE,
+        &[("enabled", "false"), ("disabled_reason", "'HTTP 410 Gone'")],
+    )
+    .await;
+    subscription(&db, "on").await;
+    let cases = [
+        (
+            "'nope', '-infinity'",
+            "no subscription named 'nope'",
+            "outbox.subscriptions",
+        ),
+        (
+            "'off', '-infinity'",
+            "subscription 'off' is disabled (HTTP 410 Gone)",
+            "SET enabled = true",
+        ),
+        (
+            "NULL, '-infinity'",
+            "subscription is required",
+            "subscription =>",
+        ),
+        ("'on', NULL", "must not be NULL", "-infinity"),
+        (
+            "'on', now(), now() - interval '1 day'",
+            "must be earlier than created_before",
+            "window",
+        ),
+        (
+            "'on', '-infinity', max_events => 0",
+            "max_events must be at least 1",
+            "bounds",
+        ),
+        (
+            "'on', '-infinity', event_type => 'a b'",
+            "neither an event type nor a glob",
+            "lead.*",
+        ),
+    ];
+    for (args, message, hint) in cases {
+        let error = call(&db, &format!("outbox.backfill({args})"))
+            .await
+            .expect_err(args);
+        let (code, got_message, got_hint) = db_error(&error);
+        assert_eq!(code, "22023", "{args}: {got_message}");
+        assert!(got_message.contains(message), "{args}: {got_message:?}");
+        assert!(got_hint.contains(hint), "{args}: hint {got_hint:?}");
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.replays").await, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// End to end
+// ---------------------------------------------------------------------------------------
+
+/// dead → outbox.replay → delivered, with the same webhook-id and body bytes, an attempt
+/// row carrying the replay id, and the replay recorded with matched = 1.
+#[tokio::test]
+async fn a_dead_delivery_replayed_after_the_subscriber_is_fixed_is_delivered_unchanged() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.set_default("/hook", Reply::Status(500));
+    add_subscription(
+        &db,
+        "x",
+        &receiver.url("/hook"),
+        &[("retry_schedule", "'{}'")],
+    )
+    .await;
+    let relay = spawn_default_relay(&db).await;
+    let event_id = publish(
+        &db,
+        "lead.created",
+        json!({"lead_id": 42, "amount": 12.50, "name": "Ada"}),
+    )
+    .await;
+    wait_for_statuses(&db, "dead", 1).await;
+
+    receiver.set_default("/hook", Reply::Status(200));
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT * FROM outbox.replay(subscription => 'x', reason => 'fixed')",
+            &[],
+        )
+        .await
+        .expect("replay");
+    let (replay_id, matched): (i64, i64) = (row.get("replay_id"), row.get("matched"));
+    assert_eq!(matched, 1);
+    wait_for_statuses(&db, "delivered", 1).await;
+
+    let received = receiver
+        .wait_for("/hook", 2, DEADLINE)
+        .await
+        .expect("original and replayed request");
+    assert_eq!(received.len(), 2, "exactly one replayed request");
+    let (original, replayed) = (&received[0], &received[1]);
+    assert_eq!(
+        original.header("webhook-id"),
+        Some(event_id.to_string().as_str())
+    );
+    assert_eq!(replayed.header("webhook-id"), original.header("webhook-id"));
+    assert_eq!(replayed.body, original.body, "body bytes differ");
+
+    let attempts: Vec<(i32, Option<i32>, Option<i64>)> = query(
+        &db,
+        "SELECT attempt, status_code, replay_id FROM outbox.delivery_attempts ORDER BY id",
+    )
+    .await
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect();
+    assert_eq!(
+        attempts,
+        vec![(1, Some(500), None), (1, Some(200), Some(replay_id))]
+    );
+    let row = &query(
+        &db,
+        &format!("SELECT matched, reason, dry_run FROM outbox.replays WHERE id = {replay_id}"),
+    )
+    .await[0];
+    assert_eq!(row.get::<_, i64>(0), 1);
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("fixed"));
+    assert!(!row.get::<_, bool>(2));
+    relay.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Roles
+// ---------------------------------------------------------------------------------------
+
+/// Runs the statements as `role` (SET LOCAL ROLE) in one transaction that is rolled back;
+/// returns the rows of the last one.
+async fn as_role(
+    db: &TestDb,
+    role: &str,
+    statements: &[&str],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let mut client = db.client().await;
+    let tx = client.transaction().await.expect("begin");
+    tx.batch_execute(&format!("SET LOCAL ROLE {role}"))
+        .await
+        .expect("set role");
+    let mut rows = Vec::new();
+    for statement in statements {
+        rows = tx.query(*statement, &[]).await?;
+    }
+    tx.rollback().await.expect("rollback");
+    Ok(rows)
+}
+
+async fn allowed_steps(db: &TestDb, role: &str, statements: &[&str]) -> Vec<Row> {
+    as_role(db, role, statements)
+        .await
+        .unwrap_or_else(|e| panic!("{role} should be allowed to run {statements:?}: {e:?}"))
+}
+
+async fn allowed(db: &TestDb, role: &str, sql: &str) -> Vec<Row> {
+    allowed_steps(db, role, &[sql]).await
+}
+
+async fn denied(db: &TestDb, role: &str, sql: &str) {
+    match as_role(db, role, &[sql]).await {
+        Ok(_) => panic!("{role} should not be allowed to run {sql}"),
+        Err(error) => assert_eq!(
+            db_error(&error).0,
+            "42501",
+            "{role} running {sql}: expected insufficient_privilege, got {error:?}"
+        ),
+    }
+}
+
+/// sql/roles.sql is idempotent and safe to run concurrently (roles are cluster-wide and
+/// other test runs may create them at the same moment); each role can do its job and
+/// nothing beyond it.
+#[tokio::test]
+async fn least_privilege_roles_allow_each_job_and_nothing_more() {
+    let db = TestDb::new().await;
+    let crm = subscription(&db, "crm").await;
+    let (e, _) = event(&db, "lead.created", None, "1 minute").await;
+    delivery(&db, e, crm, "dead").await;
+    let (pending_event, _) = event(&db, "lead.created", None, "1 minute").await;
+    let pending = delivery(&db, pending_event, crm, "pending").await;
+    db.client()
+        .await
+        .execute(
+            "UPDATE outbox.deliveries SET next_attempt_at = now() WHERE id = $1",
+            &[&pending],
+        )
+        .await
+        .expect("make it due");
+
+    let (first, second) = tokio::join!(psql(&db, "roles.sql", &[]), psql(&db, "roles.sql", &[]));
+    let out = psql(&db, "roles.sql", &[]).await;
+    assert_eq!(first, out, "a second run changes nothing");
+    assert_eq!(second, out);
+    assert!(out.contains("outbox_producer"), "{out}");
+
+    // Producers write events and read back nothing but their ids.
+    let p = "outbox_producer";
+    let rows = allowed(
+        &db,
+        p,
+        "INSERT INTO outbox.events (event_type, payload) VALUES ('lead.created', '{}') RETURNING event_id",
+    )
+    .await;
+    assert_eq!(rows.len(), 1);
+    allowed(
+        &db,
+        p,
+        "SELECT outbox.publish('lead.created', '{}', tenant_id => 'acme')",
+    )
+    .await;
+    denied(&db, p, "SELECT name FROM outbox.subscriptions").await;
+    denied(&db, p, "SELECT secret FROM outbox.subscriptions").await;
+    denied(&db, p, "SELECT payload FROM outbox.events").await;
+    denied(&db, p, "SELECT count(*) FROM outbox.deliveries").await;
+    denied(&db, p, "SELECT * FROM outbox.replay(dry_run => true)").await;
+
+    // Operators read everything but secrets and replay through the function only.
+    let o = "outbox_operator";
+    allowed(&db, o, "SELECT * FROM outbox.deliveries").await;
+    allowed(&db, o, "SELECT * FROM outbox.delivery_attempts").await;
+    allowed(&db, o, "SELECT * FROM outbox.failed_deliveries").await;
+    allowed(&db, o, "SELECT * FROM outbox.subscription_health").await;
+    allowed(
+        &db,
+        o,
+        "SELECT name, url, event_types, enabled FROM outbox.subscriptions",
+    )
+    .await;
+    denied(&db, o, "SELECT secret FROM outbox.subscriptions").await;
+    denied(&db, o, "SELECT previous_secret FROM outbox.subscriptions").await;
+    denied(&db, o, "SELECT * FROM outbox.subscriptions").await;
+    denied(&db, o, "UPDATE outbox.deliveries SET status = 'pending'").await;
+    denied(
+        &db,
+        o,
+        "INSERT INTO outbox.events (event_type, payload) VALUES ('x', '{}')",
+    )
+    .await;
+    allowed(
+        &db,
+        o,
+        "UPDATE outbox.subscriptions SET enabled = true, disabled_reason = NULL WHERE name = 'crm'",
+    )
+    .await;
+    let rows = allowed_steps(
+        &db,
+        o,
+        &[
+            "SELECT * FROM outbox.replay(reason => 'operator')",
+            "SELECT r.matched, r.requested_by,
+                    (SELECT count(*) FROM outbox.deliveries WHERE status = 'pending')
+               FROM outbox.replays r",
+        ],
+    )
+    .await;
+    assert_eq!(
+        rows[0].get::<_, i64>(0),
+        1,
+        "the operator's replay re-queued the dead delivery"
+    );
+    assert_eq!(
+        rows[0].get::<_, String>(1),
+        "outbox_operator",
+        "requested_by is the caller"
+    );
+    assert_eq!(rows[0].get::<_, i64>(2), 2);
+    allowed(&db, o, "SELECT * FROM outbox.backfill('crm', '-infinity')").await;
+
+    // The relay claims, completes and records; it does not change the schema.
+    let r = "outbox_relay";
+    let claim = format!(
+        "SELECT count(*) FROM outbox.claim_deliveries(ARRAY[{crm}::bigint], ARRAY[10], 10, 'relay-test', interval '10 seconds')"
+    );
+    let rows = allowed_steps(
+        &db,
+        r,
+        &[
+            &claim,
+            "UPDATE outbox.deliveries
+                SET status = 'delivered', attempts = attempts + 1, delivered_at = now(),
+                    lease_owner = NULL, lease_expires_at = NULL
+              WHERE lease_owner = 'relay-test'",
+            "INSERT INTO outbox.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code)
+             SELECT id, 1, now(), 1, 200 FROM outbox.deliveries WHERE status = 'delivered' RETURNING 1",
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'",
+        ],
+    )
+    .await;
+    assert_eq!(
+        rows[0].get::<_, i64>(0),
+        1,
+        "the due pending delivery was claimed"
+    );
+    allowed(
+        &db,
+        r,
+        "UPDATE outbox.events SET dispatched_at = now() WHERE dispatched_at IS NULL",
+    )
+    .await;
+    allowed(&db, r, "SELECT * FROM outbox.dispatch_ordered(100)").await;
+    allowed(&db, r, "SELECT outbox.start_ordered_probe()").await;
+    allowed(&db, r, "SELECT * FROM outbox.replay(dry_run => true)").await;
+    denied(
+        &db,
+        r,
+        "INSERT INTO outbox.replays (criteria) VALUES ('{}')",
+    )
+    .await;
+    allowed(&db, r, "SELECT secret FROM outbox.subscriptions").await;
+    denied(&db, r, "CREATE TABLE outbox.not_allowed (id int)").await;
+    denied(&db, r, "DELETE FROM outbox.events").await;
+}

@@ -1,0 +1,334 @@
+//! Ordered subscriptions: per ordering_key, one delivery in flight at a time, in event
+//! order; a failing head blocks only its key; a dead head lets the key move on; and a
+//! lower id committed later is never skipped or overtaken.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use outbox_relay::devkit::receiver::{Received, Receiver, Reply};
+use serde_json::json;
+
+use crate::harness::db::TestDb;
+use crate::harness::relay::*;
+
+/// Per key, the payload sequence numbers in arrival order (only 2xx-answered requests are
+/// not distinguishable here, so callers script failures by body and filter them out).
+fn arrivals_by_key(received: &[Received]) -> HashMap<String, Vec<(i64, Instant)>> {
+    let mut by_key: HashMap<String, Vec<(i64, Instant)>> = HashMap::new();
+    for request in received {
+        let body = request.json();
+        let key = body["ordering_key"].as_str().unwrap_or("-").to_string();
+        let seq = body["data"]["seq"].as_i64().unwrap_or(-1);
+        by_key.entry(key).or_default().push((seq, request.at));
+    }
+    by_key
+}
+
+async fn publish_keyed(db: &TestDb, key: &str, seq: i64) {
+    db.client()
+        .await
+        .execute(
+            "SELECT outbox.publish('lead.updated', $1, ordering_key => $2)",
+            &[&json!({ "seq": seq, "key": key }), &key],
+        )
+        .await
+        .expect("publish");
+}
+
+#[tokio::test]
+async fn each_key_is_delivered_in_event_order_one_at_a_time() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.set_default("/hook", Reply::Delay(Duration::from_millis(40), 200));
+    add_subscription(
+        &db,
+        "crm",
+        &receiver.url("/hook"),
+        &[("ordered", "true"), ("max_in_flight", "10")],
+    )
+    .await;
+    let relay = spawn_default_relay(&db).await;
+    for seq in 0..30 {
+        publish_keyed(&db, ["lead:1", "lead:2", "lead:3"][seq as usize % 3], seq).await;
+    }
+    let received = receiver
+        .wait_for("/hook", 30, DEADLINE)
+        .await
+        .expect("all delivered");
+    let by_key = arrivals_by_key(&received);
+    assert_eq!(by_key.len(), 3);
+    let mut overlapped_across_keys = false;
+    for (key, arrivals) in &by_key {
+        let seqs: Vec<i64> = arrivals.iter().map(|a| a.0).collect();
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(seqs, sorted, "{key} out of order");
+        assert_eq!(seqs.len(), 10);
+        for pair in arrivals.windows(2) {
+            // The next one may only be sent after the previous answer (40 ms later).
+            assert!(
+                pair[1].1 - pair[0].1 >= Duration::from_millis(39),
+                "{key}: two in flight at once"
+            );
+        }
+    }
+    // Different keys do flow in parallel.
+    let all: Vec<Instant> = received.iter().map(|r| r.at).collect();
+    for pair in all.windows(2) {
+        if pair[1] - pair[0] < Duration::from_millis(39) {
+            overlapped_across_keys = true;
+        }
+    }
+    assert!(
+        overlapped_across_keys,
+        "keys were serialised against each other"
+    );
+    wait_for_statuses(&db, "delivered", 30).await;
+    relay.shutdown().await;
+}
+
+/// A failing head holds back its own key only; once dead, the key moves on in order.
+#[tokio::test]
+async fn a_failing_head_blocks_only_its_key_and_a_dead_head_releases_it() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.reply_when_body_contains("/hook", "\"seq\": 0}", Reply::Status(500), usize::MAX);
+    // Two quick attempts, then an hour's wait: the head cannot die until the test says so.
+    add_subscription(
+        &db,
+        "crm",
+        &receiver.url("/hook"),
+        &[
+            ("ordered", "true"),
+            ("retry_schedule", "'{100 milliseconds,1 hour}'"),
+        ],
+    )
+    .await;
+    let relay = spawn_default_relay(&db).await;
+    publish_keyed(&db, "stuck", 0).await;
+    publish_keyed(&db, "stuck", 1).await;
+    publish_keyed(&db, "stuck", 2).await;
+    for seq in 10..15 {
+        publish_keyed(&db, "free", seq).await;
+    }
+    wait_until("the free key is delivered and the head failed twice", DEADLINE, || async {
+        arrivals_by_key(&receiver.received("/hook")).get("free").map(Vec::len) == Some(5)
+            && count(&db, "SELECT count(*) FROM outbox.deliveries WHERE status = 'failing' AND attempts = 2").await == 1
+    })
+    .await;
+    let stuck_so_far: Vec<i64> = arrivals_by_key(&receiver.received("/hook"))["stuck"]
+        .iter()
+        .map(|a| a.0)
+        .collect();
+    assert_eq!(
+        stuck_so_far,
+        vec![0, 0],
+        "the key overtook its failing head"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.deliveries WHERE blocked").await,
+        2
+    );
+
+    // The third attempt is the last (1 + 2 waits): make it due now; the head dies and
+    // releases its key.
+    db.client()
+        .await
+        .execute(
+            "UPDATE outbox.deliveries SET next_attempt_at = now() WHERE status = 'failing'",
+            &[],
+        )
+        .await
+        .expect("due now");
+    wait_for_statuses(&db, "dead", 1).await;
+    wait_for_statuses(&db, "delivered", 7).await;
+    let stuck: Vec<i64> = arrivals_by_key(&receiver.received("/hook"))["stuck"]
+        .iter()
+        .map(|a| a.0)
+        .collect();
+    assert_eq!(
+        stuck,
+        vec![0, 0, 0, 1, 2],
+        "three failed attempts of the head, then the rest in order"
+    );
+    relay.shutdown().await;
+}
+
+/// The commit-order hazard: a transaction holding a lower id commits after a higher id is
+/// visible. The higher id must wait (ordered subscriptions only), and both arrive in id order.
+#[tokio::test]
+async fn a_lower_id_committed_later_is_not_overtaken() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    add_subscription(
+        &db,
+        "ordered",
+        &receiver.url("/ordered"),
+        &[("ordered", "true")],
+    )
+    .await;
+    add_subscription(&db, "unordered", &receiver.url("/unordered"), &[]).await;
+    let relay = spawn_default_relay(&db).await;
+
+    let mut slow_client = db.client().await;
+    let slow = slow_client.transaction().await.expect("begin slow");
+    slow.execute(
+        "SELECT outbox.publish('lead.updated', '{\"seq\": 1}', ordering_key => 'lead:9')",
+        &[],
+    )
+    .await
+    .expect("slow insert takes the lower id");
+    publish_keyed(&db, "lead:9", 2).await; // higher id, committed first
+
+    // The unordered subscription gets the committed event at once: the relay is working.
+    receiver
+        .wait_for("/unordered", 1, DEADLINE)
+        .await
+        .expect("unordered delivery");
+    // Several poll rounds later, the ordered one still has nothing.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        receiver.received("/ordered").is_empty(),
+        "the higher id overtook an uncommitted lower id"
+    );
+
+    slow.commit().await.expect("commit slow");
+    let received = receiver
+        .wait_for("/ordered", 2, DEADLINE)
+        .await
+        .expect("both delivered");
+    let seqs: Vec<i64> = received
+        .iter()
+        .map(|r| r.json()["data"]["seq"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(seqs, vec![1, 2]);
+    relay.shutdown().await;
+}
+
+/// The same hazard when the slow transaction rolls back: the waiting event then goes out.
+#[tokio::test]
+async fn a_rolled_back_lower_id_releases_the_events_behind_it() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    add_subscription(
+        &db,
+        "ordered",
+        &receiver.url("/ordered"),
+        &[("ordered", "true")],
+    )
+    .await;
+    let relay = spawn_default_relay(&db).await;
+
+    let mut slow_client = db.client().await;
+    let slow = slow_client.transaction().await.expect("begin slow");
+    slow.execute(
+        "SELECT outbox.publish('lead.updated', '{\"seq\": 1}', ordering_key => 'lead:9')",
+        &[],
+    )
+    .await
+    .expect("slow insert");
+    publish_keyed(&db, "lead:9", 2).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(receiver.received("/ordered").is_empty());
+    slow.rollback().await.expect("rollback");
+    let received = receiver
+        .wait_for("/ordered", 1, DEADLINE)
+        .await
+        .expect("delivered");
+    assert_eq!(received[0].json()["data"]["seq"], 2);
+    relay.shutdown().await;
+}
+
+/// Concurrent producers on one key, two relays, a subscriber that fails at random (seeded):
+/// per key, the successful receipts are complete and in event order.
+#[tokio::test]
+async fn concurrent_producers_and_two_relays_keep_each_key_in_order() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    // Deterministic failures (the same every run): the first attempt of every seventh event.
+    let failing: Vec<i64> = (0..200).filter(|n| n % 7 == 3).collect();
+    for seq in &failing {
+        // jsonb prints keys sorted with a space after the colon: {"pad": 0, "seq": 3}
+        receiver.reply_when_body_contains(
+            "/hook",
+            &format!("\"seq\": {seq}}}"),
+            Reply::Status(503),
+            1,
+        );
+    }
+    add_subscription(
+        &db,
+        "crm",
+        &receiver.url("/hook"),
+        &[
+            ("ordered", "true"),
+            (
+                "retry_schedule",
+                "'{100 milliseconds,100 milliseconds,100 milliseconds}'",
+            ),
+        ],
+    )
+    .await;
+    let a = spawn_default_relay(&db).await;
+    let b = spawn_default_relay(&db).await;
+
+    // Four producers, each its own transactions, interleaving keys.
+    let mut producers = Vec::new();
+    for producer in 0..4i64 {
+        let pool = db.pool().clone();
+        producers.push(tokio::spawn(async move {
+            let client = pool.get().await.expect("client");
+            for i in 0..50i64 {
+                let seq = producer * 50 + i;
+                let key = format!("k{}", seq % 5);
+                client
+                    .execute(
+                        "SELECT outbox.publish('x', jsonb_build_object('seq', $1::bigint, 'pad', 0), ordering_key => $2)",
+                        &[&seq, &key],
+                    )
+                    .await
+                    .expect("publish");
+            }
+        }));
+    }
+    for producer in producers {
+        producer.await.expect("producer");
+    }
+    wait_for_statuses(&db, "delivered", 200).await;
+
+    // Event order per key = id order in the events table.
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT ordering_key, (payload->>'seq')::bigint FROM outbox.events ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("events");
+    let mut expected: HashMap<String, Vec<i64>> = HashMap::new();
+    for row in rows {
+        expected.entry(row.get(0)).or_default().push(row.get(1));
+    }
+    let successes: Vec<Received> = receiver.received("/hook");
+    assert!(
+        successes.len() > 200,
+        "no failure was injected: {} requests",
+        successes.len()
+    );
+    let mut got: HashMap<String, Vec<i64>> = HashMap::new();
+    for (key, arrivals) in arrivals_by_key(&successes) {
+        // A key's failed attempts are retried before anything after them, so dropping
+        // repeats keeps the first-success order.
+        let mut seqs: Vec<i64> = Vec::new();
+        for (seq, _) in arrivals {
+            if seqs.last() != Some(&seq) {
+                seqs.push(seq);
+            }
+        }
+        got.insert(key, seqs);
+    }
+    assert_eq!(got, expected);
+    a.shutdown().await;
+    b.shutdown().await;
+}

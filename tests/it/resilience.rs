@@ -1,0 +1,404 @@
+//! Processes, connections and relays failing: nothing committed is lost, and several relays
+//! never both deliver the same attempt.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use outbox_relay::config::RelayConfig;
+use outbox_relay::devkit::receiver::{Receiver, Reply};
+
+use crate::harness::db::TestDb;
+use crate::harness::relay::*;
+
+async fn publish_many(db: &TestDb, count: i64) {
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO outbox.events (event_type, payload)
+             SELECT 'load.tick', jsonb_build_object('n', n) FROM generate_series(1, $1::bigint) n",
+            &[&count],
+        )
+        .await
+        .expect("publish");
+}
+
+/// webhook-id → how many times it arrived.
+fn arrivals(receiver: &Receiver, path: &str) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for request in receiver.received(path) {
+        *seen
+            .entry(request.header("webhook-id").unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    seen
+}
+
+/// kill -9 of the real binary mid-flight, then a new relay: every event is delivered, and
+/// only requests that were in flight at the kill can arrive twice.
+#[tokio::test]
+async fn relay_killed_mid_flight_then_restarted_delivers_everything() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.set_default("/hook", Reply::Delay(Duration::from_millis(100), 200));
+    add_subscription(
+        &db,
+        "crm",
+        &receiver.url("/hook"),
+        &[("max_in_flight", "8")],
+    )
+    .await;
+    publish_many(&db, 200).await;
+
+    let mut first = RelayProcess::spawn(&db, "doomed", &[]);
+    receiver
+        .wait_for("/hook", 20, DEADLINE)
+        .await
+        .expect("first relay delivering");
+    first.kill_9().await;
+    let before_restart = receiver.received("/hook").len();
+    assert!(
+        before_restart < 200,
+        "the kill came too late to test anything"
+    );
+
+    let mut second = RelayProcess::spawn(&db, "survivor", &[]);
+    wait_for_statuses(&db, "delivered", 200).await;
+    let seen = arrivals(&receiver, "/hook");
+    assert_eq!(seen.len(), 200, "every event delivered");
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    assert!(
+        duplicates <= 8,
+        "{duplicates} duplicates, more than were in flight (max_in_flight 8)"
+    );
+    assert_eq!(second.terminate().await.code(), Some(0));
+}
+
+/// Two relays on one database: each event arrives exactly once.
+#[tokio::test]
+async fn two_relays_never_deliver_the_same_attempt() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
+    add_subscription(&db, "erp", &receiver.url("/erp"), &[("max_in_flight", "2")]).await;
+    let a = spawn_relay(
+        &db,
+        RelayConfig {
+            dispatch_batch_size: 20,
+            delivery_batch_size: 10,
+            ..RelayConfig::for_tests()
+        },
+    )
+    .await;
+    let b = spawn_relay(
+        &db,
+        RelayConfig {
+            dispatch_batch_size: 20,
+            delivery_batch_size: 10,
+            ..RelayConfig::for_tests()
+        },
+    )
+    .await;
+    publish_many(&db, 400).await;
+
+    wait_for_statuses(&db, "delivered", 800).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for path in ["/hook", "/erp"] {
+        let seen = arrivals(&receiver, path);
+        assert_eq!(seen.len(), 400, "{path}: every event");
+        assert!(
+            seen.values().all(|n| *n == 1),
+            "{path}: duplicates {:?}",
+            seen.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+        );
+    }
+    let per_relay = db
+        .client()
+        .await
+        .query(
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'",
+            &[],
+        )
+        .await
+        .expect("count");
+    assert_eq!(per_relay[0].get::<_, i64>(0), 800);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A relay that crashes holding leases: another relay reclaims them once they expire.
+#[tokio::test]
+async fn expired_leases_are_reclaimed_by_another_relay() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    // The first three requests hang, so the first relay dies holding them.
+    receiver.queue("/hook", [Reply::Hang, Reply::Hang, Reply::Hang]);
+    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
+    let crashing = spawn_relay(
+        &db,
+        RelayConfig {
+            relay_id: Some("crashing".into()),
+            ..RelayConfig::for_tests()
+        },
+    )
+    .await;
+    publish_many(&db, 3).await;
+    receiver
+        .wait_for("/hook", 3, DEADLINE)
+        .await
+        .expect("three in flight");
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.deliveries WHERE status = 'in_flight' AND lease_owner = 'crashing'").await, 3);
+    crashing.crash().await;
+
+    let rescuer = spawn_default_relay(&db).await;
+    wait_for_statuses(&db, "delivered", 3).await;
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.deliveries WHERE last_error IS NULL"
+        )
+        .await,
+        3,
+        "a delivered row carries no stale error"
+    );
+    assert_eq!(
+        rescuer.metrics.leases_reclaimed.get(),
+        3,
+        "the rescuer re-queued the dead relay's leases"
+    );
+    rescuer.shutdown().await;
+}
+
+/// A slow subscriber's request outlives the lease duration many times over: the heartbeat
+/// keeps it, so no second relay sends it again.
+#[tokio::test]
+async fn slow_requests_of_a_live_relay_are_never_taken_over() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.queue("/hook", [Reply::Delay(Duration::from_secs(8), 200)]);
+    add_subscription(
+        &db,
+        "crm",
+        &receiver.url("/hook"),
+        &[("timeout", "'20 seconds'")],
+    )
+    .await;
+    let a = spawn_default_relay(&db).await; // lease 3 s, heartbeat 0.5 s
+    publish_many(&db, 1).await;
+    receiver
+        .wait_for("/hook", 1, DEADLINE)
+        .await
+        .expect("in flight");
+    let b = spawn_default_relay(&db).await;
+    wait_for_statuses(&db, "delivered", 1).await;
+    assert_eq!(
+        receiver.received("/hook").len(),
+        1,
+        "the slow request was sent twice"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Every relay connection is killed (as on a database restart or network drop): the relay
+/// reconnects, re-LISTENs and delivers what was published meanwhile.
+#[tokio::test]
+async fn relay_recovers_when_its_database_connections_are_terminated() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
+    let relay = spawn_default_relay(&db).await;
+    publish_many(&db, 10).await;
+    receiver
+        .wait_for("/hook", 10, DEADLINE)
+        .await
+        .expect("before");
+    wait_until("relay ready", DEADLINE, || async {
+        relay.health.readiness().ready
+    })
+    .await;
+
+    for _ in 0..3 {
+        let terminated = db.terminate_connections("outbox-relay%").await;
+        assert!(terminated >= 1, "no relay connection found to terminate");
+        publish_many(&db, 10).await;
+    }
+    receiver
+        .wait_for("/hook", 40, DEADLINE)
+        .await
+        .expect("after reconnecting");
+    wait_for_statuses(&db, "delivered", 40).await;
+    wait_until("relay ready again", DEADLINE, || async {
+        relay.health.readiness().ready
+    })
+    .await;
+    relay.shutdown().await;
+}
+
+/// SIGTERM: in-flight requests finish within the grace period, results are written, the
+/// process exits 0 and holds no lease.
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_and_exits_cleanly() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.set_default("/hook", Reply::Delay(Duration::from_millis(1500), 200));
+    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
+    publish_many(&db, 5).await;
+    let mut relay = RelayProcess::spawn(&db, "graceful", &["--shutdown-grace", "10s"]);
+    receiver
+        .wait_for("/hook", 5, DEADLINE)
+        .await
+        .expect("all five in flight");
+
+    let status = relay.terminate().await;
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'"
+        )
+        .await,
+        5
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.deliveries WHERE lease_owner IS NOT NULL"
+        )
+        .await,
+        0
+    );
+}
+
+/// Shutdown past the grace period: unfinished requests are abandoned and their deliveries
+/// handed back, due now, for another relay.
+#[tokio::test]
+async fn shutdown_past_the_grace_period_hands_back_unfinished_deliveries() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.queue("/hook", [Reply::Hang]);
+    add_subscription(
+        &db,
+        "crm",
+        &receiver.url("/hook"),
+        &[("timeout", "'60 seconds'")],
+    )
+    .await;
+    let relay = spawn_relay(
+        &db,
+        RelayConfig {
+            shutdown_grace: Duration::from_millis(300),
+            ..RelayConfig::for_tests()
+        },
+    )
+    .await;
+    publish_many(&db, 1).await;
+    receiver
+        .wait_for("/hook", 1, DEADLINE)
+        .await
+        .expect("in flight");
+    relay.shutdown().await;
+    assert_eq!(deliveries(&db).await, vec![("pending".to_string(), 0)]);
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.deliveries WHERE lease_owner IS NULL AND next_attempt_at <= now()").await, 1);
+}
+
+/// A real PostgreSQL restart (its own throwaway cluster, so other tests are unaffected):
+/// while it is down the relay stays up and reports not-ready; afterwards it reconnects,
+/// re-LISTENs and delivers both what was committed before and after.
+#[tokio::test]
+async fn relay_rides_out_a_postgres_restart() {
+    let mut cluster = outbox_relay::devkit::postgres::TempPostgres::start()
+        .await
+        .expect("throwaway cluster");
+    let url = cluster.admin_url();
+    outbox_relay::db::migrate(&url).await.expect("migrate");
+    let receiver = Receiver::start().await.expect("receiver");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+        .execute(
+            "INSERT INTO outbox.subscriptions (name, url) VALUES ('crm', $1)",
+            &[&receiver.url("/hook")],
+        )
+        .await
+        .expect("subscription");
+    client
+        .batch_execute("INSERT INTO outbox.events (event_type, payload) SELECT 'before', '{}' FROM generate_series(1, 5)")
+        .await
+        .expect("publish before");
+    drop(client);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let relay = outbox_relay::relay::start(RelayConfig::for_tests(), &url, listener)
+        .await
+        .expect("relay");
+    receiver
+        .wait_for("/hook", 5, DEADLINE)
+        .await
+        .expect("delivered before the restart");
+    wait_until("ready before the restart", DEADLINE, || async {
+        relay.health.readiness().ready
+    })
+    .await;
+
+    let health = relay.health.clone();
+    let saw_not_ready = tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + DEADLINE;
+        while tokio::time::Instant::now() < until {
+            if !health.readiness().ready {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    });
+    cluster
+        .restart(Duration::from_secs(2))
+        .await
+        .expect("restart");
+    assert!(
+        saw_not_ready.await.expect("watcher"),
+        "readiness never dropped while PostgreSQL was down"
+    );
+
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("reconnect");
+    tokio::spawn(connection);
+    client
+        .batch_execute("INSERT INTO outbox.events (event_type, payload) SELECT 'after', '{}' FROM generate_series(1, 5)")
+        .await
+        .expect("publish after");
+    let received = receiver
+        .wait_for("/hook", 10, DEADLINE)
+        .await
+        .expect("delivered after the restart");
+    assert_eq!(
+        received
+            .iter()
+            .filter(|r| r.json()["event_type"] == "after")
+            .count(),
+        5
+    );
+    wait_until("every delivery recorded", DEADLINE, || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'",
+                &[],
+            )
+            .await
+            .map(|row| row.get::<_, i64>(0) == 10)
+            .unwrap_or(false)
+    })
+    .await;
+    wait_until("ready again", DEADLINE, || async {
+        relay.health.readiness().ready
+    })
+    .await;
+    relay.shutdown().await;
+    drop(client);
+    cluster.stop().await.expect("stop cluster");
+}
