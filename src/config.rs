@@ -72,6 +72,37 @@ pub struct RelayConfig {
     /// Identity recorded on the deliveries this relay leases. Default: host:pid:start-time.
     #[arg(long, env = "OUTBOX_RELAY_ID")]
     pub relay_id: Option<String>,
+
+    /// Bearer token for the admin API (`/admin/v1/…`) and the event-bus compatibility
+    /// endpoints. Unset: those endpoints are off (404).
+    #[arg(long, env = "OUTBOX_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// How the pooled connections reach PostgreSQL: `direct` (or a session-mode pooler), or
+    /// `transaction-pooler` (PgBouncer in transaction mode: no named prepared statements or
+    /// other session state on pooled connections).
+    #[arg(long, env = "OUTBOX_DB_POOL_MODE", value_enum, default_value_t = PoolMode::Direct)]
+    pub db_pool_mode: PoolMode,
+
+    /// Where the LISTEN connection goes. Default: `DATABASE_URL`. Behind a transaction-mode
+    /// pooler, point this at PostgreSQL itself (LISTEN needs a session), or set
+    /// `OUTBOX_LISTEN=false` to rely on polling alone.
+    #[arg(long, env = "OUTBOX_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
+
+    /// Whether to LISTEN for wake-ups at all. `false`: poll-only (every
+    /// `OUTBOX_POLL_INTERVAL`); readiness then does not require a LISTEN connection.
+    #[arg(long, env = "OUTBOX_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub listen: bool,
+}
+
+/// How pooled connections reach the database (`OUTBOX_DB_POOL_MODE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoolMode {
+    /// Straight to PostgreSQL, or through a session-mode pooler.
+    Direct,
+    /// Through a transaction-mode pooler such as PgBouncer.
+    TransactionPooler,
 }
 
 /// Parsed `OUTBOX_ALLOW_PRIVATE_TARGETS`. A newtype so clap treats the list as one value.
@@ -140,6 +171,10 @@ impl RelayConfig {
             shutdown_grace: Duration::from_secs(5),
             db_pool_size: 6,
             relay_id: None,
+            admin_token: None,
+            db_pool_mode: PoolMode::Direct,
+            listen_database_url: None,
+            listen: true,
         }
     }
 }

@@ -76,61 +76,50 @@ async fn listen_once(
         .context("connecting the LISTEN session")?;
 
     // The connection object must be polled for the client's queries to make progress, and it
-    // is also where notifications arrive: drive it as a stream and forward them.
-    let (messages_tx, mut messages_rx) = tokio::sync::mpsc::unbounded_channel();
+    // is also where notifications arrive. Its driver task wakes the targets directly: a
+    // wake-up is a coalescing Notify, so a burst of NOTIFYs costs no memory here.
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-    let driver = tokio::spawn(async move {
+    let driver_targets = targets.clone();
+    let mut driver = tokio::spawn(async move {
         while let Some(message) = messages.next().await {
-            match message {
-                Ok(message) => {
-                    if messages_tx.send(message).is_err() {
-                        break;
-                    }
+            match message? {
+                AsyncMessage::Notification(n) if n.channel() == EVENTS_CHANNEL => {
+                    driver_targets.events.notify_one();
                 }
-                Err(error) => return Err(error),
+                AsyncMessage::Notification(n) if n.channel() == SUBSCRIPTIONS_CHANNEL => {
+                    driver_targets.subscriptions.notify_one();
+                }
+                _ => {}
             }
         }
-        Ok(())
+        Ok::<(), tokio_postgres::Error>(())
     });
 
-    let result = async {
-        client
-            .batch_execute(&format!(
-                "LISTEN {EVENTS_CHANNEL}; LISTEN {SUBSCRIPTIONS_CHANNEL}"
-            ))
-            .await
-            .context("LISTEN")?;
-        targets.connected.store(true, Ordering::SeqCst);
-        tracing::info!("listening for wake-ups");
-        // Anything committed while we were not listening is found by this catch-up pass.
-        targets.events.notify_one();
-        targets.subscriptions.notify_one();
-
-        loop {
+    let listening = client
+        .batch_execute(&format!(
+            "LISTEN {EVENTS_CHANNEL}; LISTEN {SUBSCRIPTIONS_CHANNEL}"
+        ))
+        .await
+        .context("LISTEN");
+    let result = match listening {
+        Err(error) => Err(error),
+        Ok(()) => {
+            targets.connected.store(true, Ordering::SeqCst);
+            tracing::info!("listening for wake-ups");
+            // Anything committed while we were not listening is found by this catch-up pass.
+            targets.events.notify_one();
+            targets.subscriptions.notify_one();
             tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                message = messages_rx.recv() => match message {
-                    Some(AsyncMessage::Notification(n)) if n.channel() == EVENTS_CHANNEL => {
-                        targets.events.notify_one();
-                    }
-                    Some(AsyncMessage::Notification(n)) if n.channel() == SUBSCRIPTIONS_CHANNEL => {
-                        targets.subscriptions.notify_one();
-                    }
-                    Some(_) => {}
-                    // The driver ended: the connection is gone.
-                    None => return Ok(()),
+                _ = cancel.cancelled() => Ok(()),
+                ended = &mut driver => match ended {
+                    Ok(Err(error)) => Err(DbError::Query { context: "LISTEN connection lost", source: error }),
+                    // Closed by the server, or the driver task panicked: reconnect either way.
+                    Ok(Ok(())) | Err(_) => Ok(()),
                 },
             }
         }
-    }
-    .await;
-
+    };
     drop(client);
-    match driver.await {
-        Ok(Err(error)) if result.is_ok() => Err(DbError::Query {
-            context: "LISTEN connection lost",
-            source: error,
-        }),
-        _ => result,
-    }
+    driver.abort();
+    result
 }

@@ -212,10 +212,7 @@ async fn relay_recovers_when_its_database_connections_are_terminated() {
         .wait_for("/hook", 10, DEADLINE)
         .await
         .expect("before");
-    wait_until("relay ready", DEADLINE, || async {
-        relay.health.readiness().ready
-    })
-    .await;
+    wait_until_ready("relay ready", &relay.health).await;
 
     for _ in 0..3 {
         let terminated = db.terminate_connections("outbox-relay%").await;
@@ -227,10 +224,7 @@ async fn relay_recovers_when_its_database_connections_are_terminated() {
         .await
         .expect("after reconnecting");
     wait_for_statuses(&db, "delivered", 40).await;
-    wait_until("relay ready again", DEADLINE, || async {
-        relay.health.readiness().ready
-    })
-    .await;
+    wait_until_ready("relay ready again", &relay.health).await;
     relay.shutdown().await;
 }
 
@@ -339,10 +333,7 @@ async fn relay_rides_out_a_postgres_restart() {
         .wait_for("/hook", 5, DEADLINE)
         .await
         .expect("delivered before the restart");
-    wait_until("ready before the restart", DEADLINE, || async {
-        relay.health.readiness().ready
-    })
-    .await;
+    wait_until_ready("ready before the restart", &relay.health).await;
 
     let health = relay.health.clone();
     let saw_not_ready = tokio::spawn(async move {
@@ -394,10 +385,7 @@ async fn relay_rides_out_a_postgres_restart() {
             .unwrap_or(false)
     })
     .await;
-    wait_until("ready again", DEADLINE, || async {
-        relay.health.readiness().ready
-    })
-    .await;
+    wait_until_ready("ready again", &relay.health).await;
     relay.shutdown().await;
     drop(client);
     cluster.stop().await.expect("stop cluster");

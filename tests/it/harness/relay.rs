@@ -43,6 +43,24 @@ where
     }
 }
 
+/// Waits until the relay reports ready; on timeout, panics naming the checks that failed.
+pub async fn wait_until_ready(what: &str, health: &outbox_relay::health::Health) {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let readiness = health.readiness();
+        if readiness.ready {
+            return;
+        }
+        if tokio::time::Instant::now() > until {
+            panic!(
+                "timed out after {DEADLINE:?} waiting until {what}; failed: {:?}",
+                readiness.failed
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Inserts a subscription with the given extra column assignments (SQL fragments such as
 /// `event_types => '{lead.*}'` are not supported; pass `("event_types", "'{lead.*}'")`).
 /// Returns (id, secret).
