@@ -177,7 +177,7 @@ impl Completer {
             // Finishing the head of an ordered key and promoting the next one happen in one
             // transaction, under the same per-subscription lock ordered fan-out takes, so a
             // delivery created concurrently for the key is either seen here or sees the
-            // head finished (see migrations/V8__ordered_subscriptions.sql).
+            // head finished (see migrations/V5__ordered_subscriptions.sql).
             let transaction = client
                 .transaction()
                 .await

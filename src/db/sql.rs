@@ -55,7 +55,7 @@ SELECT c.delivery_id, c.subscription_id, c.attempts, c.replay_id,
   JOIN outbox.events e ON e.id = c.event_row_id";
 
 /// Fans final events out to ordered subscriptions, in id order, and starts the next probe
-/// (see migrations/V8__ordered_subscriptions.sql for why commit order needs this). One relay
+/// (see migrations/V5__ordered_subscriptions.sql for why commit order needs this). One relay
 /// at a time; the others get (0, 0, false). Returns (events passed, deliveries created,
 /// probe pending: call again soon).
 pub const DISPATCH_ORDERED: &str =

@@ -145,19 +145,40 @@ CREATE FUNCTION outbox.replay(
             RETURN;
         END IF;
 
+        -- Ordered subscriptions among the candidates: their per-key advisory locks are taken
+        -- first, before any row lock, in the same order the relay's completer and ordered
+        -- fan-out take them, so a replay never deadlocks with them and "is another delivery
+        -- of this key open?" is answered without a race.
+        PERFORM outbox.lock_ordered_subscriptions(array_agg(DISTINCT d.subscription_id))
+           FROM outbox.deliveries d JOIN outbox.subscriptions s ON s.id = d.subscription_id
+          WHERE d.id = ANY (candidates) AND s.ordered AND d.ordering_key IS NOT NULL;
+
         -- Re-queue in chunks, each locking only rows nobody else holds, and re-checking
         -- status and subscription on the current row version (a failing delivery may have
-        -- been claimed since the candidates were read; it is then left alone).
+        -- been claimed since the candidates were read; it is then left alone). A delivery
+        -- with an ordering key waits (blocked) behind an open delivery of its key, or behind
+        -- an earlier event of its key re-queued with it, so its key keeps one in flight.
         i := 1;
         WHILE i <= found_n LOOP
             WITH locked AS (
-                SELECT d.id FROM outbox.deliveries d
+                SELECT d.id, d.subscription_id, d.ordering_key, d.event_id FROM outbox.deliveries d
                  WHERE d.id = ANY (candidates[i:i + chunk_size - 1])
                    AND d.status = ANY (replay.status)
                    AND d.subscription_id IS NOT NULL
                    AND (sub_id IS NULL OR d.subscription_id = sub_id)
                  ORDER BY d.id
                    FOR UPDATE SKIP LOCKED
+            ), requeued AS (
+                SELECT l.id,
+                       l.ordering_key IS NOT NULL AND (
+                           row_number() OVER (PARTITION BY l.subscription_id, l.ordering_key ORDER BY l.event_id) > 1
+                           OR EXISTS (SELECT 1 FROM outbox.deliveries o
+                                       WHERE o.subscription_id = l.subscription_id
+                                         AND o.ordering_key = l.ordering_key
+                                         AND o.id <> l.id
+                                         AND NOT o.blocked
+                                         AND o.status IN ('pending', 'in_flight', 'failing'))) AS blocked
+                  FROM locked l
             )
             UPDATE outbox.deliveries d
                SET status = 'pending',
@@ -167,10 +188,11 @@ CREATE FUNCTION outbox.replay(
                    last_error = NULL,
                    lease_owner = NULL,
                    lease_expires_at = NULL,
+                   blocked = r.blocked,
                    replay_id = new_id,
                    updated_at = now()
-              FROM locked l
-             WHERE d.id = l.id;
+              FROM requeued r
+             WHERE d.id = r.id;
             GET DIAGNOSTICS n = ROW_COUNT;
             done := done + n;
             i := i + chunk_size;
@@ -187,7 +209,7 @@ Selects deliveries whose status is in status (default {dead}; in_flight is refus
 Re-queued: status pending, attempts 0, next_attempt_at now(), last_status_code and last_error cleared (the failed attempts stay in outbox.delivery_attempts), replay_id = the new replay, which the relay copies onto the attempts it makes. The relay sends the same webhook-id and body bytes as before.
 max_events (>= 1) bounds the number of deliveries (not events) re-queued, lowest delivery id first; a NOTICE says when it cut the set short. matched = deliveries actually re-queued: a row locked by a relay at that instant is skipped, not waited for.
 dry_run => true changes no delivery: it counts what would be re-queued and records the replays row with dry_run = true.
-Limits: runs in the caller's transaction, so re-queued rows stay locked (relays skip them) and invisible until commit; use a short transaction per call and split very large replays into several calls. Ordered subscriptions: a re-queued delivery is sent as soon as it is due, out of its key's order (the key moved on when it died), possibly while a later delivery of the same key is in flight. Security definer: EXECUTE is the only privilege a caller needs.$$;
+Limits: runs in the caller's transaction, so re-queued rows stay locked (relays skip them) and invisible until commit; use a short transaction per call and split very large replays into several calls. Ordered subscriptions: the key keeps one delivery in flight: a re-queued delivery waits behind an open delivery of its key and behind earlier events of its key re-queued with it, then goes next (lowest event first). It is sent after later events its key already delivered (the key moved on when it died). Security definer: EXECUTE is the only privilege a caller needs.$$;
 REVOKE ALL ON FUNCTION outbox.replay(text[], text, text, text, timestamptz, timestamptz, uuid[], integer, text, text, boolean) FROM PUBLIC;
 
 CREATE FUNCTION outbox.backfill(
@@ -259,6 +281,12 @@ CREATE FUNCTION outbox.backfill(
                 0, false)
         RETURNING id INTO new_id;
 
+        -- An ordered subscription's per-key lock, as ordered fan-out takes it, so the
+        -- blocked flags computed below cannot race with a key advancing.
+        IF sub.ordered THEN
+            PERFORM outbox.lock_ordered_subscriptions(ARRAY[sub.id]);
+        END IF;
+
         -- The dispatcher's matching rules (src/db/sql.rs DISPATCH_EVENTS) with the
         -- subscription as it is now. Only dispatched events: an undispatched one (including
         -- one scheduled for later with deliver_after) will be fanned out by the dispatcher
@@ -279,9 +307,17 @@ CREATE FUNCTION outbox.backfill(
              ORDER BY e.id
              LIMIT backfill.max_events
         ), inserted AS (
-            INSERT INTO outbox.deliveries (event_id, subscription_id, status, next_attempt_at, replay_id)
-            SELECT p.id, sub.id, 'pending', now(), new_id
+            INSERT INTO outbox.deliveries (event_id, subscription_id, status, next_attempt_at, replay_id,
+                                           ordering_key, blocked)
+            SELECT p.id, sub.id, 'pending', now(), new_id, k.ordering_key,
+                   k.ordering_key IS NOT NULL AND (
+                       row_number() OVER (PARTITION BY k.ordering_key ORDER BY p.id) > 1
+                       OR EXISTS (SELECT 1 FROM outbox.deliveries o
+                                   WHERE o.subscription_id = sub.id AND o.ordering_key = k.ordering_key
+                                     AND NOT o.blocked AND o.status IN ('pending', 'in_flight', 'failing')))
               FROM picked p
+              JOIN outbox.events e ON e.id = p.id
+             CROSS JOIN LATERAL (SELECT CASE WHEN sub.ordered THEN e.ordering_key END AS ordering_key) k
              ORDER BY p.id
                 ON CONFLICT (event_id, subscription_id) DO NOTHING
             RETURNING 1
@@ -296,5 +332,5 @@ CREATE FUNCTION outbox.backfill(
 COMMENT ON FUNCTION outbox.backfill(text, timestamptz, timestamptz, text, integer, text, text) IS
 $$Deliver past events to a subscription that never had them (a new subscriber catching up); returns (replay_id, matched), like outbox.replay.
 Creates one pending delivery, due now and carrying replay_id, for each already dispatched event with created_after <= created_at < created_before that matches the subscription's current rules (event_types, tenant_id, filter, and the event's target_services), optionally narrowed by event_type (exact or * glob), and that has no delivery for this subscription yet. At most max_events deliveries, oldest event (lowest id) first; matched = deliveries created. Recorded in outbox.replays with criteria {"backfill": true, "subscription": ...}.
-Refuses an unknown or disabled subscription. Events not yet dispatched are left to the dispatcher. Ordered subscriptions: backfilled deliveries carry no ordering key, so they are sent without ordering. There is no dry run: run it in a transaction and ROLLBACK to count. Limits: runs in the caller's transaction, so the new deliveries are sent only after commit; the scan reads every event in the window (events_created_at_idx), so keep windows reasonable on large tables. Security definer: EXECUTE is the only privilege a caller needs.$$;
+Refuses an unknown or disabled subscription. Events not yet dispatched are left to the dispatcher. Ordered subscriptions: backfilled deliveries carry their event's ordering_key and go one at a time per key, oldest first, behind any delivery of the key already open. There is no dry run: run it in a transaction and ROLLBACK to count. Limits: runs in the caller's transaction, so the new deliveries are sent only after commit; the scan reads every event in the window (events_created_at_idx), so keep windows reasonable on large tables. Security definer: EXECUTE is the only privilege a caller needs.$$;
 REVOKE ALL ON FUNCTION outbox.backfill(text, timestamptz, timestamptz, text, integer, text, text) FROM PUBLIC;
