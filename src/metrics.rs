@@ -2,7 +2,13 @@
 //! global default), so tests can run several relays in one process.
 //!
 //! Labels are bounded: subscription names and fixed words only, never an event or tenant id.
+//!
+//! Besides the relay's own series: `process_*` (CPU, memory, file descriptors, from /proc)
+//! and `outbox_db_pool_*`, read from the pool's in-memory counters at scrape time (no query).
 
+use deadpool_postgres::Pool;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -124,6 +130,11 @@ impl Metrics {
         registry.register(Box::new(wakeups.clone()))?;
         registry.register(Box::new(leases_reclaimed.clone()))?;
         registry.register(Box::new(db_errors.clone()))?;
+        // Only Linux has /proc; elsewhere the process series are simply absent.
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(Metrics {
             registry,
             events_dispatched,
@@ -139,6 +150,11 @@ impl Metrics {
         })
     }
 
+    /// Exposes the pool's connection counts (`outbox_db_pool_*`). Called once per relay.
+    pub fn register_pool(&self, pool: Pool) -> Result<(), prometheus::Error> {
+        self.registry.register(Box::new(PoolCollector::new(pool)?))
+    }
+
     /// Prometheus text exposition of everything registered.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -147,5 +163,63 @@ impl Metrics {
             tracing::error!(error = %error, "encoding metrics failed");
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+/// Reads the pool's counters when scraped: they live in memory, so this costs no query and
+/// is never stale.
+struct PoolCollector {
+    pool: Pool,
+    connections: IntGaugeVec,
+    max_connections: IntGauge,
+    waiting: IntGauge,
+}
+
+impl PoolCollector {
+    fn new(pool: Pool) -> Result<PoolCollector, prometheus::Error> {
+        Ok(PoolCollector {
+            pool,
+            connections: IntGaugeVec::new(
+                Opts::new(
+                    "outbox_db_pool_connections",
+                    "Open pooled database connections: idle or in use.",
+                ),
+                &["state"],
+            )?,
+            max_connections: IntGauge::new(
+                "outbox_db_pool_max_connections",
+                "Largest number of pooled connections (OUTBOX_DB_POOL_SIZE).",
+            )?,
+            waiting: IntGauge::new(
+                "outbox_db_pool_waiting",
+                "Tasks waiting for a pooled connection; persistently above 0 means the pool is too small.",
+            )?,
+        })
+    }
+}
+
+impl Collector for PoolCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.connections.desc();
+        descs.extend(self.max_connections.desc());
+        descs.extend(self.waiting.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let status = self.pool.status();
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.connections
+            .with_label_values(&["idle"])
+            .set(gauge(status.available));
+        self.connections
+            .with_label_values(&["in_use"])
+            .set(gauge(status.size.saturating_sub(status.available)));
+        self.max_connections.set(gauge(status.max_size));
+        self.waiting.set(gauge(status.waiting));
+        let mut families = self.connections.collect();
+        families.extend(self.max_connections.collect());
+        families.extend(self.waiting.collect());
+        families
     }
 }

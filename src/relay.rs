@@ -108,6 +108,7 @@ pub async fn start(
     );
     let pool = db::connect_pool(database_url, config.db_pool_size as usize)?;
     let metrics = Metrics::new()?;
+    metrics.register_pool(pool.clone())?;
     let health = Health::default();
     let client = WebhookClient::new(
         config.target_policy(),

@@ -170,8 +170,62 @@ async fn metrics_move_with_deliveries() {
         "{text}"
     );
     assert!(metric(&text, "outbox_oldest_pending_seconds").is_some());
+    assert_eq!(
+        metric(&text, "outbox_db_pool_max_connections"),
+        Some(f64::from(
+            outbox_relay::config::RelayConfig::for_tests().db_pool_size
+        ))
+    );
+    assert!(
+        metric(&text, r#"outbox_db_pool_connections{state="idle"}"#).unwrap_or(0.0)
+            + metric(&text, r#"outbox_db_pool_connections{state="in_use"}"#).unwrap_or(0.0)
+            >= 1.0,
+        "the relay has used its pool: {text}"
+    );
+    assert!(metric(&text, "outbox_db_pool_waiting").is_some());
+    assert!(
+        metric(&text, "process_resident_memory_bytes").unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
     assert!(!text.contains("tenant"), "no tenant labels");
+    promtool_check_metrics(&text);
     relay.shutdown().await;
+}
+
+/// `promtool check metrics` (Debian package `prometheus`) lints the exposition: names,
+/// units, help texts, histogram shape. `.ci/run` installs it and sets
+/// OUTBOX_REQUIRE_PROMTOOL=1, so there the check cannot be skipped.
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(error) if std::env::var_os("OUTBOX_REQUIRE_PROMTOOL").is_none() => {
+            eprintln!(
+                "SKIPPED promtool check: promtool not runnable ({error}); install Debian's prometheus package"
+            );
+            return;
+        }
+        Err(error) => panic!("OUTBOX_REQUIRE_PROMTOOL is set but promtool cannot run: {error}"),
+    };
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let output = child.wait_with_output().expect("promtool finishes");
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// The pending gauge counts what is waiting, and the oldest-pending age grows with it.
