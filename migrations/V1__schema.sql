@@ -57,8 +57,6 @@ CREATE TABLE outbox.events (
     created_at      timestamptz NOT NULL DEFAULT now(),
     -- internal: set when the dispatcher has fanned the event out into deliveries
     dispatched_at   timestamptz,
-    -- internal: the inserting transaction, for commit-order-safe dispatch of ordered events
-    created_xid     xid8 NOT NULL DEFAULT pg_current_xact_id(),
 
     CONSTRAINT events_event_id_key UNIQUE (event_id),
     CONSTRAINT event_type_format CHECK (outbox.is_valid_event_type(event_type)),
@@ -72,7 +70,6 @@ COMMENT ON TABLE outbox.events IS
 COMMENT ON COLUMN outbox.events.id IS 'Internal order (identity). Not the webhook id: that is event_id.';
 COMMENT ON COLUMN outbox.events.event_id IS 'Webhook id sent to subscribers; a producer may set its own for idempotency (duplicates fail).';
 COMMENT ON COLUMN outbox.events.dispatched_at IS 'Internal: when the relay fanned this event out into outbox.deliveries. NULL = not yet.';
-COMMENT ON COLUMN outbox.events.created_xid IS 'Internal: inserting transaction id, used to dispatch ordered events in commit-safe order.';
 
 -- What the dispatcher claims: undispatched rows, highest priority first, then insert order.
 CREATE INDEX events_undispatched_idx ON outbox.events (priority DESC, id) WHERE dispatched_at IS NULL;
@@ -181,6 +178,10 @@ CREATE TABLE outbox.deliveries (
     lease_expires_at  timestamptz,
     -- internal: the replay that last re-queued this delivery; copied onto its attempts
     replay_id         bigint REFERENCES outbox.replays (id) ON DELETE SET NULL,
+    -- the event's ordering_key, for ordered subscriptions only (see V5__ordered_subscriptions.sql)
+    ordering_key      text,
+    -- internal: all but the head of an ordered key wait here, outside the claim index
+    blocked           boolean NOT NULL DEFAULT false,
 
     CONSTRAINT deliveries_event_subscription_key UNIQUE (event_id, subscription_id),
     CONSTRAINT status_known CHECK (status IN ('pending', 'in_flight', 'delivered', 'failing', 'dead')),
@@ -191,10 +192,17 @@ COMMENT ON COLUMN outbox.deliveries.event_id IS 'outbox.events.id (the bigint ro
 COMMENT ON COLUMN outbox.deliveries.attempts IS 'Attempts made since creation or the last replay.';
 COMMENT ON COLUMN outbox.deliveries.lease_owner IS 'Internal: relay id (host:pid:start) holding this in_flight delivery.';
 COMMENT ON COLUMN outbox.deliveries.lease_expires_at IS 'Internal: renewed by the owner''s heartbeat; once past, any relay may reclaim the delivery.';
+COMMENT ON COLUMN outbox.deliveries.ordering_key IS 'The event''s ordering_key, set only for ordered subscriptions (NULL = no ordering constraint).';
+COMMENT ON COLUMN outbox.deliveries.blocked IS 'Internal: true while an earlier delivery of the same ordered subscription and key is not yet delivered or dead.';
 
--- What the deliverer claims, per subscription, in due order.
+-- What the deliverer claims, per subscription, in due order. Blocked rows (behind the head
+-- of an ordered key) are left out, so a key stuck behind a failing head costs the claim
+-- nothing however many deliveries wait behind it.
 CREATE INDEX deliveries_due_idx ON outbox.deliveries (subscription_id, next_attempt_at, id)
-    WHERE status IN ('pending', 'failing');
+    WHERE status IN ('pending', 'failing') AND NOT blocked;
+-- Ordered keys: "is an earlier delivery of this key open?" and "which one is next?".
+CREATE INDEX deliveries_ordering_idx ON outbox.deliveries (subscription_id, ordering_key, event_id)
+    WHERE ordering_key IS NOT NULL AND status IN ('pending', 'in_flight', 'failing');
 -- Leases: heartbeats, expiry sweeps and per-subscription in-flight counts.
 CREATE INDEX deliveries_in_flight_idx ON outbox.deliveries (subscription_id, lease_expires_at)
     WHERE status = 'in_flight';

@@ -9,14 +9,23 @@
 -- relays. A relay that finds the row locked skips that subscription this round rather than
 -- wait, so claims never queue behind each other or deadlock. Locking with FOR NO KEY UPDATE
 -- does not conflict with the FOR KEY SHARE that inserting deliveries takes.
+--
+-- It returns each delivery's ordering_key from the claiming UPDATE itself: a caller joining
+-- outbox.deliveries afterwards would read with its own statement snapshot, which misses
+-- deliveries committed after it started (the function's inner queries see them), and such a
+-- row would be leased but never sent.
 CREATE FUNCTION outbox.claim_deliveries(
     subscription_ids bigint[],
     wanted           integer[],
     total_limit      integer,
     lease_owner      text,
     lease_duration   interval
-) RETURNS TABLE (delivery_id bigint, subscription_id bigint, attempts integer, replay_id bigint, event_row_id bigint)
+) RETURNS TABLE (delivery_id bigint, subscription_id bigint, attempts integer, replay_id bigint,
+                 event_row_id bigint, delivery_ordering_key text)
     LANGUAGE plpgsql VOLATILE
+    -- Without this the planner assumes 1000 rows and turns the caller's join to events into
+    -- a sequential scan once the table is large.
+    ROWS 100
     AS $$
     DECLARE
         i          integer;
@@ -43,6 +52,7 @@ CREATE FUNCTION outbox.claim_deliveries(
                     SELECT d.id FROM outbox.deliveries d
                      WHERE d.subscription_id = sub_id
                        AND d.status IN ('pending', 'failing')
+                       AND NOT d.blocked
                        AND d.next_attempt_at <= now()
                      ORDER BY d.next_attempt_at, d.id
                      LIMIT quota
@@ -53,11 +63,11 @@ CREATE FUNCTION outbox.claim_deliveries(
                        lease_expires_at = now() + lease_duration, updated_at = now()
                   FROM picked p
                  WHERE d.id = p.id
-             RETURNING d.id, d.subscription_id, d.attempts, d.replay_id, d.event_id;
+             RETURNING d.id, d.subscription_id, d.attempts, d.replay_id, d.event_id, d.ordering_key;
             GET DIAGNOSTICS claimed = ROW_COUNT;
             remaining := remaining - claimed;
         END LOOP;
     END
     $$;
 COMMENT ON FUNCTION outbox.claim_deliveries(bigint[], integer[], integer, text, interval) IS
-    'Internal (outbox-relay): lease due deliveries per subscription, respecting max_in_flight across relays.';
+    'Internal (outbox-relay): lease due, unblocked deliveries per subscription, respecting max_in_flight across relays.';

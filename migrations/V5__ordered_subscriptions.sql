@@ -21,8 +21,6 @@
 -- delivery) until it ends. Identity caching (CACHE > 1) would break the argument; the events
 -- identity uses the default CACHE 1.
 
-ALTER TABLE outbox.events DROP COLUMN created_xid;
-
 CREATE FUNCTION outbox.assign_producer_xid() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -32,7 +30,7 @@ CREATE FUNCTION outbox.assign_producer_xid() RETURNS trigger
     END
     $$;
 COMMENT ON FUNCTION outbox.assign_producer_xid() IS
-    'Internal: gives the inserting transaction its xid before any row draws an id (see V8 for why).';
+    'Internal: gives the inserting transaction its xid before any row draws an id (see V5__ordered_subscriptions.sql for why).';
 CREATE TRIGGER events_assign_producer_xid BEFORE INSERT ON outbox.events
     FOR EACH STATEMENT EXECUTE FUNCTION outbox.assign_producer_xid();
 
@@ -50,84 +48,8 @@ COMMENT ON TABLE outbox.ordered_dispatch_cursor IS
 INSERT INTO outbox.ordered_dispatch_cursor (last_event_id)
     SELECT coalesce(max(id), 0) FROM outbox.events;
 
--- Deliveries of ordered subscriptions carry their key; all but the head of each key are
--- `blocked`, and blocked rows are outside the claim index, so a key stuck behind a failing
--- head costs the claim nothing however many deliveries wait behind it.
-ALTER TABLE outbox.deliveries ADD COLUMN ordering_key text;
-ALTER TABLE outbox.deliveries ADD COLUMN blocked boolean NOT NULL DEFAULT false;
-COMMENT ON COLUMN outbox.deliveries.ordering_key IS
-    'The event''s ordering_key, set only for ordered subscriptions (NULL = no ordering constraint).';
-COMMENT ON COLUMN outbox.deliveries.blocked IS
-    'Internal: true while an earlier delivery of the same ordered subscription and key is not yet delivered or dead.';
-
-DROP INDEX outbox.deliveries_due_idx;
-CREATE INDEX deliveries_due_idx ON outbox.deliveries (subscription_id, next_attempt_at, id)
-    WHERE status IN ('pending', 'failing') AND NOT blocked;
-CREATE INDEX deliveries_ordering_idx ON outbox.deliveries (subscription_id, ordering_key, event_id)
-    WHERE ordering_key IS NOT NULL AND status IN ('pending', 'in_flight', 'failing');
-
--- The claim now returns the delivery's ordering_key too. It must come from the claiming
--- UPDATE itself: a caller joining outbox.deliveries afterwards would read with its own
--- statement snapshot, which misses deliveries committed after it started (the function's
--- inner queries see them), and such a row would be leased but never sent.
-DROP FUNCTION outbox.claim_deliveries(bigint[], integer[], integer, text, interval);
-CREATE FUNCTION outbox.claim_deliveries(
-    subscription_ids bigint[],
-    wanted           integer[],
-    total_limit      integer,
-    lease_owner      text,
-    lease_duration   interval
-) RETURNS TABLE (delivery_id bigint, subscription_id bigint, attempts integer, replay_id bigint,
-                 event_row_id bigint, delivery_ordering_key text)
-    LANGUAGE plpgsql VOLATILE
-    -- Without this the planner assumes 1000 rows and turns the caller's join to events into
-    -- a sequential scan once the table is large.
-    ROWS 100
-    AS $$
-    DECLARE
-        i          integer;
-        sub_id     bigint;
-        sub_limit  integer;
-        quota      integer;
-        remaining  integer := total_limit;
-        claimed    integer;
-    BEGIN
-        FOR i IN 1 .. coalesce(cardinality(subscription_ids), 0) LOOP
-            EXIT WHEN remaining <= 0;
-            sub_id := subscription_ids[i];
-            SELECT s.max_in_flight INTO sub_limit
-              FROM outbox.subscriptions s
-             WHERE s.id = sub_id AND s.enabled
-               FOR NO KEY UPDATE SKIP LOCKED;
-            CONTINUE WHEN NOT FOUND;
-            quota := least(wanted[i], remaining,
-                           sub_limit - (SELECT count(*)::integer FROM outbox.deliveries f
-                                         WHERE f.subscription_id = sub_id AND f.status = 'in_flight'));
-            CONTINUE WHEN quota <= 0;
-            RETURN QUERY
-                WITH picked AS (
-                    SELECT d.id FROM outbox.deliveries d
-                     WHERE d.subscription_id = sub_id
-                       AND d.status IN ('pending', 'failing')
-                       AND NOT d.blocked
-                       AND d.next_attempt_at <= now()
-                     ORDER BY d.next_attempt_at, d.id
-                     LIMIT quota
-                       FOR UPDATE SKIP LOCKED
-                )
-                UPDATE outbox.deliveries d
-                   SET status = 'in_flight', lease_owner = claim_deliveries.lease_owner,
-                       lease_expires_at = now() + lease_duration, updated_at = now()
-                  FROM picked p
-                 WHERE d.id = p.id
-             RETURNING d.id, d.subscription_id, d.attempts, d.replay_id, d.event_id, d.ordering_key;
-            GET DIAGNOSTICS claimed = ROW_COUNT;
-            remaining := remaining - claimed;
-        END LOOP;
-    END
-    $$;
-COMMENT ON FUNCTION outbox.claim_deliveries(bigint[], integer[], integer, text, interval) IS
-    'Internal (outbox-relay): lease due, unblocked deliveries per subscription, respecting max_in_flight across relays.';
+-- The columns this builds on (deliveries.ordering_key, deliveries.blocked) and the claim
+-- that skips blocked rows are in V1 and V4: every subscription uses the same claim.
 
 -- Ordered fan-out and key advancement take this per-subscription advisory lock, so the
 -- "is there an earlier open delivery for this key?" check and the "promote the next one"
