@@ -51,6 +51,10 @@ const RELAY_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
     about = "outbox-relay benchmark (throughput, fan-out, latency, slow subscriber, producer cost)"
 )]
 struct Args {
+    /// Passed by `cargo bench` to every bench target; accepted and ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+
     /// Which scenario to run; `all` runs each in turn.
     #[arg(long, value_enum, default_value_t = Scenario::All)]
     scenario: Scenario,

@@ -16,7 +16,8 @@ use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{DbContext, DbError, sql};
+use crate::config::PoolMode;
+use crate::db::{DbContext, DbError, query, sql};
 use crate::deliverer::outcome::{NextState, Verdict};
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::subscriptions::SubscriptionId;
@@ -46,6 +47,8 @@ pub struct Completion {
 
 pub struct Completer {
     pub pool: Pool,
+    /// Whether pooled connections may hold prepared statements.
+    pub pool_mode: PoolMode,
     pub relay_id: Arc<str>,
     pub metrics: Metrics,
     pub flush_interval: Duration,
@@ -149,10 +152,6 @@ impl Completer {
             }
         }
         let mut client = self.pool.get().await.context("writing delivery results")?;
-        let statement = client
-            .prepare_cached(sql::COMPLETE_DELIVERIES)
-            .await
-            .context("preparing result write")?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
             &ids,
             &statuses,
@@ -169,15 +168,16 @@ impl Completer {
         ];
         let ordered: Vec<&Completion> = batch.iter().filter(|c| c.ordering_key.is_some()).collect();
         let rows = if ordered.is_empty() {
-            client
-                .query(&statement, &params)
+            query::query(&client, self.pool_mode, &sql::COMPLETE_DELIVERIES, &params)
                 .await
                 .context("writing delivery results")?
         } else {
             // Finishing the head of an ordered key and promoting the next one happen in one
             // transaction, under the same per-subscription lock ordered fan-out takes, so a
             // delivery created concurrently for the key is either seen here or sees the
-            // head finished (see migrations/V5__ordered_subscriptions.sql).
+            // head finished (see migrations/V5__ordered_subscriptions.sql). The lock is
+            // transaction-scoped, so this is safe behind a transaction pooler, which keeps
+            // one server connection from BEGIN to COMMIT.
             let transaction = client
                 .transaction()
                 .await
@@ -185,14 +185,22 @@ impl Completer {
             let mut subscriptions: Vec<i64> = ordered.iter().map(|c| c.subscription_id.0).collect();
             subscriptions.sort_unstable();
             subscriptions.dedup();
-            transaction
-                .execute(sql::LOCK_ORDERED_SUBSCRIPTIONS, &[&subscriptions])
-                .await
-                .context("locking ordered subscriptions")?;
-            let rows = transaction
-                .query(&statement, &params)
-                .await
-                .context("writing delivery results")?;
+            query::execute(
+                &transaction,
+                self.pool_mode,
+                &sql::LOCK_ORDERED_SUBSCRIPTIONS,
+                &[&subscriptions],
+            )
+            .await
+            .context("locking ordered subscriptions")?;
+            let rows = query::query(
+                &transaction,
+                self.pool_mode,
+                &sql::COMPLETE_DELIVERIES,
+                &params,
+            )
+            .await
+            .context("writing delivery results")?;
             let updated: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
             let finished: Vec<&&Completion> = ordered
                 .iter()
@@ -205,13 +213,14 @@ impl Completer {
                 let keys: Vec<Option<&str>> =
                     finished.iter().map(|c| c.ordering_key.as_deref()).collect();
                 let finished_ids: Vec<i64> = finished.iter().map(|c| c.delivery_id).collect();
-                transaction
-                    .execute(
-                        sql::ADVANCE_ORDERING_KEYS,
-                        &[&subscription_ids, &keys, &finished_ids],
-                    )
-                    .await
-                    .context("advancing ordering keys")?;
+                query::execute(
+                    &transaction,
+                    self.pool_mode,
+                    &sql::ADVANCE_ORDERING_KEYS,
+                    &[&subscription_ids, &keys, &finished_ids],
+                )
+                .await
+                .context("advancing ordering keys")?;
             }
             transaction
                 .commit()

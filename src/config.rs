@@ -80,7 +80,9 @@ pub struct RelayConfig {
 
     /// How the pooled connections reach PostgreSQL: `direct` (or a session-mode pooler), or
     /// `transaction-pooler` (PgBouncer in transaction mode: no named prepared statements or
-    /// other session state on pooled connections).
+    /// other session state on pooled connections; each statement is parsed per call).
+    /// With `transaction-pooler`, set `OUTBOX_LISTEN_DATABASE_URL` or `OUTBOX_LISTEN=false`.
+    /// `outbox-relay migrate` always needs a direct DATABASE_URL (it holds a session lock).
     #[arg(long, env = "OUTBOX_DB_POOL_MODE", value_enum, default_value_t = PoolMode::Direct)]
     pub db_pool_mode: PoolMode,
 
@@ -142,6 +144,31 @@ impl RelayConfig {
             if value == 0 {
                 return Err(ConfigError(format!("{name} must be at least 1")));
             }
+        }
+        // LISTEN through a transaction pooler "works" but hears nothing: the LISTEN runs on
+        // whichever server connection served it, which is then handed to other clients, and
+        // the relay silently falls back to polling. Refuse instead of degrading quietly.
+        if self.db_pool_mode == PoolMode::TransactionPooler
+            && self.listen
+            && self.listen_database_url.is_none()
+        {
+            return Err(ConfigError(
+                "OUTBOX_DB_POOL_MODE=transaction-pooler: LISTEN cannot work through a \
+                 transaction-mode pooler (it would silently never receive notifications). Set \
+                 OUTBOX_LISTEN_DATABASE_URL to a direct connection to PostgreSQL for LISTEN, \
+                 or OUTBOX_LISTEN=false to rely on polling alone"
+                    .into(),
+            ));
+        }
+        // The admin API's statements are still prepared by name, which a transaction-mode
+        // pooler may route to another server connection: refuse rather than fail per request.
+        if self.db_pool_mode == PoolMode::TransactionPooler && self.admin_token.is_some() {
+            return Err(ConfigError(
+                "OUTBOX_ADMIN_TOKEN is not supported with OUTBOX_DB_POOL_MODE=transaction-pooler \
+                 yet: serve the admin API from a relay whose DATABASE_URL reaches PostgreSQL \
+                 directly (or through a session-mode pooler), and unset it here"
+                    .into(),
+            ));
         }
         Ok(())
     }

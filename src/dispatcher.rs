@@ -12,7 +12,8 @@ use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{DbContext, DbError, sql};
+use crate::config::PoolMode;
+use crate::db::{DbContext, DbError, query, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
 
@@ -36,6 +37,8 @@ pub struct DispatchedBatch {
 
 pub struct Dispatcher {
     pub pool: Pool,
+    /// Whether pooled connections may hold prepared statements.
+    pub pool_mode: PoolMode,
     pub batch_size: u32,
     pub metrics: Metrics,
     pub health: Health,
@@ -47,13 +50,8 @@ impl Dispatcher {
     /// Dispatches one batch. The seam tests step instead of waiting for timers.
     pub async fn run_once(&self) -> Result<DispatchedBatch, DbError> {
         let client = self.pool.get().await.context("dispatching events")?;
-        let statement = client
-            .prepare_cached(sql::DISPATCH_EVENTS)
-            .await
-            .context("preparing dispatch")?;
         let limit = i64::from(self.batch_size);
-        let row = client
-            .query_one(&statement, &[&limit])
+        let row = query::query_one(&client, self.pool_mode, &sql::DISPATCH_EVENTS, &[&limit])
             .await
             .context("dispatching events")?;
         let batch = DispatchedBatch {
@@ -63,30 +61,24 @@ impl Dispatcher {
             ordered_probe_pending: false,
         };
         // Ordered subscriptions get their deliveries from a second, commit-order-safe pass.
-        let ordered = client
-            .prepare_cached(sql::DISPATCH_ORDERED)
-            .await
-            .context("preparing ordered dispatch")?;
-        let ordered_row = client
-            .query_one(
-                &ordered,
-                &[&i32::try_from(self.batch_size).unwrap_or(i32::MAX)],
-            )
-            .await
-            .context("dispatching events to ordered subscriptions")?;
+        let ordered_row = query::query_one(
+            &client,
+            self.pool_mode,
+            &sql::DISPATCH_ORDERED,
+            &[&i32::try_from(self.batch_size).unwrap_or(i32::MAX)],
+        )
+        .await
+        .context("dispatching events to ordered subscriptions")?;
         let mut probe_pending: bool = ordered_row.get(2);
         if !probe_pending {
             // A statement of its own (autocommit): the probe's xid must be assigned after
-            // it reads the sequence, in a transaction that had none before.
-            let probe = client
-                .prepare_cached(sql::START_ORDERED_PROBE)
-                .await
-                .context("preparing ordered probe")?;
-            probe_pending = client
-                .query_one(&probe, &[])
-                .await
-                .context("starting an ordered-dispatch probe")?
-                .get(0);
+            // it reads the sequence, in a transaction that had none before. Through a
+            // transaction pooler an autocommit statement is a transaction of its own too.
+            probe_pending =
+                query::query_one(&client, self.pool_mode, &sql::START_ORDERED_PROBE, &[])
+                    .await
+                    .context("starting an ordered-dispatch probe")?
+                    .get(0);
         }
         let batch = DispatchedBatch {
             ordered_events: u64::try_from(ordered_row.get::<_, i64>(0)).unwrap_or(0),

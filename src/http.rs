@@ -1,6 +1,7 @@
 //! The HTTP listener: `/healthz` (the process is up), `/readyz` (it can do its job: database
 //! reachable, LISTEN connected, not shutting down; the JSON body names the failed check) and
-//! `/metrics` (Prometheus text format).
+//! `/metrics` (Prometheus text format); plus, when an admin token is configured, the admin
+//! API and the event-bus compatibility endpoints of [`crate::api`].
 
 use axum::Router;
 use axum::extract::State;
@@ -8,6 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::api::{self, AdminToken, ApiState};
 use crate::health::Health;
 use crate::metrics::Metrics;
 
@@ -15,14 +17,28 @@ use crate::metrics::Metrics;
 pub struct HttpState {
     pub health: Health,
     pub metrics: Metrics,
+    /// The relay's pool; the admin API's queries share it.
+    pub pool: deadpool_postgres::Pool,
+    /// `None`: the admin API and compatibility endpoints are not mounted at all (404).
+    pub admin_token: Option<AdminToken>,
 }
 
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    let api = state.admin_token.clone().map(|token| {
+        api::router(ApiState {
+            pool: state.pool.clone(),
+            token,
+        })
+    });
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .with_state(state);
+    match api {
+        Some(api) => router.merge(api),
+        None => router,
+    }
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -5,6 +5,7 @@
 //! `../shared/SPEC.md` the public contract.
 
 pub mod admin;
+pub mod api;
 pub mod completer;
 pub mod config;
 pub mod db;

@@ -14,7 +14,8 @@ use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{DbContext, DbError, sql};
+use crate::config::PoolMode;
+use crate::db::{DbContext, DbError, query, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
 
@@ -25,6 +26,8 @@ pub const GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct Maintenance {
     pub pool: Pool,
+    /// Whether pooled connections may hold prepared statements.
+    pub pool_mode: PoolMode,
     pub relay_id: Arc<str>,
     pub lease_duration: Duration,
     pub metrics: Metrics,
@@ -37,33 +40,30 @@ impl Maintenance {
     /// Extends every lease this relay holds. Returns how many.
     pub async fn heartbeat(&self) -> Result<u64, DbError> {
         let client = self.pool.get().await.context("renewing leases")?;
-        let statement = client
-            .prepare_cached(sql::HEARTBEAT_LEASES)
-            .await
-            .context("preparing lease renewal")?;
-        client
-            .execute(
-                &statement,
-                &[&&*self.relay_id, &self.lease_duration.as_secs_f64()],
-            )
-            .await
-            .context("renewing leases")
+        query::execute(
+            &client,
+            self.pool_mode,
+            &sql::HEARTBEAT_LEASES,
+            &[&&*self.relay_id, &self.lease_duration.as_secs_f64()],
+        )
+        .await
+        .context("renewing leases")
     }
 
     /// Re-queues deliveries whose lease expired. Returns how many.
     pub async fn reclaim_expired(&self) -> Result<u64, DbError> {
         let client = self.pool.get().await.context("reclaiming expired leases")?;
-        let statement = client
-            .prepare_cached(sql::RECLAIM_EXPIRED_LEASES)
-            .await
-            .context("preparing lease reclaim")?;
         let mut total = 0;
         loop {
-            let reclaimed = client
-                .query(&statement, &[&RECLAIM_BATCH])
-                .await
-                .context("reclaiming expired leases")?
-                .len() as u64;
+            let reclaimed = query::query(
+                &client,
+                self.pool_mode,
+                &sql::RECLAIM_EXPIRED_LEASES,
+                &[&RECLAIM_BATCH],
+            )
+            .await
+            .context("reclaiming expired leases")?
+            .len() as u64;
             total += reclaimed;
             if reclaimed < RECLAIM_BATCH as u64 {
                 break;
@@ -88,11 +88,11 @@ impl Maintenance {
             .get()
             .await
             .context("checking the schema version")?;
-        let applied: Option<i32> = client
-            .query_one(sql::APPLIED_MIGRATIONS, &[])
-            .await
-            .context("checking the schema version")?
-            .get(0);
+        let applied: Option<i32> =
+            query::query_one(&client, self.pool_mode, &sql::APPLIED_MIGRATIONS, &[])
+                .await
+                .context("checking the schema version")?
+                .get(0);
         let wanted = crate::db::embedded_migrations()
             .last()
             .map(|(version, _)| *version)
@@ -110,16 +110,7 @@ impl Maintenance {
     pub async fn refresh_gauges(&self) -> Result<(), DbError> {
         self.check_schema().await?;
         let client = self.pool.get().await.context("refreshing gauges")?;
-        let backlog = client
-            .prepare_cached(sql::BACKLOG_GAUGES)
-            .await
-            .context("preparing backlog gauges")?;
-        let oldest = client
-            .prepare_cached(sql::OLDEST_PENDING_SECONDS)
-            .await
-            .context("preparing oldest-pending gauge")?;
-        let rows = client
-            .query(&backlog, &[])
+        let rows = query::query(&client, self.pool_mode, &sql::BACKLOG_GAUGES, &[])
             .await
             .context("reading backlog")?;
         // Subscriptions that were removed must not keep reporting their last value.
@@ -136,11 +127,11 @@ impl Maintenance {
                 .with_label_values(&[&name])
                 .set(row.get(2));
         }
-        let oldest: f64 = client
-            .query_one(&oldest, &[])
-            .await
-            .context("reading oldest pending age")?
-            .get(0);
+        let oldest: f64 =
+            query::query_one(&client, self.pool_mode, &sql::OLDEST_PENDING_SECONDS, &[])
+                .await
+                .context("reading oldest pending age")?
+                .get(0);
         self.metrics.oldest_pending_seconds.set(oldest as i64);
         Ok(())
     }

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! producer txn ─INSERT─► outbox.events ─commit─► trigger: NOTIFY outbox_events (a hint)
-//! db::listen ─wake─► dispatcher ◄─ poll tick (the truth when a NOTIFY is lost)
+//! db::listen ─wake─► dispatcher ◄─ poll tick (the truth when a NOTIFY is lost, or the only
+//!                                  pace in poll-only mode, OUTBOX_LISTEN=false)
 //! dispatcher: claim events SKIP LOCKED → INSERT matching deliveries → mark dispatched (1 statement)
 //! deliverer:  lease due deliveries (committed, no txn held) → HTTP per delivery, bounded
 //! completer:  results → one UPDATE + INSERT per batch, guarded by the lease owner
@@ -22,8 +23,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::completer::{self, Completer};
-use crate::config::{self, RelayConfig};
-use crate::db::{self, DbContext, DbError, sql};
+use crate::config::{self, PoolMode, RelayConfig};
+use crate::db::{self, DbContext, DbError, query, sql};
 use crate::deliverer::Deliverer;
 use crate::deliverer::client::WebhookClient;
 use crate::dispatcher::Dispatcher;
@@ -109,7 +110,7 @@ pub async fn start(
     let pool = db::connect_pool(database_url, config.db_pool_size as usize)?;
     let metrics = Metrics::new()?;
     metrics.register_pool(pool.clone())?;
-    let health = Health::default();
+    let health = Health::new(config.listen);
     let client = WebhookClient::new(
         config.target_policy(),
         &format!("outbox-relay/{}", env!("CARGO_PKG_VERSION")),
@@ -130,7 +131,7 @@ pub async fn start(
     let subscriptions = SubscriptionCache::default();
     // Start with a loaded cache so the first claim round already knows every subscription;
     // a database that is down now is not fatal: the reload loop keeps trying.
-    if let Err(error) = subscriptions.reload(&pool).await {
+    if let Err(error) = subscriptions.reload(&pool, config.db_pool_mode).await {
         tracing::warn!(
             error = format!("{:#}", anyhow::Error::from(error)),
             "initial subscription load failed; retrying in the background"
@@ -140,6 +141,7 @@ pub async fn start(
     let (results_tx, results_rx) = mpsc::channel(completer::CHANNEL_CAPACITY);
     let deliverer = Arc::new(Deliverer::new(
         pool.clone(),
+        config.db_pool_mode,
         subscriptions.clone(),
         client,
         metrics.clone(),
@@ -153,6 +155,7 @@ pub async fn start(
     ));
     let dispatcher = Dispatcher {
         pool: pool.clone(),
+        pool_mode: config.db_pool_mode,
         batch_size: config.dispatch_batch_size,
         metrics: metrics.clone(),
         health: health.clone(),
@@ -160,6 +163,7 @@ pub async fn start(
     };
     let maintenance = Maintenance {
         pool: pool.clone(),
+        pool_mode: config.db_pool_mode,
         relay_id: relay_id.clone(),
         lease_duration: config.lease_duration,
         metrics: metrics.clone(),
@@ -174,6 +178,7 @@ pub async fn start(
     }
     let completer = Completer {
         pool: pool.clone(),
+        pool_mode: config.db_pool_mode,
         relay_id: relay_id.clone(),
         metrics: metrics.clone(),
         flush_interval: config.flush_interval,
@@ -184,17 +189,29 @@ pub async fn start(
     // outlive it so shutdown can finish what was started.
     let claiming = cancel.child_token();
     let mut background = tokio::task::JoinSet::new();
-    background.spawn(db::listen::run(
-        database_url.to_string(),
-        db::listen::WakeTargets {
-            events: events_wake.clone(),
-            subscriptions: subscriptions_changed.clone(),
-            connected: health.listener_connected.clone(),
-        },
-        claiming.clone(),
-    ));
+    // LISTEN needs a session of its own, so it never uses the pool: behind a transaction
+    // pooler it goes to OUTBOX_LISTEN_DATABASE_URL (PostgreSQL itself), or nowhere in
+    // poll-only mode, where the poll interval alone paces the relay.
+    if config.listen {
+        let listen_url = config
+            .listen_database_url
+            .clone()
+            .unwrap_or_else(|| database_url.to_string());
+        background.spawn(db::listen::run(
+            listen_url,
+            db::listen::WakeTargets {
+                events: events_wake.clone(),
+                subscriptions: subscriptions_changed.clone(),
+                connected: health.listener_connected.clone(),
+            },
+            claiming.clone(),
+        ));
+    } else {
+        tracing::info!(poll_interval = ?config.poll_interval, "poll-only mode: no LISTEN connection");
+    }
     background.spawn(subscriptions.clone().keep_fresh(
         pool.clone(),
+        config.db_pool_mode,
         subscriptions_changed,
         deliveries_wake.clone(),
         claiming.clone(),
@@ -208,9 +225,18 @@ pub async fn start(
     ));
     let completer_task = tokio::spawn(completer.run(results_rx, cancel.clone()));
 
+    let admin_token = config
+        .admin_token
+        .as_deref()
+        .and_then(crate::api::AdminToken::new);
+    if config.admin_token.is_some() && admin_token.is_none() {
+        tracing::warn!("OUTBOX_ADMIN_TOKEN is set but blank; the admin API stays off");
+    }
     let http_state = crate::http::HttpState {
         health: health.clone(),
         metrics: metrics.clone(),
+        pool: pool.clone(),
+        admin_token,
     };
     let http_cancel = cancel.clone();
     let http_task = tokio::spawn(async move {
@@ -230,6 +256,7 @@ pub async fn start(
         let health = health.clone();
         let relay_id = relay_id.clone();
         let shutdown_grace = config.shutdown_grace;
+        let pool_mode = config.db_pool_mode;
         tokio::spawn(async move {
             cancel.cancelled().await;
             if crash.is_cancelled() {
@@ -251,7 +278,7 @@ pub async fn start(
             // Dropping the last sender lets the completer write what is left and finish.
             drop(deliverer);
             let _ = completer_task.await;
-            match release_leases(&pool, &relay_id).await {
+            match release_leases(&pool, pool_mode, &relay_id).await {
                 Ok(0) => {}
                 Ok(released) => tracing::info!(released, "handed back unfinished deliveries"),
                 Err(error) => tracing::warn!(
@@ -277,10 +304,13 @@ pub async fn start(
     })
 }
 
-async fn release_leases(pool: &deadpool_postgres::Pool, relay_id: &str) -> Result<u64, DbError> {
+async fn release_leases(
+    pool: &deadpool_postgres::Pool,
+    pool_mode: PoolMode,
+    relay_id: &str,
+) -> Result<u64, DbError> {
     let client = pool.get().await.context("releasing leases")?;
-    client
-        .execute(sql::RELEASE_LEASES, &[&relay_id])
+    query::execute(&client, pool_mode, &sql::RELEASE_LEASES, &[&relay_id])
         .await
         .context("releasing leases")
 }

@@ -14,7 +14,8 @@ use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{DbContext, DbError, sql};
+use crate::config::PoolMode;
+use crate::db::{DbContext, DbError, query, sql};
 use crate::deliverer::webhook::SigningSecret;
 
 /// Reload period when no notification arrives (a lost NOTIFY, or a change made while the
@@ -71,14 +72,9 @@ impl SubscriptionCache {
     }
 
     /// Replaces the snapshot with what the table says now.
-    pub async fn reload(&self, pool: &Pool) -> Result<usize, DbError> {
+    pub async fn reload(&self, pool: &Pool, pool_mode: PoolMode) -> Result<usize, DbError> {
         let client = pool.get().await.context("loading subscriptions")?;
-        let statement = client
-            .prepare_cached(sql::LOAD_SUBSCRIPTIONS)
-            .await
-            .context("preparing subscription load")?;
-        let rows = client
-            .query(&statement, &[])
+        let rows = query::query(&client, pool_mode, &sql::LOAD_SUBSCRIPTIONS, &[])
             .await
             .context("loading subscriptions")?;
         let mut fresh = HashMap::with_capacity(rows.len());
@@ -142,12 +138,13 @@ impl SubscriptionCache {
     pub async fn keep_fresh(
         self,
         pool: Pool,
+        pool_mode: PoolMode,
         changed: Arc<Notify>,
         reloaded: Arc<Notify>,
         cancel: CancellationToken,
     ) {
         loop {
-            match self.reload(&pool).await {
+            match self.reload(&pool, pool_mode).await {
                 Ok(_) => reloaded.notify_one(),
                 Err(error) => tracing::warn!(
                     error = format!("{:#}", anyhow::Error::from(error)),

@@ -4,7 +4,9 @@
 //! A notification is only a hint. While this connection is down nothing is heard, so after
 //! every (re)connect it wakes everyone once to catch up, and the components keep polling.
 //! It never runs queries for anyone else: pooled connections may sit behind a transaction
-//! pooler, where LISTEN would not work.
+//! pooler, where LISTEN would not work. Behind one, this connection goes to
+//! `OUTBOX_LISTEN_DATABASE_URL` (PostgreSQL itself); with `OUTBOX_LISTEN=false` it is not
+//! opened at all and the relay polls.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,9 +1,12 @@
 //! Database access: the connection pool, embedded migrations, and the error type every
 //! component uses for database failures.
 //!
-//! All SQL the relay runs lives in [`sql`]; the wake-up connection lives in [`listen`].
+//! All SQL the relay runs lives in [`sql`] and reaches the server through [`query`], which
+//! knows whether pooled connections may hold prepared statements (see
+//! [`crate::config::PoolMode`]); the wake-up connection lives in [`listen`].
 
 pub mod listen;
+pub mod query;
 pub mod sql;
 
 use std::time::Duration;
@@ -77,6 +80,10 @@ pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, DbError> 
 /// A pool that never blocks forever: waiting for a connection, or for a new one to be
 /// made while the database is down, gives up after a few seconds so callers can report
 /// not-ready and retry with backoff.
+///
+/// Nothing here sets session state (no SET, no startup `options`), so the same pool works
+/// through a transaction-mode pooler; whether statements may be prepared is the caller's
+/// [`crate::config::PoolMode`], applied by [`query`].
 pub fn connect_pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
         parse_url(database_url)?,
@@ -99,6 +106,10 @@ pub fn connect_pool(database_url: &str, max_size: usize) -> Result<Pool, DbError
 
 /// Applies the embedded migrations. Idempotent, and safe when several relays start at
 /// once: they take turns under an advisory lock.
+///
+/// `database_url` must reach PostgreSQL directly (or through a session-mode pooler): the
+/// lock is session-scoped, and refinery prepares statements, neither of which survives a
+/// transaction-mode pooler.
 pub async fn migrate(database_url: &str) -> Result<refinery::Report, DbError> {
     let (mut client, connection) = parse_url(database_url)?
         .connect(NoTls)

@@ -1,8 +1,16 @@
-//! Every statement the relay runs on its hot path, as named constants, so performance work
-//! changes SQL here without touching logic. Callers prepare them once per connection
-//! (`prepare_cached`).
+//! Every statement the relay runs on its pooled connections, as named constants, so
+//! performance work changes SQL here without touching logic. Each carries its parameter
+//! types, and runs through [`super::query`]: prepared once per connection when connected
+//! directly, sent as one unnamed Parse/Bind/Execute behind a transaction pooler.
 //!
-//! Batches go in and out as arrays (`unnest`), so a batch costs one round trip.
+//! Batches go in and out as arrays (`unnest`), so a batch costs one round trip. Nothing here
+//! may leave session state behind (no session advisory locks, `SET` without `LOCAL`, LISTEN
+//! or temporary tables): behind PgBouncer in transaction mode the next statement may run on
+//! another server connection.
+
+use tokio_postgres::types::Type;
+
+use super::query::Query;
 
 /// Claims up to `$1` due events (highest priority first, then insert order), fans each out
 /// into one delivery per matching enabled subscription and marks it dispatched, in one
@@ -14,7 +22,8 @@
 /// subscriptions are left to [`DISPATCH_ORDERED`], which respects commit order.
 ///
 /// Returns (events dispatched, deliveries created).
-pub const DISPATCH_EVENTS: &str = "
+pub const DISPATCH_EVENTS: Query = Query {
+    sql: "
 WITH claimed AS (
     SELECT id FROM outbox.events
      WHERE dispatched_at IS NULL AND deliver_after <= now()
@@ -41,37 +50,57 @@ WITH claimed AS (
         ON CONFLICT (event_id, subscription_id) DO NOTHING
  RETURNING 1
 )
-SELECT (SELECT count(*) FROM marked) AS events, (SELECT count(*) FROM fanned_out) AS deliveries";
+SELECT (SELECT count(*) FROM marked) AS events, (SELECT count(*) FROM fanned_out) AS deliveries",
+    param_types: &[Type::INT8],
+};
 
 /// Leases due deliveries (see `outbox.claim_deliveries`) and returns them with the event
 /// fields the webhook body is built from. payload and metadata come as jsonb text so their
 /// bytes (and number precision) are exactly what PostgreSQL stored.
-pub const CLAIM_DELIVERIES: &str = "
+pub const CLAIM_DELIVERIES: Query = Query {
+    sql: "
 SELECT c.delivery_id, c.subscription_id, c.attempts, c.replay_id,
        e.event_id, e.event_type, e.tenant_id, e.source_service, e.created_at,
        e.payload::text, e.metadata::text, e.ordering_key, c.delivery_ordering_key
   FROM outbox.claim_deliveries($1::bigint[], $2::integer[], $3::integer, $4::text,
                                make_interval(secs => $5::float8)) c
-  JOIN outbox.events e ON e.id = c.event_row_id";
+  JOIN outbox.events e ON e.id = c.event_row_id",
+    param_types: &[
+        Type::INT8_ARRAY,
+        Type::INT4_ARRAY,
+        Type::INT4,
+        Type::TEXT,
+        Type::FLOAT8,
+    ],
+};
 
 /// Fans final events out to ordered subscriptions, in id order, and starts the next probe
 /// (see migrations/V5__ordered_subscriptions.sql for why commit order needs this). One relay
 /// at a time; the others get (0, 0, false). Returns (events passed, deliveries created,
 /// probe pending: call again soon).
-pub const DISPATCH_ORDERED: &str =
-    "SELECT events, deliveries, probe_pending FROM outbox.dispatch_ordered($1::integer)";
+pub const DISPATCH_ORDERED: Query = Query {
+    sql: "SELECT events, deliveries, probe_pending FROM outbox.dispatch_ordered($1::integer)",
+    param_types: &[Type::INT4],
+};
 
 /// Starts the next ordered-dispatch probe; must run in autocommit (its own transaction).
 /// Returns whether a probe is pending.
-pub const START_ORDERED_PROBE: &str = "SELECT outbox.start_ordered_probe()";
+pub const START_ORDERED_PROBE: Query = Query {
+    sql: "SELECT outbox.start_ordered_probe()",
+    param_types: &[],
+};
 
 /// Serialises key advancement with ordered fan-out, per subscription, for this transaction.
-pub const LOCK_ORDERED_SUBSCRIPTIONS: &str =
-    "SELECT outbox.lock_ordered_subscriptions($1::bigint[])";
+pub const LOCK_ORDERED_SUBSCRIPTIONS: Query = Query {
+    sql: "SELECT outbox.lock_ordered_subscriptions($1::bigint[])",
+    param_types: &[Type::INT8_ARRAY],
+};
 
 /// Unblocks the next delivery of each ordered key whose head this transaction finished.
-pub const ADVANCE_ORDERING_KEYS: &str =
-    "SELECT outbox.advance_ordering_keys($1::bigint[], $2::text[], $3::bigint[])";
+pub const ADVANCE_ORDERING_KEYS: Query = Query {
+    sql: "SELECT outbox.advance_ordering_keys($1::bigint[], $2::text[], $3::bigint[])",
+    param_types: &[Type::INT8_ARRAY, Type::TEXT_ARRAY, Type::INT8_ARRAY],
+};
 
 /// Writes a batch of results, guarded by the lease: a row only changes while it is still
 /// in flight under this relay (`$12`), so a result that arrives after the lease expired and
@@ -80,7 +109,8 @@ pub const ADVANCE_ORDERING_KEYS: &str =
 /// delivery row alone. Subscriptions that answered 410 are disabled in the same statement.
 ///
 /// Returns the ids actually updated, so metrics count only what was recorded.
-pub const COMPLETE_DELIVERIES: &str = "
+pub const COMPLETE_DELIVERIES: Query = Query {
+    sql: "
 WITH results AS (
     SELECT *
       FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::integer[], $5::text[],
@@ -112,18 +142,43 @@ WITH results AS (
       FROM unnest($10::bigint[], $11::text[]) AS g(subscription_id, reason)
      WHERE s.id = g.subscription_id AND s.enabled
 )
-SELECT id FROM updated";
+SELECT id FROM updated",
+    param_types: &[
+        Type::INT8_ARRAY,        // $1 delivery ids
+        Type::TEXT_ARRAY,        // $2 statuses
+        Type::TIMESTAMPTZ_ARRAY, // $3 next attempt at
+        Type::INT4_ARRAY,        // $4 status codes
+        Type::TEXT_ARRAY,        // $5 errors
+        Type::TEXT_ARRAY,        // $6 response bodies
+        Type::TIMESTAMPTZ_ARRAY, // $7 started at
+        Type::INT4_ARRAY,        // $8 durations (ms)
+        Type::BOOL_ARRAY,        // $9 failed
+        Type::INT8_ARRAY,        // $10 subscriptions to disable
+        Type::TEXT_ARRAY,        // $11 their reasons
+        Type::TEXT,              // $12 lease owner (this relay)
+    ],
+};
 
 /// Renews the leases this relay holds, so slow requests are never taken over by another relay.
-pub const HEARTBEAT_LEASES: &str = "
-UPDATE outbox.deliveries
+/// Rows locked right now are skipped, not waited for: the lock is this relay's completer
+/// finishing them (waiting deadlocked against its unordered batch update); if that write
+/// fails, the next heartbeat renews them.
+pub const HEARTBEAT_LEASES: Query = Query {
+    sql: "
+UPDATE outbox.deliveries d
    SET lease_expires_at = now() + make_interval(secs => $2::float8)
- WHERE status = 'in_flight' AND lease_owner = $1";
+  FROM (SELECT id FROM outbox.deliveries
+         WHERE status = 'in_flight' AND lease_owner = $1
+           FOR UPDATE SKIP LOCKED) held
+ WHERE d.id = held.id",
+    param_types: &[Type::TEXT, Type::FLOAT8],
+};
 
 /// Re-queues deliveries whose lease expired (their relay died or lost the database), due now.
 /// The interrupted attempt is not counted: its result was never recorded. Keyset-free on
 /// purpose: every row it touches leaves the in_flight index, so the next call sees new rows.
-pub const RECLAIM_EXPIRED_LEASES: &str = "
+pub const RECLAIM_EXPIRED_LEASES: Query = Query {
+    sql: "
 WITH expired AS (
     SELECT id FROM outbox.deliveries
      WHERE status = 'in_flight' AND lease_expires_at < now()
@@ -140,33 +195,42 @@ UPDATE outbox.deliveries d
        updated_at = now()
   FROM expired x
  WHERE d.id = x.id
-RETURNING d.id";
+RETURNING d.id",
+    param_types: &[Type::INT8],
+};
 
 /// On shutdown: hands back whatever this relay still holds, due now, so another relay takes
 /// it at once instead of waiting for the lease to expire.
-pub const RELEASE_LEASES: &str = "
+pub const RELEASE_LEASES: Query = Query {
+    sql: "
 UPDATE outbox.deliveries
    SET status = CASE WHEN attempts = 0 THEN 'pending' ELSE 'failing' END,
        next_attempt_at = now(),
        lease_owner = NULL,
        lease_expires_at = NULL,
        updated_at = now()
- WHERE status = 'in_flight' AND lease_owner = $1";
+ WHERE status = 'in_flight' AND lease_owner = $1",
+    param_types: &[Type::TEXT],
+};
 
 /// Every subscription, with intervals as seconds (tokio-postgres has no interval type). The
 /// last column is the previous secret while a rotation's overlap lasts, else NULL: expiry is
 /// decided here, by the database clock, so it takes effect at the next reload.
-pub const LOAD_SUBSCRIPTIONS: &str = "
+pub const LOAD_SUBSCRIPTIONS: Query = Query {
+    sql: "
 SELECT id, name, url, secret, enabled, extract(epoch FROM timeout)::float8,
        max_in_flight, rate_limit_per_second::float8, headers,
        ARRAY(SELECT extract(epoch FROM w)::float8 FROM unnest(retry_schedule) w),
        CASE WHEN previous_secret_expires_at > now() THEN previous_secret END
   FROM outbox.subscriptions
- ORDER BY id";
+ ORDER BY id",
+    param_types: &[],
+};
 
 /// Gauges, refreshed on a timer by this one query rather than per scrape. Each count walks a
 /// partial index (what is pending, in flight, or dead), never the delivered history.
-pub const BACKLOG_GAUGES: &str = "
+pub const BACKLOG_GAUGES: Query = Query {
+    sql: "
 SELECT s.name,
        (SELECT count(*) FROM outbox.deliveries d
          WHERE d.subscription_id = s.id AND d.status IN ('pending', 'failing'))
@@ -174,16 +238,75 @@ SELECT s.name,
          WHERE d.subscription_id = s.id AND d.status = 'in_flight') AS pending,
        (SELECT count(*) FROM outbox.deliveries d
          WHERE d.subscription_id = s.id AND d.status = 'dead') AS dead
-  FROM outbox.subscriptions s";
+  FROM outbox.subscriptions s",
+    param_types: &[],
+};
 
 /// Age in seconds of the oldest work not done: an undispatched due event, or an undelivered
 /// delivery (by the time it was fanned out).
-pub const OLDEST_PENDING_SECONDS: &str = "
+pub const OLDEST_PENDING_SECONDS: Query = Query {
+    sql: "
 SELECT coalesce(extract(epoch FROM now() - least(
            (SELECT min(created_at) FROM outbox.events
              WHERE dispatched_at IS NULL AND deliver_after <= now()),
            (SELECT min(created_at) FROM outbox.deliveries
-             WHERE status IN ('pending', 'failing', 'in_flight')))), 0)::float8";
+             WHERE status IN ('pending', 'failing', 'in_flight')))), 0)::float8",
+    param_types: &[],
+};
 
 /// Applied migration versions (for /readyz: the schema is current).
-pub const APPLIED_MIGRATIONS: &str = "SELECT max(version) FROM outbox.schema_history";
+pub const APPLIED_MIGRATIONS: Query = Query {
+    sql: "SELECT max(version) FROM outbox.schema_history",
+    param_types: &[],
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The highest `$n` in a statement's text.
+    fn highest_placeholder(sql: &str) -> usize {
+        let bytes = sql.as_bytes();
+        let mut highest = 0;
+        for (i, byte) in bytes.iter().enumerate() {
+            if *byte == b'$' {
+                let digits: String = sql[i + 1..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                if let Ok(n) = digits.parse::<usize>() {
+                    highest = highest.max(n);
+                }
+            }
+        }
+        highest
+    }
+
+    /// The pooler path pairs values with these declarations one by one: a missing type
+    /// would send a short Parse, an extra one a parameter the SQL never uses.
+    #[test]
+    fn every_statement_declares_one_type_per_placeholder() {
+        for (name, query) in [
+            ("DISPATCH_EVENTS", &DISPATCH_EVENTS),
+            ("CLAIM_DELIVERIES", &CLAIM_DELIVERIES),
+            ("DISPATCH_ORDERED", &DISPATCH_ORDERED),
+            ("START_ORDERED_PROBE", &START_ORDERED_PROBE),
+            ("LOCK_ORDERED_SUBSCRIPTIONS", &LOCK_ORDERED_SUBSCRIPTIONS),
+            ("ADVANCE_ORDERING_KEYS", &ADVANCE_ORDERING_KEYS),
+            ("COMPLETE_DELIVERIES", &COMPLETE_DELIVERIES),
+            ("HEARTBEAT_LEASES", &HEARTBEAT_LEASES),
+            ("RECLAIM_EXPIRED_LEASES", &RECLAIM_EXPIRED_LEASES),
+            ("RELEASE_LEASES", &RELEASE_LEASES),
+            ("LOAD_SUBSCRIPTIONS", &LOAD_SUBSCRIPTIONS),
+            ("BACKLOG_GAUGES", &BACKLOG_GAUGES),
+            ("OLDEST_PENDING_SECONDS", &OLDEST_PENDING_SECONDS),
+            ("APPLIED_MIGRATIONS", &APPLIED_MIGRATIONS),
+        ] {
+            assert_eq!(
+                query.param_types.len(),
+                highest_placeholder(query.sql),
+                "{name}"
+            );
+        }
+    }
+}

@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::completer::Completion;
-use crate::db::{DbContext, DbError, sql};
+use crate::config::PoolMode;
+use crate::db::{DbContext, DbError, query, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::subscriptions::{Subscription, SubscriptionCache, SubscriptionId};
@@ -46,6 +47,8 @@ pub struct ClaimedDelivery {
 
 pub struct Deliverer {
     pub pool: Pool,
+    /// Whether pooled connections may hold prepared statements.
+    pub pool_mode: PoolMode,
     pub subscriptions: SubscriptionCache,
     pub client: WebhookClient,
     pub metrics: Metrics,
@@ -70,6 +73,7 @@ impl Deliverer {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: Pool,
+        pool_mode: PoolMode,
         subscriptions: SubscriptionCache,
         client: WebhookClient,
         metrics: Metrics,
@@ -83,6 +87,7 @@ impl Deliverer {
     ) -> Deliverer {
         Deliverer {
             pool,
+            pool_mode,
             subscriptions,
             client,
             metrics,
@@ -200,24 +205,21 @@ impl Deliverer {
         total: usize,
     ) -> Result<Vec<ClaimedDelivery>, DbError> {
         let client = self.pool.get().await.context("claiming deliveries")?;
-        let statement = client
-            .prepare_cached(sql::CLAIM_DELIVERIES)
-            .await
-            .context("preparing delivery claim")?;
         let total = i32::try_from(total).unwrap_or(i32::MAX);
-        let rows = client
-            .query(
-                &statement,
-                &[
-                    &ids,
-                    &wanted,
-                    &total,
-                    &&*self.relay_id,
-                    &self.lease_duration.as_secs_f64(),
-                ],
-            )
-            .await
-            .context("claiming deliveries")?;
+        let rows = query::query(
+            &client,
+            self.pool_mode,
+            &sql::CLAIM_DELIVERIES,
+            &[
+                &ids,
+                &wanted,
+                &total,
+                &&*self.relay_id,
+                &self.lease_duration.as_secs_f64(),
+            ],
+        )
+        .await
+        .context("claiming deliveries")?;
         Ok(rows
             .into_iter()
             .map(|row| ClaimedDelivery {

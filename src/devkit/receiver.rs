@@ -3,6 +3,8 @@
 //! It records every request (method, path, headers, body bytes, arrival time), verifies the
 //! signature when it knows the secret, and answers from a per-path script: a queue of replies
 //! (status, delay, `Retry-After`, redirect, oversized or garbage bodies, hang), then a default.
+//! A path can also fail a seeded, pseudo-random share of its requests (see
+//! [`Receiver::fail_at_random`]), for fault tests that must be reproducible.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -47,6 +49,9 @@ pub struct Received {
     pub at: Instant,
     /// Some(result) when the receiver knew the secret for this path.
     pub signature_valid: Option<bool>,
+    /// The status the receiver answered (after any scripted delay); `None` for
+    /// [`Reply::Hang`]. A delayed answer may still reach the client too late (its timeout).
+    pub status: Option<u16>,
 }
 
 impl Received {
@@ -57,6 +62,11 @@ impl Received {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
     }
+
+    /// Whether the receiver answered 2xx.
+    pub fn succeeded(&self) -> bool {
+        self.status.is_some_and(|code| (200..300).contains(&code))
+    }
 }
 
 struct Rule {
@@ -66,10 +76,57 @@ struct Rule {
     uses_left: usize,
 }
 
+/// A seeded share of a path's requests answered with `reply` (see [`Receiver::fail_at_random`]).
+struct RandomFailures {
+    seed: u64,
+    per_mille: u16,
+    reply: Reply,
+    /// How many requests with each content key arrived so far (the attempt number).
+    seen: HashMap<u64, u64>,
+}
+
+impl RandomFailures {
+    /// Deterministic in (seed, content, how many times that content arrived before), so a
+    /// run's failure pattern does not depend on the order in which requests happen to arrive.
+    fn decide(&mut self, body: &[u8]) -> Option<Reply> {
+        let content = content_key(body);
+        let attempt = self.seen.entry(content).or_default();
+        let draw = splitmix64(self.seed ^ splitmix64(content ^ splitmix64(*attempt))) % 1000;
+        *attempt += 1;
+        (draw < u64::from(self.per_mille)).then(|| self.reply.clone())
+    }
+}
+
+/// What identifies "the same request" across attempts and runs: a webhook body's `data`
+/// (the event payload: test-controlled, unlike the event id and timestamps), else the body.
+fn content_key(body: &[u8]) -> u64 {
+    let data = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|value| value.get("data").map(ToString::to_string));
+    fnv1a(data.as_ref().map_or(body, |data| data.as_bytes()))
+}
+
+/// FNV-1a: a stable hash (std's `DefaultHasher` may change between Rust releases).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// SplitMix64's finaliser: spreads every input bit over the output.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 #[derive(Default)]
 struct Script {
     /// Checked before the queue; the first matching rule with uses left answers.
     rules: Vec<Rule>,
+    /// Checked after the rules, before the queue.
+    random_failures: HashMap<String, RandomFailures>,
     queued: HashMap<String, VecDeque<Reply>>,
     defaults: HashMap<String, Reply>,
     secrets: HashMap<String, SigningSecret>,
@@ -127,6 +184,22 @@ impl Receiver {
             reply,
             uses_left: times,
         });
+    }
+
+    /// Answer a pseudo-random share of the requests to `path` (`per_mille` out of 1000) with
+    /// `reply`, after the body rules and before the queue. Seeded and keyed by the request's
+    /// content and attempt number (see `RandomFailures::decide`), so a given seed fails the
+    /// same attempts of the same payloads on every run, whatever order they arrive in.
+    pub fn fail_at_random(&self, path: &str, seed: u64, per_mille: u16, reply: Reply) {
+        self.script().random_failures.insert(
+            path.to_string(),
+            RandomFailures {
+                seed,
+                per_mille: per_mille.min(1000),
+                reply,
+                seen: HashMap::new(),
+            },
+        );
     }
 
     pub fn clear_rules(&self) {
@@ -233,6 +306,12 @@ async fn handle(
                 rule.reply.clone()
             });
         let reply = ruled
+            .or_else(|| {
+                script
+                    .random_failures
+                    .get_mut(&path)
+                    .and_then(|random| random.decide(&body))
+            })
             .or_else(|| script.queued.get_mut(&path).and_then(VecDeque::pop_front))
             .or_else(|| script.defaults.get(&path).cloned())
             .unwrap_or(Reply::Status(200));
@@ -267,9 +346,25 @@ async fn handle(
             body,
             at: Instant::now(),
             signature_valid,
+            status: reply.status(),
         });
     shared.arrived.notify_waiters();
     respond(reply).await
+}
+
+impl Reply {
+    /// The status this reply answers with; `None` when it never answers.
+    fn status(&self) -> Option<u16> {
+        match self {
+            Reply::Status(code)
+            | Reply::RetryAfter(code, _)
+            | Reply::Delay(_, code)
+            | Reply::LargeBody(code, _) => Some(*code),
+            Reply::Redirect(_) => Some(302),
+            Reply::Garbage => Some(200),
+            Reply::Hang => None,
+        }
+    }
 }
 
 async fn respond(reply: Reply) -> Response {
@@ -299,5 +394,42 @@ async fn respond(reply: Reply) -> Response {
             Body::from(vec![0xff, 0xfe, 0x00, 0x9c, b'{']),
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (payload seq, attempt) → failed, for the given arrival order of (seq, event id).
+    fn pattern(seed: u64, arrivals: &[(u32, &str)]) -> HashMap<(u32, u32), bool> {
+        let mut random = RandomFailures {
+            seed,
+            per_mille: 200,
+            reply: Reply::Status(503),
+            seen: HashMap::new(),
+        };
+        let mut attempts: HashMap<u32, u32> = HashMap::new();
+        let mut failed = HashMap::new();
+        for (seq, id) in arrivals {
+            let body = format!(r#"{{"event_id": "{id}", "data": {{"seq": {seq}}}}}"#);
+            let attempt = attempts.entry(*seq).or_default();
+            failed.insert((*seq, *attempt), random.decide(body.as_bytes()).is_some());
+            *attempt += 1;
+        }
+        failed
+    }
+
+    #[test]
+    fn random_failures_depend_on_seed_payload_and_attempt_not_on_arrival_order() {
+        let forward: Vec<(u32, &str)> = (0..500).flat_map(|n| [(n, "a"), (n, "a")]).collect();
+        // Other event ids (as on another run), reversed arrival order.
+        let backward: Vec<(u32, &str)> =
+            (0..500).rev().flat_map(|n| [(n, "b"), (n, "c")]).collect();
+        let first = pattern(7, &forward);
+        assert_eq!(first, pattern(7, &backward));
+        let failed = first.values().filter(|f| **f).count();
+        assert!((120..=280).contains(&failed), "{failed} of 1000 failed");
+        assert_ne!(first, pattern(8, &forward), "another seed, another pattern");
     }
 }

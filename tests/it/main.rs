@@ -4,12 +4,15 @@
 mod harness;
 mod harness_selftest;
 
+mod admin_api;
 mod cli_commands;
+mod compat_api;
 mod constraints;
 mod delivery;
 mod failures;
 mod health_and_metrics;
 mod operator_sql;
 mod ordered;
+mod pgbouncer;
 mod resilience;
 mod routing;

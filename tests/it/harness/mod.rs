@@ -1,2 +1,3 @@
 pub mod db;
+pub mod pgbouncer;
 pub mod relay;

@@ -1,0 +1,390 @@
+//! The admin HTTP API (`/admin/v1/…`) and the compatibility endpoints of the previous
+//! in-house event bus, served on the relay's HTTP listener next to `/metrics`.
+//!
+//! Both exist only when `OUTBOX_ADMIN_TOKEN` is set: without it [`router`] is never mounted
+//! and every path here answers 404, so an operator cannot expose them by accident. Every
+//! route except the OpenAPI document requires `Authorization: Bearer <token>`, compared in
+//! constant time.
+//!
+//! Handlers are thin: they parse and check the request, then call [`crate::admin`], which
+//! the CLI uses too, so the two cannot drift. Errors have one JSON shape
+//! (`{"error": {"code", "message", "field"}}`, see [`ApiError`]). This module never holds a
+//! database connection across anything but its own queries.
+
+pub mod admin;
+pub mod compat;
+pub mod openapi;
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use crate::admin::AdminError;
+use crate::db::DbError;
+
+/// The admin token, kept only as its SHA-256 digest. Comparing digests of equal length in
+/// constant time reveals neither the token's bytes nor its length through timing.
+#[derive(Clone)]
+pub struct AdminToken {
+    digest: Arc<[u8]>,
+}
+
+impl AdminToken {
+    /// `None` for an empty or blank token: `Authorization: Bearer ` must never open the API.
+    pub fn new(token: &str) -> Option<AdminToken> {
+        if token.trim().is_empty() {
+            return None;
+        }
+        Some(AdminToken {
+            digest: Arc::from(Sha256::digest(token.as_bytes()).as_slice()),
+        })
+    }
+
+    pub fn matches(&self, presented: &str) -> bool {
+        let presented = Sha256::digest(presented.as_bytes());
+        bool::from(presented.as_slice().ct_eq(&self.digest))
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+/// What the handlers share: the relay's pool (API requests take connections from it like
+/// any other component, so they are bounded by `OUTBOX_DB_POOL_SIZE`) and the token.
+#[derive(Clone)]
+pub struct ApiState {
+    pub pool: Pool,
+    pub token: AdminToken,
+}
+
+impl ApiState {
+    /// A pooled connection; none within the pool's wait timeout is a 503.
+    async fn client(&self) -> Result<deadpool_postgres::Object, ApiError> {
+        self.pool.get().await.map_err(|source| {
+            ApiError::from(AdminError::Db(DbError::Pool {
+                context: "serving an API request",
+                source,
+            }))
+        })
+    }
+}
+
+/// The admin API and the compatibility endpoints, to merge into the HTTP listener's router.
+pub fn router(state: ApiState) -> Router {
+    let guarded = Router::new()
+        .nest("/admin/v1", admin::routes())
+        .merge(compat::routes())
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        // The document describes the API and holds nothing secret, so tools can fetch it
+        // without the token; it is still only served when the API is on.
+        .route(
+            "/admin/v1/openapi.json",
+            axum::routing::get(openapi::document),
+        )
+        .merge(guarded)
+        .with_state(state)
+}
+
+/// Refuses requests without the right bearer token (401 with `WWW-Authenticate: Bearer`).
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            let (scheme, token) = value.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    match presented {
+        Some(token) if state.token.matches(token) => next.run(request).await,
+        Some(_) => unauthorized(
+            "the bearer token is not valid; use the value of OUTBOX_ADMIN_TOKEN",
+            r#"Bearer realm="outbox-relay", error="invalid_token""#,
+        ),
+        None => unauthorized(
+            "missing bearer token; send Authorization: Bearer <OUTBOX_ADMIN_TOKEN>",
+            r#"Bearer realm="outbox-relay""#,
+        ),
+    }
+}
+
+fn unauthorized(message: &str, challenge: &'static str) -> Response {
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    response
+}
+
+/// Every error of the API, as `{"error": {"code": "...", "message": "...", "field": "..."}}`
+/// (`field` only when one input is to blame). `code` is stable; `message` is for people.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// 400 `invalid_input` naming the field.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError {
+            field: Some(field.into()),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", message)
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// Renames the field an [`AdminError`] named to the name this endpoint's callers use.
+    pub fn rename_field(mut self, rename: impl Fn(&str) -> Option<&'static str>) -> ApiError {
+        if let Some(renamed) = self.field.as_deref().and_then(&rename) {
+            self.field = Some(renamed.to_owned());
+        }
+        self
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(error: AdminError) -> ApiError {
+        match &error {
+            AdminError::NotFound { .. } => ApiError::not_found(error.to_string()),
+            AdminError::Duplicate { .. } => ApiError {
+                field: Some("name".to_owned()),
+                ..ApiError::new(StatusCode::CONFLICT, "duplicate", error.to_string())
+            },
+            AdminError::Invalid { field, .. } => ApiError::invalid(*field, error.to_string()),
+            AdminError::SchemaOutdated { .. } => {
+                tracing::error!(error = %error, "admin API request failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "schema_outdated",
+                    error.to_string(),
+                )
+            }
+            AdminError::Db(db) => {
+                // Logged here, where it is handled, with its chain; the client gets no
+                // internals, only what to do.
+                tracing::error!(error = %error_chain(&error), "admin API request failed");
+                match db {
+                    DbError::Pool { .. } => ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "no database connection available; retry shortly",
+                    ),
+                    _ => ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "the database query failed; the relay's log has the cause",
+                    ),
+                }
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = serde_json::json!({ "code": self.code, "message": self.message });
+        if let Some(field) = self.field {
+            error["field"] = serde_json::Value::String(field);
+        }
+        (
+            self.status,
+            axum::Json(serde_json::json!({ "error": error })),
+        )
+            .into_response()
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A JSON body whose parse errors are 400s in the API's shape, naming the field. An empty
+/// body reads as `{}`, so endpoints whose fields are all optional accept no body at all.
+/// The content type is not checked: the previous event bus's clients do not all send it.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| ApiError::invalid("body", rejection.body_text()))?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+        serde_path_to_error::deserialize(&mut deserializer)
+            .map(ApiJson)
+            .map_err(|error| {
+                let (field, message) = field_of(&error.path().to_string(), error.inner());
+                ApiError::invalid(field.unwrap_or_else(|| "body".to_owned()), message)
+            })
+    }
+}
+
+/// Query parameters whose parse errors are 400s naming the parameter.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or("");
+        let deserializer =
+            serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(deserializer)
+            .map(ApiQuery)
+            .map_err(|error| {
+                let (field, message) = field_of(&error.path().to_string(), error.inner());
+                ApiError::invalid(field.unwrap_or_else(|| "query".to_owned()), message)
+            })
+    }
+}
+
+/// The field a deserialisation error is about: the path where it happened, or for
+/// "missing field `x`" / "unknown field `x`" (reported at the parent) the field named.
+fn field_of(path: &str, error: &dyn fmt::Display) -> (Option<String>, String) {
+    let message = error.to_string();
+    let named = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|prefix| {
+            let rest = message.split_once(prefix)?.1;
+            Some(rest.split_once('`')?.0.to_owned())
+        });
+    // serde_path_to_error reports an unknown field at itself, a missing one at its parent.
+    let field = match (path, named) {
+        (".", named) => named,
+        (path, Some(named)) if path != named && !path.ends_with(&format!(".{named}")) => {
+            Some(format!("{path}.{named}"))
+        }
+        (path, _) => Some(path.to_owned()),
+    };
+    (field, message)
+}
+
+/// For `#[serde(deserialize_with)]` on settings a client may clear: absent = `None` (leave
+/// alone), `null` = `Some(None)` (clear), a value = `Some(Some(v))`. Use with
+/// `#[serde(default)]`.
+pub fn double_option<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(deserializer).map(Some)
+}
+
+pub fn parse_uuid(field: &str, raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw.trim()).map_err(|error| {
+        ApiError::invalid(
+            field,
+            format!("{raw:?} is not a UUID ({error}); give one like 0b6f8a3e-9c1d-4e2f-8a7b-1c2d3e4f5a6b"),
+        )
+    })
+}
+
+pub fn parse_time(field: &str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(raw.trim())
+        .map(|time| time.with_timezone(&Utc))
+        .map_err(|error| {
+            ApiError::invalid(
+                field,
+                format!(
+                    "{raw:?} is not an RFC 3339 time ({error}); give one like 2024-05-01T12:00:00Z"
+                ),
+            )
+        })
+}
+
+/// Cursors are the decimal `id` of the last row of the previous page; any other text is
+/// refused rather than read as "from the start".
+pub fn parse_cursor(raw: &str) -> Result<i64, ApiError> {
+    raw.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "cursor",
+                format!("{raw:?} is not a cursor; pass the next_cursor of the previous page"),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_themselves() {
+        let token = AdminToken::new("s3cret-token").expect("non-empty token");
+        assert!(token.matches("s3cret-token"));
+        assert!(!token.matches("s3cret-toke"));
+        assert!(!token.matches("s3cret-token "));
+        assert!(!token.matches(""));
+        assert!(AdminToken::new("  ").is_none());
+        assert!(!format!("{token:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        let missing = serde_json::from_str::<serde_json::Value>("{}").map(drop);
+        assert!(missing.is_ok());
+        assert_eq!(
+            field_of(".", &"missing field `url` at line 1 column 2").0,
+            Some("url".to_owned())
+        );
+        assert_eq!(
+            field_of("limit", &"invalid digit found in string").0,
+            Some("limit".to_owned())
+        );
+        assert_eq!(field_of(".", &"expected value").0, None);
+        assert_eq!(
+            field_of("colour", &"unknown field `colour`, expected one of `a`").0,
+            Some("colour".to_owned())
+        );
+    }
+}
