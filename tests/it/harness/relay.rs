@@ -139,19 +139,54 @@ pub async fn wait_for_statuses(db: &TestDb, status: &str, count_wanted: i64) {
 /// The real binary, for crash and signal tests.
 pub struct RelayProcess {
     pub child: tokio::process::Child,
+    /// The `--relay-id` it runs with: its `lease_owner` in outbox.deliveries.
+    #[allow(dead_code, reason = "read by tests/fault, which shares this harness")]
+    pub relay_id: String,
 }
 
-impl RelayProcess {
-    pub fn spawn(db: &TestDb, relay_id: &str, extra_args: &[&str]) -> RelayProcess {
+/// Flags every [`RelayProcess`] gets unless the builder overrides them: short intervals so
+/// crashes show up within seconds, loopback targets allowed, an ephemeral HTTP port.
+const PROCESS_DEFAULT_FLAGS: [(&str, &str); 5] = [
+    ("--http-addr", "127.0.0.1:0"),
+    ("--allow-private-targets", "127.0.0.0/8"),
+    ("--poll-interval", "200ms"),
+    ("--lease-duration", "2s"),
+    ("--heartbeat-interval", "500ms"),
+];
+
+/// Builds the command line of a [`RelayProcess`]: the defaults above, any of which
+/// [`flag`](Self::flag) replaces (clap refuses a flag given twice), then extra arguments.
+pub struct RelayProcessBuilder {
+    relay_id: String,
+    flags: Vec<(String, String)>,
+    extra_args: Vec<String>,
+}
+
+impl RelayProcessBuilder {
+    /// Sets a flag of `outbox-relay run`, replacing its default if it has one, e.g.
+    /// `.flag("--max-concurrency", "16")`.
+    #[allow(dead_code, reason = "used by tests/fault, which shares this harness")]
+    pub fn flag(mut self, name: &str, value: &str) -> Self {
+        match self.flags.iter_mut().find(|(flag, _)| flag == name) {
+            Some((_, old)) => *old = value.to_string(),
+            None => self.flags.push((name.to_string(), value.to_string())),
+        }
+        self
+    }
+
+    /// Arguments appended as given, after the flags.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra_args
+            .extend(args.iter().map(|arg| arg.to_string()));
+        self
+    }
+
+    pub fn spawn(self, db: &TestDb) -> RelayProcess {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
             .arg("run")
-            .args(["--http-addr", "127.0.0.1:0"])
-            .args(["--allow-private-targets", "127.0.0.0/8"])
-            .args(["--poll-interval", "200ms"])
-            .args(["--lease-duration", "2s"])
-            .args(["--heartbeat-interval", "500ms"])
-            .args(["--relay-id", relay_id])
-            .args(extra_args)
+            .args(self.flags.iter().flat_map(|(flag, value)| [flag, value]))
+            .args(["--relay-id", &self.relay_id])
+            .args(&self.extra_args)
             .env("DATABASE_URL", &db.url)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -160,7 +195,27 @@ impl RelayProcess {
             .kill_on_drop(true)
             .spawn()
             .expect("start outbox-relay binary");
-        RelayProcess { child }
+        RelayProcess {
+            child,
+            relay_id: self.relay_id,
+        }
+    }
+}
+
+impl RelayProcess {
+    pub fn spawn(db: &TestDb, relay_id: &str, extra_args: &[&str]) -> RelayProcess {
+        Self::builder(relay_id).args(extra_args).spawn(db)
+    }
+
+    pub fn builder(relay_id: &str) -> RelayProcessBuilder {
+        RelayProcessBuilder {
+            relay_id: relay_id.to_string(),
+            flags: PROCESS_DEFAULT_FLAGS
+                .iter()
+                .map(|(flag, value)| (flag.to_string(), value.to_string()))
+                .collect(),
+            extra_args: Vec::new(),
+        }
     }
 
     pub async fn kill_9(&mut self) {
