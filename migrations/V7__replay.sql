@@ -18,6 +18,38 @@
 -- So: call them in their own short transaction (psql autocommit does that), and split very
 -- large replays into several calls (e.g. by created_after / created_before windows).
 
+-- The checks replay and backfill share, with the caller's name in each message.
+CREATE FUNCTION outbox.check_replay_criteria(
+    caller          text,
+    event_type      text,
+    created_after   timestamptz,
+    created_before  timestamptz,
+    max_events      integer,
+    max_events_hint text
+) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, outbox, pg_temp
+    AS $$
+    BEGIN
+        IF max_events IS NULL OR max_events < 1 THEN
+            RAISE EXCEPTION '%: max_events must be at least 1 (got %)', caller, coalesce(max_events::text, 'NULL')
+                USING ERRCODE = 'invalid_parameter_value', HINT = max_events_hint;
+        END IF;
+        IF event_type IS NOT NULL AND NOT outbox.are_valid_event_type_patterns(ARRAY[event_type]) THEN
+            RAISE EXCEPTION '%: event_type % is neither an event type nor a glob', caller, quote_literal(event_type)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Use an exact type such as lead.created or a glob with * such as lead.*';
+        END IF;
+        IF created_after IS NOT NULL AND created_before IS NOT NULL AND created_after >= created_before THEN
+            RAISE EXCEPTION '%: created_after (%) must be earlier than created_before (%)',
+                            caller, created_after, created_before
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'The window is created_after <= events.created_at < created_before.';
+        END IF;
+    END
+    $$;
+REVOKE ALL ON FUNCTION outbox.check_replay_criteria(text, text, timestamptz, timestamptz, integer, text) FROM PUBLIC;
+
 CREATE FUNCTION outbox.replay(
     status         text[] DEFAULT '{dead}',
     subscription   text DEFAULT NULL,
@@ -64,23 +96,9 @@ CREATE FUNCTION outbox.replay(
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'Wait for the attempt to finish (or its lease to expire), then replay the failing, dead or delivered ones.';
         END IF;
-        IF replay.max_events IS NULL OR replay.max_events < 1 THEN
-            RAISE EXCEPTION 'outbox.replay: max_events must be at least 1 (got %)', coalesce(replay.max_events::text, 'NULL')
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'It bounds how many deliveries one call re-queues; use dry_run => true to count first.';
-        END IF;
-        IF replay.event_type IS NOT NULL AND NOT outbox.are_valid_event_type_patterns(ARRAY[replay.event_type]) THEN
-            RAISE EXCEPTION 'outbox.replay: event_type % is neither an event type nor a glob', quote_literal(replay.event_type)
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'Use an exact type such as lead.created or a glob with * such as lead.*';
-        END IF;
-        IF replay.created_after IS NOT NULL AND replay.created_before IS NOT NULL
-           AND replay.created_after >= replay.created_before THEN
-            RAISE EXCEPTION 'outbox.replay: created_after (%) must be earlier than created_before (%)',
-                            replay.created_after, replay.created_before
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'The window is created_after <= events.created_at < created_before.';
-        END IF;
+        PERFORM outbox.check_replay_criteria('outbox.replay', replay.event_type, replay.created_after,
+            replay.created_before, replay.max_events,
+            'It bounds how many deliveries one call re-queues; use dry_run => true to count first.');
         IF replay.subscription IS NOT NULL THEN
             SELECT s.id, s.enabled INTO sub_id, sub_on FROM outbox.subscriptions s WHERE s.name = replay.subscription;
             IF NOT FOUND THEN
@@ -252,22 +270,8 @@ CREATE FUNCTION outbox.backfill(
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'Use created_after => ''-infinity'' for all history.';
         END IF;
-        IF backfill.created_after >= backfill.created_before THEN
-            RAISE EXCEPTION 'outbox.backfill: created_after (%) must be earlier than created_before (%)',
-                            backfill.created_after, backfill.created_before
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'The window is created_after <= events.created_at < created_before.';
-        END IF;
-        IF backfill.max_events IS NULL OR backfill.max_events < 1 THEN
-            RAISE EXCEPTION 'outbox.backfill: max_events must be at least 1 (got %)', coalesce(backfill.max_events::text, 'NULL')
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'It bounds how many deliveries one call creates.';
-        END IF;
-        IF backfill.event_type IS NOT NULL AND NOT outbox.are_valid_event_type_patterns(ARRAY[backfill.event_type]) THEN
-            RAISE EXCEPTION 'outbox.backfill: event_type % is neither an event type nor a glob', quote_literal(backfill.event_type)
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'Use an exact type such as lead.created or a glob with * such as lead.*';
-        END IF;
+        PERFORM outbox.check_replay_criteria('outbox.backfill', backfill.event_type, backfill.created_after,
+            backfill.created_before, backfill.max_events, 'It bounds how many deliveries one call creates.');
 
         INSERT INTO outbox.replays (requested_by, reason, criteria, matched, dry_run)
         VALUES (coalesce(backfill.requested_by, session_user), backfill.reason,
