@@ -150,10 +150,14 @@ impl Dispatcher {
             }
             let reason = tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = wake.notified() => "notify",
-                _ = tokio::time::sleep(wait) => "poll",
+                _ = wake.notified() => Some("notify"),
+                // A short ordered-probe follow-up is not a wake-up from idle: counting it as
+                // a poll would hide how often the fallback poll really finds work.
+                _ = tokio::time::sleep(wait) => (wait == poll_interval).then_some("poll"),
             };
-            self.metrics.wakeups.with_label_values(&[reason]).inc();
+            if let Some(reason) = reason {
+                self.metrics.wakeups.with_label_values(&[reason]).inc();
+            }
         }
     }
 }
