@@ -73,6 +73,12 @@ pub struct RelayConfig {
     #[arg(long, env = "OUTBOX_RELAY_ID")]
     pub relay_id: Option<String>,
 
+    /// Delete finished events older than this (with their deliveries and attempts), e.g.
+    /// `30d`. Finished: dispatched and no delivery pending, in flight or failing; dead ones
+    /// count as finished. Unset (the default): keep everything.
+    #[arg(long, env = "OUTBOX_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+
     /// Bearer token for the admin API (`/admin/v1/…`) and the event-bus compatibility
     /// endpoints. Unset: those endpoints are off (404).
     #[arg(long, env = "OUTBOX_ADMIN_TOKEN", hide_env_values = true)]
@@ -106,6 +112,9 @@ pub enum PoolMode {
     /// Through a transaction-mode pooler such as PgBouncer.
     TransactionPooler,
 }
+
+/// Shortest `OUTBOX_RETENTION` accepted.
+pub const MIN_RETENTION: Duration = Duration::from_secs(3600);
 
 /// Parsed `OUTBOX_ALLOW_PRIVATE_TARGETS`. A newtype so clap treats the list as one value.
 #[derive(Clone, Debug, Default)]
@@ -160,6 +169,15 @@ impl RelayConfig {
                     .into(),
             ));
         }
+        if let Some(retention) = self.retention
+            && retention < MIN_RETENTION
+        {
+            return Err(ConfigError(format!(
+                "OUTBOX_RETENTION {} is below the minimum of 1h: events must outlive the time \
+                 an operator needs to look at them; unset it to keep everything",
+                humantime::format_duration(retention)
+            )));
+        }
         // The admin API's statements are still prepared by name, which a transaction-mode
         // pooler may route to another server connection: refuse rather than fail per request.
         if self.db_pool_mode == PoolMode::TransactionPooler && self.admin_token.is_some() {
@@ -198,6 +216,7 @@ impl RelayConfig {
             shutdown_grace: Duration::from_secs(5),
             db_pool_size: 6,
             relay_id: None,
+            retention: None,
             admin_token: None,
             db_pool_mode: PoolMode::Direct,
             listen_database_url: None,

@@ -21,6 +21,12 @@ use crate::metrics::Metrics;
 
 /// Expired leases re-queued per statement; the loop repeats while batches come back full.
 const RECLAIM_BATCH: i64 = 1000;
+/// Events deleted per retention statement: small enough that one batch never holds up the
+/// heartbeat it shares a loop with.
+const PURGE_BATCH: i64 = 1000;
+/// Retention runs this often, and again after [`PURGE_BATCH_PAUSE`] while batches come back full.
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+const PURGE_BATCH_PAUSE: Duration = Duration::from_millis(200);
 /// Gauges are refreshed this often (one query), not per scrape.
 pub const GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -80,6 +86,24 @@ impl Maintenance {
         Ok(total)
     }
 
+    /// Deletes one batch of finished events older than `retention`. Returns how many.
+    pub async fn purge_expired(&self, retention: Duration) -> Result<u64, DbError> {
+        let client = self.pool.get().await.context("purging expired events")?;
+        let purged = query::execute(
+            &client,
+            self.pool_mode,
+            &sql::PURGE_EXPIRED_EVENTS,
+            &[&retention.as_secs_f64(), &PURGE_BATCH],
+        )
+        .await
+        .context("purging expired events")?;
+        self.metrics.events_purged.inc_by(purged);
+        if purged > 0 {
+            tracing::info!(purged, "deleted finished events past retention");
+        }
+        Ok(purged)
+    }
+
     /// Readiness requires the schema to be at least what this binary embeds: an older one
     /// lacks columns or functions the relay's statements use.
     pub async fn check_schema(&self) -> Result<bool, DbError> {
@@ -136,7 +160,13 @@ impl Maintenance {
         Ok(())
     }
 
-    pub async fn run(self, heartbeat_interval: Duration, cancel: CancellationToken) {
+    pub async fn run(
+        self,
+        heartbeat_interval: Duration,
+        retention: Option<Duration>,
+        cancel: CancellationToken,
+    ) {
+        let mut next_purge = tokio::time::Instant::now();
         let mut heartbeat = tokio::time::interval(heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauges = tokio::time::interval(GAUGE_REFRESH_INTERVAL);
@@ -160,6 +190,19 @@ impl Maintenance {
                         self.metrics.db_errors.with_label_values(&["maintenance"]).inc();
                         tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "refreshing gauges failed");
                     }
+                }
+                // One batch per turn, so a large first purge never delays a heartbeat.
+                _ = tokio::time::sleep_until(next_purge), if retention.is_some() => {
+                    let retention = retention.unwrap_or(Duration::MAX);
+                    next_purge = tokio::time::Instant::now() + match self.purge_expired(retention).await {
+                        Ok(purged) if purged >= PURGE_BATCH as u64 => PURGE_BATCH_PAUSE,
+                        Ok(_) => PURGE_INTERVAL,
+                        Err(error) => {
+                            self.metrics.db_errors.with_label_values(&["maintenance"]).inc();
+                            tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "retention purge failed");
+                            PURGE_INTERVAL
+                        }
+                    };
                 }
             }
         }

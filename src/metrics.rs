@@ -36,6 +36,7 @@ pub struct Metrics {
     pub oldest_pending_seconds: IntGauge,
     pub wakeups: IntCounterVec,
     pub leases_reclaimed: IntCounter,
+    pub events_purged: IntCounter,
     pub db_errors: IntCounterVec,
 }
 
@@ -113,6 +114,10 @@ impl Metrics {
             "outbox_leases_reclaimed_total",
             "In-flight deliveries whose lease expired (their relay stopped) and were re-queued.",
         )?;
+        let events_purged = IntCounter::new(
+            "outbox_events_purged_total",
+            "Finished events deleted by retention (OUTBOX_RETENTION), with their deliveries and attempts.",
+        )?;
         let db_errors = IntCounterVec::new(
             Opts::new(
                 "outbox_db_errors_total",
@@ -129,6 +134,7 @@ impl Metrics {
         registry.register(Box::new(oldest_pending_seconds.clone()))?;
         registry.register(Box::new(wakeups.clone()))?;
         registry.register(Box::new(leases_reclaimed.clone()))?;
+        registry.register(Box::new(events_purged.clone()))?;
         registry.register(Box::new(db_errors.clone()))?;
         // Only Linux has /proc; elsewhere the process series are simply absent.
         #[cfg(target_os = "linux")]
@@ -146,6 +152,7 @@ impl Metrics {
             oldest_pending_seconds,
             wakeups,
             leases_reclaimed,
+            events_purged,
             db_errors,
         })
     }

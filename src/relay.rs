@@ -217,7 +217,11 @@ pub async fn start(
         claiming.clone(),
     ));
     background.spawn(dispatcher.run(events_wake, config.poll_interval, claiming.clone()));
-    background.spawn(maintenance.run(config.heartbeat_interval, claiming.clone()));
+    background.spawn(maintenance.run(
+        config.heartbeat_interval,
+        config.retention,
+        claiming.clone(),
+    ));
     background.spawn(Arc::clone(&deliverer).run(
         deliveries_wake,
         config.poll_interval,

@@ -199,6 +199,27 @@ RETURNING d.id",
     param_types: &[Type::INT8],
 };
 
+/// Retention: deletes up to $2 events older than $1 seconds whose work is finished, with
+/// their deliveries and attempts (ON DELETE CASCADE). Finished means dispatched, offered to
+/// ordered subscriptions (at or below their cursor) and no delivery still open; the replays
+/// log stays. SKIP LOCKED: relays purging at once take disjoint rows and never wait.
+pub const PURGE_EXPIRED_EVENTS: Query = Query {
+    sql: "
+WITH expired AS (
+    SELECT e.id FROM outbox.events e
+     WHERE e.created_at < now() - make_interval(secs => $1::float8)
+       AND e.dispatched_at IS NOT NULL
+       AND e.id <= (SELECT c.last_event_id FROM outbox.ordered_dispatch_cursor c)
+       AND NOT EXISTS (SELECT 1 FROM outbox.deliveries d
+                        WHERE d.event_id = e.id AND d.status IN ('pending', 'in_flight', 'failing'))
+     ORDER BY e.created_at
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM outbox.events e USING expired x WHERE e.id = x.id",
+    param_types: &[Type::FLOAT8, Type::INT8],
+};
+
 /// On shutdown: hands back whatever this relay still holds, due now, so another relay takes
 /// it at once instead of waiting for the lease to expire.
 pub const RELEASE_LEASES: Query = Query {
@@ -297,6 +318,7 @@ mod tests {
             ("HEARTBEAT_LEASES", &HEARTBEAT_LEASES),
             ("RECLAIM_EXPIRED_LEASES", &RECLAIM_EXPIRED_LEASES),
             ("RELEASE_LEASES", &RELEASE_LEASES),
+            ("PURGE_EXPIRED_EVENTS", &PURGE_EXPIRED_EVENTS),
             ("LOAD_SUBSCRIPTIONS", &LOAD_SUBSCRIPTIONS),
             ("BACKLOG_GAUGES", &BACKLOG_GAUGES),
             ("OLDEST_PENDING_SECONDS", &OLDEST_PENDING_SECONDS),

@@ -15,4 +15,5 @@ mod operator_sql;
 mod ordered;
 mod pgbouncer;
 mod resilience;
+mod retention;
 mod routing;
