@@ -21,6 +21,9 @@ use crate::metrics::Metrics;
 
 /// Expired leases re-queued per statement; the loop repeats while batches come back full.
 const RECLAIM_BATCH: i64 = 1000;
+/// A lease older than this is not renewed (see `sql::HEARTBEAT_LEASES`): twice the longest
+/// request timeout a subscription may set, plus room for a slow result write.
+pub const MAX_LEASE_AGE: Duration = Duration::from_secs(15 * 60);
 /// Events deleted per retention statement: small enough that one batch never holds up the
 /// heartbeat it shares a loop with.
 const PURGE_BATCH: i64 = 1000;
@@ -50,7 +53,11 @@ impl Maintenance {
             &client,
             self.pool_mode,
             &sql::HEARTBEAT_LEASES,
-            &[&&*self.relay_id, &self.lease_duration.as_secs_f64()],
+            &[
+                &&*self.relay_id,
+                &self.lease_duration.as_secs_f64(),
+                &MAX_LEASE_AGE.as_secs_f64(),
+            ],
         )
         .await
         .context("renewing leases")

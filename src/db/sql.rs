@@ -163,15 +163,19 @@ SELECT id FROM updated",
 /// Rows locked right now are skipped, not waited for: the lock is this relay's completer
 /// finishing them (waiting deadlocked against its unordered batch update); if that write
 /// fails, the next heartbeat renews them.
+/// Leases claimed (`updated_at`) more than $3 seconds ago are not renewed: no request lives
+/// that long (timeouts are capped at 5 minutes), so such a lease was leaked by a bug, and
+/// letting it expire gets the delivery re-queued instead of stuck in flight forever.
 pub const HEARTBEAT_LEASES: Query = Query {
     sql: "
 UPDATE outbox.deliveries d
    SET lease_expires_at = now() + make_interval(secs => $2::float8)
   FROM (SELECT id FROM outbox.deliveries
          WHERE status = 'in_flight' AND lease_owner = $1
+           AND updated_at > now() - make_interval(secs => $3::float8)
            FOR UPDATE SKIP LOCKED) held
  WHERE d.id = held.id",
-    param_types: &[Type::TEXT, Type::FLOAT8],
+    param_types: &[Type::TEXT, Type::FLOAT8, Type::FLOAT8],
 };
 
 /// Re-queues deliveries whose lease expired (their relay died or lost the database), due now.

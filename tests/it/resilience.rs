@@ -125,6 +125,50 @@ async fn two_relays_never_deliver_the_same_attempt() {
     b.shutdown().await;
 }
 
+/// A lease the relay holds in the database but no longer works on (leaked) is not renewed
+/// forever: past the longest possible request it expires and the delivery is sent.
+#[tokio::test]
+async fn a_leaked_lease_is_not_renewed_forever() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
+    publish_many(&db, 2).await;
+    let relay = spawn_relay(
+        &db,
+        RelayConfig {
+            relay_id: Some("leaky".into()),
+            ..RelayConfig::for_tests()
+        },
+    )
+    .await;
+    wait_for_statuses(&db, "delivered", 2).await;
+    // Fake the leak: this relay's id on an in-flight row it never claimed, claimed long ago
+    // (beyond the heartbeat's age limit) with a lease that has not expired yet.
+    let stale = format!(
+        "{} seconds",
+        outbox_relay::maintenance::MAX_LEASE_AGE.as_secs() + 60
+    );
+    db.client()
+        .await
+        .execute(
+            "UPDATE outbox.deliveries SET status = 'in_flight', lease_owner = 'leaky',
+                    lease_expires_at = now() + interval '2 seconds',
+                    updated_at = now() - $1::text::interval
+              WHERE id = (SELECT min(id) FROM outbox.deliveries)",
+            &[&stale],
+        )
+        .await
+        .expect("fake a leaked lease");
+    let before = receiver.received("/hook").len();
+    wait_for_statuses(&db, "delivered", 2).await;
+    receiver
+        .wait_for("/hook", before + 1, DEADLINE)
+        .await
+        .expect("the leaked delivery is sent again");
+    assert_eq!(relay.metrics.leases_reclaimed.get(), 1);
+    relay.shutdown().await;
+}
+
 /// A relay that crashes holding leases: another relay reclaims them once they expire.
 #[tokio::test]
 async fn expired_leases_are_reclaimed_by_another_relay() {
