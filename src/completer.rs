@@ -43,6 +43,8 @@ pub struct Completion {
     pub event_created_at: DateTime<Utc>,
     /// Set for deliveries of ordered subscriptions.
     pub ordering_key: Option<String>,
+    /// The request slot, freed when this result is written or given up (by dropping it).
+    pub slot: Option<crate::deliverer::DeliverySlot>,
 }
 
 pub struct Completer {

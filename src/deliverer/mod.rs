@@ -33,6 +33,22 @@ use webhook::EventForDelivery;
 const ERROR_BACKOFF_START: Duration = Duration::from_millis(250);
 const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// One of the relay's `max_concurrency` request slots, held from claim until the result is
+/// written. Dropping it frees the slot and wakes the claim loop.
+#[derive(Debug)]
+pub struct DeliverySlot {
+    permit: Option<OwnedSemaphorePermit>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for DeliverySlot {
+    fn drop(&mut self) {
+        // Release first, then wake: the woken claim loop must see the permit available.
+        drop(self.permit.take());
+        self.freed.notify_one();
+    }
+}
+
 /// A leased delivery with what its request is built from.
 #[derive(Debug)]
 pub struct ClaimedDelivery {
@@ -241,19 +257,25 @@ impl Deliverer {
             .collect())
     }
 
-    /// Sends one request and hands its verdict to the completer. Holds its permit until the
-    /// completer has the result, so a slow database slows claiming (back-pressure).
+    /// Sends one request and hands its verdict to the completer, with its slot: the slot is
+    /// freed when the result is written (or given up), not when the request ends. So the
+    /// relay never holds more unrecorded requests than `max_concurrency`, which bounds what
+    /// a crash can re-send, and a slow database slows claiming (back-pressure).
     async fn deliver(
         self: Arc<Self>,
         delivery: ClaimedDelivery,
         subscription: Arc<Subscription>,
         permit: OwnedSemaphorePermit,
     ) {
+        let slot = DeliverySlot {
+            permit: Some(permit),
+            freed: self.slot_freed.clone(),
+        };
         let started_at = Utc::now();
         let clock = Instant::now();
         let result = tokio::select! {
             _ = self.abandon.cancelled() => {
-                drop(permit);
+                drop(slot);
                 return;
             }
             result = self.send(&delivery, &subscription) => result,
@@ -289,13 +311,12 @@ impl Deliverer {
             duration,
             event_created_at: delivery.event.created_at,
             ordering_key: delivery.ordering_key,
+            slot: Some(slot),
         };
         tokio::select! {
             _ = self.abandon.cancelled() => {}
             _ = self.results.send(completion) => {}
         }
-        drop(permit);
-        self.slot_freed.notify_one();
     }
 
     async fn send(&self, delivery: &ClaimedDelivery, subscription: &Subscription) -> HttpResult {

@@ -184,6 +184,14 @@ async fn relay_killed_mid_flight_duplicates_are_bounded() {
         "an event arrived more than twice"
     );
     assert!(extra <= held_at_kill.len());
+    // A request slot is held until its result is written, so a relay never holds more
+    // unrecorded leases than its max concurrency: that bounds what a crash re-sends.
+    let max_concurrency: usize = MAX_CONCURRENCY.parse().expect("numeric literal");
+    assert!(
+        held_at_kill.len() <= max_concurrency,
+        "the victim held {} leases with max concurrency {max_concurrency}",
+        held_at_kill.len()
+    );
     assert_eq!(
         status_counts(&db).await,
         [("delivered".to_string(), EVENTS)].into(),
