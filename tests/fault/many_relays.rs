@@ -238,6 +238,18 @@ async fn all_relay_connections_terminated_mid_run_nothing_lost() {
             )
             .await,
         );
+        // Relays reconnect lazily (after an error backoff): wait until all three have
+        // sessions again rather than racing them; a relay that never reconnects fails here.
+        wait_until("the three relays have reconnected", DEADLINE, || async {
+            count(
+                &db,
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name LIKE 'outbox-relay%'",
+            )
+            .await
+                >= 3
+        })
+        .await;
         let cut = db.terminate_connections("outbox-relay%").await;
         assert!(cut >= 3, "only {cut} relay connections found to terminate");
         terminated.push(cut);
