@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use outbox_relay::devkit::receiver::{Receiver, Reply};
 
 use crate::harness::db::TestDb;
-use crate::harness::relay::{DEADLINE, RelayProcess, add_subscription, count, wait_until};
+use crate::harness::relay::{
+    DEADLINE, RelayProcess, add_subscription, count, wait_for_relay_sessions, wait_until,
+};
 use crate::{
     arrivals, deadlocks, duplicates, event_ids, leases_of, publish_numbered, status_counts,
     stop_all, wait_until_all_delivered,
@@ -238,18 +240,9 @@ async fn all_relay_connections_terminated_mid_run_nothing_lost() {
             )
             .await,
         );
-        // Relays reconnect lazily (after an error backoff): wait until all three have
-        // sessions again rather than racing them; a relay that never reconnects fails here.
-        wait_until("the three relays have reconnected", DEADLINE, || async {
-            count(
-                &db,
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND application_name LIKE 'outbox-relay%'",
-            )
-            .await
-                >= 3
-        })
-        .await;
+        // Relays reconnect lazily (after an error backoff): wait for them rather than race
+        // them; a relay that never reconnects fails here.
+        wait_for_relay_sessions(&db, 3).await;
         let cut = db.terminate_connections("outbox-relay%").await;
         assert!(cut >= 3, "only {cut} relay connections found to terminate");
         terminated.push(cut);

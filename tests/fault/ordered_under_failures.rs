@@ -7,7 +7,7 @@ use std::time::Instant;
 use outbox_relay::devkit::receiver::{Receiver, Reply};
 
 use crate::harness::db::TestDb;
-use crate::harness::relay::{RelayProcess, add_subscription, count};
+use crate::harness::relay::{RelayProcess, add_subscription, count, sequences_by_key};
 use crate::{deadlocks, stop_all, wait_until_all_delivered};
 
 const KEYS: i64 = 20;
@@ -69,19 +69,7 @@ async fn ordered_subscription_under_seeded_random_failures_and_several_relays() 
     let elapsed = started.elapsed();
 
     // The events themselves are numbered 1..=100 per key in id order (the test's premise).
-    let rows = db
-        .client()
-        .await
-        .query(
-            "SELECT ordering_key, (payload->>'seq')::bigint FROM outbox.events ORDER BY id",
-            &[],
-        )
-        .await
-        .expect("read events");
-    let mut published: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for row in rows {
-        published.entry(row.get(0)).or_default().push(row.get(1));
-    }
+    let published = sequences_by_key(&db).await;
     assert_eq!(published.len() as i64, KEYS);
     assert!(
         published

@@ -287,26 +287,14 @@ async fn concurrent_producers_and_two_relays_keep_each_key_in_order() {
     wait_for_statuses(&db, "delivered", 200).await;
 
     // Event order per key = id order in the events table.
-    let rows = db
-        .client()
-        .await
-        .query(
-            "SELECT ordering_key, (payload->>'seq')::bigint FROM outbox.events ORDER BY id",
-            &[],
-        )
-        .await
-        .expect("events");
-    let mut expected: HashMap<String, Vec<i64>> = HashMap::new();
-    for row in rows {
-        expected.entry(row.get(0)).or_default().push(row.get(1));
-    }
+    let expected = sequences_by_key(&db).await;
     let successes: Vec<Received> = receiver.received("/hook");
     assert!(
         successes.len() > 200,
         "no failure was injected: {} requests",
         successes.len()
     );
-    let mut got: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut got: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
     for (key, arrivals) in arrivals_by_key(&successes) {
         // A key's failed attempts are retried before anything after them, so dropping
         // repeats keeps the first-success order.

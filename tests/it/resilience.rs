@@ -259,18 +259,8 @@ async fn relay_recovers_when_its_database_connections_are_terminated() {
     wait_until_ready("relay ready", &relay.health).await;
 
     for _ in 0..3 {
-        // The relay reconnects lazily (pool on next use, LISTEN after a backoff): wait until
-        // it has a session again, or there is nothing to cut.
-        wait_until("the relay has reconnected", DEADLINE, || async {
-            count(
-                &db,
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND application_name LIKE 'outbox-relay%'",
-            )
-            .await
-                >= 1
-        })
-        .await;
+        // The relay reconnects lazily: cut again only once it has.
+        wait_for_relay_sessions(&db, 1).await;
         let terminated = db.terminate_connections("outbox-relay%").await;
         assert!(terminated >= 1, "no relay connection found to terminate");
         publish_many(&db, 10).await;

@@ -101,6 +101,43 @@ pub async fn publish(db: &TestDb, event_type: &str, payload: serde_json::Value) 
         .get(0)
 }
 
+/// Waits until at least `sessions` relay connections (pool or LISTEN) are open on the test
+/// database. Relays reconnect lazily after a cut, so a test cutting again must wait first.
+pub async fn wait_for_relay_sessions(db: &TestDb, sessions: i64) {
+    wait_until(
+        &format!("{sessions} relay sessions are connected"),
+        DEADLINE,
+        || async {
+            count(
+                db,
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name LIKE 'outbox-relay%'",
+            )
+            .await
+                >= sessions
+        },
+    )
+    .await;
+}
+
+/// Per ordering key, the payloads' `seq` numbers in event (id) order.
+pub async fn sequences_by_key(db: &TestDb) -> std::collections::BTreeMap<String, Vec<i64>> {
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT ordering_key, (payload->>'seq')::bigint FROM outbox.events ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("read events");
+    let mut by_key = std::collections::BTreeMap::<String, Vec<i64>>::new();
+    for row in rows {
+        by_key.entry(row.get(0)).or_default().push(row.get(1));
+    }
+    by_key
+}
+
 /// Runs one SQL statement returning a single bigint (counts in assertions).
 pub async fn count(db: &TestDb, sql: &str) -> i64 {
     db.client()
