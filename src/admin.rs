@@ -13,7 +13,7 @@
 //! Results are `Serialize` (for `--json` and the HTTP API). Secrets appear only in the results
 //! of [`create_subscription`] and [`rotate_secret`], never in [`SubscriptionInfo`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
@@ -480,18 +480,8 @@ pub async fn replay(
     client: &Client,
     criteria: &ReplayCriteria,
 ) -> Result<ReplayOutcome, AdminError> {
-    if let Some(unknown) = criteria
-        .statuses
-        .iter()
-        .find(|s| !DELIVERY_STATUSES.contains(&s.as_str()))
-    {
-        return Err(AdminError::Invalid {
-            field: "status",
-            problem: format!(
-                "{unknown:?} is not a delivery status; use {}",
-                DELIVERY_STATUSES.join(", ")
-            ),
-        });
+    for status in &criteria.statuses {
+        check_status("status", status)?;
     }
     if let Some(name) = &criteria.subscription {
         // A typo should not look like "nothing matched".
@@ -914,6 +904,11 @@ pub async fn get_event(client: &Client, event_id: Uuid) -> Result<Option<EventDe
         })
         .collect();
     let delivery_ids: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
+    let position: HashMap<i64, usize> = delivery_ids
+        .iter()
+        .enumerate()
+        .map(|(index, id)| (*id, index))
+        .collect();
     let rows = client
         .query(
             "SELECT id, delivery_id, attempt, started_at, duration_ms, status_code, error,
@@ -930,7 +925,7 @@ pub async fn get_event(client: &Client, event_id: Uuid) -> Result<Option<EventDe
         .map_err(|e| classify(e, "reading delivery attempts", ""))?;
     for row in &rows {
         let delivery_id: i64 = row.get(1);
-        if let Some(delivery) = deliveries.iter_mut().find(|d| d.id == delivery_id) {
+        if let Some(delivery) = position.get(&delivery_id).map(|&i| &mut deliveries[i]) {
             delivery.attempt_history.push(AttemptRecord {
                 id: row.get(0),
                 attempt: row.get(2),
@@ -947,6 +942,18 @@ pub async fn get_event(client: &Client, event_id: Uuid) -> Result<Option<EventDe
         event,
         delivery_list: deliveries,
     }))
+}
+
+/// Whether an event with this `event_id` exists (one index lookup, nothing else read).
+pub async fn event_exists(client: &Client, event_id: Uuid) -> Result<bool, AdminError> {
+    client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM outbox.events WHERE event_id = $1)",
+            &[&event_id],
+        )
+        .await
+        .map(|row| row.get(0))
+        .map_err(|e| classify(e, "looking up the event", ""))
 }
 
 /// Replays (and backfills), newest first, a page at a time (keyset on `replays.id`).

@@ -44,7 +44,7 @@ pub struct Completion {
     /// Set for deliveries of ordered subscriptions.
     pub ordering_key: Option<String>,
     /// The request slot, freed when this result is written or given up (by dropping it).
-    pub slot: Option<crate::deliverer::DeliverySlot>,
+    pub slot: crate::deliverer::DeliverySlot,
 }
 
 pub struct Completer {

@@ -200,7 +200,7 @@ impl Maintenance {
                 }
                 // One batch per turn, so a large first purge never delays a heartbeat.
                 _ = tokio::time::sleep_until(next_purge), if retention.is_some() => {
-                    let retention = retention.unwrap_or(Duration::MAX);
+                    let Some(retention) = retention else { continue };
                     next_purge = tokio::time::Instant::now() + match self.purge_expired(retention).await {
                         Ok(purged) if purged >= PURGE_BATCH as u64 => PURGE_BATCH_PAUSE,
                         Ok(_) => PURGE_INTERVAL,

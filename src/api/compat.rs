@@ -404,10 +404,10 @@ async fn replay_event(
     {
         // A replay of an unknown event would record "0 matched"; a 404 says what happened.
         let client = state.client().await?;
-        let search = admin::get_event(&client, event_id)
+        if !admin::event_exists(&client, event_id)
             .await
-            .map_err(ApiError::from)?;
-        if search.is_none() {
+            .map_err(ApiError::from)?
+        {
             return Err(ApiError::not_found(format!(
                 "no event with event_id {event_id}"
             )));

@@ -311,7 +311,7 @@ impl Deliverer {
             duration,
             event_created_at: delivery.event.created_at,
             ordering_key: delivery.ordering_key,
-            slot: Some(slot),
+            slot,
         };
         tokio::select! {
             _ = self.abandon.cancelled() => {}
