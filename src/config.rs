@@ -178,6 +178,18 @@ impl RelayConfig {
                 humantime::format_duration(retention)
             )));
         }
+        // A blank token would leave the API off although the operator asked for it on.
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|token| token.trim().is_empty())
+        {
+            return Err(ConfigError(
+                "OUTBOX_ADMIN_TOKEN is set but blank: give it a secret value to turn the admin \
+                 API on, or unset it to keep the API off"
+                    .into(),
+            ));
+        }
         // The admin API's statements are still prepared by name, which a transaction-mode
         // pooler may route to another server connection: refuse rather than fail per request.
         if self.db_pool_mode == PoolMode::TransactionPooler && self.admin_token.is_some() {

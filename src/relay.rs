@@ -229,13 +229,11 @@ pub async fn start(
     ));
     let completer_task = tokio::spawn(completer.run(results_rx, cancel.clone()));
 
+    // validate() refused a blank token, so None here means the API is off by choice.
     let admin_token = config
         .admin_token
         .as_deref()
         .and_then(crate::api::AdminToken::new);
-    if config.admin_token.is_some() && admin_token.is_none() {
-        tracing::warn!("OUTBOX_ADMIN_TOKEN is set but blank; the admin API stays off");
-    }
     let http_state = crate::http::HttpState {
         health: health.clone(),
         metrics: metrics.clone(),

@@ -199,6 +199,52 @@ async fn admin_and_compat_routes_are_absent_without_a_token() {
     relay.shutdown().await;
 }
 
+/// A blank token is refused when the relay starts, instead of leaving the API off although
+/// the operator set the variable.
+#[tokio::test]
+async fn a_blank_token_is_refused_at_start() {
+    let config = RelayConfig {
+        admin_token: Some("  ".to_owned()),
+        ..RelayConfig::for_tests()
+    };
+    let error = config.validate().expect_err("blank token refused");
+    assert!(error.to_string().contains("OUTBOX_ADMIN_TOKEN"), "{error}");
+}
+
+/// With the database gone, the API answers 503 in its error shape (nothing is leaked from
+/// the driver), and the relay keeps serving.
+#[tokio::test]
+async fn the_database_going_away_is_a_503() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!(
+        "postgres://postgres@{}/nowhere",
+        closed.local_addr().expect("addr")
+    );
+    drop(closed);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let relay = outbox_relay::relay::start(
+        RelayConfig {
+            admin_token: Some(TOKEN.to_owned()),
+            ..RelayConfig::for_tests()
+        },
+        &url,
+        listener,
+    )
+    .await
+    .expect("starts even without a database");
+    let api = Api::at(&relay);
+    api.get("/admin/v1/subscriptions")
+        .await
+        .expect_error(503, "unavailable", None);
+    api.post("/events/publish", json!({ "event_type": "lead.created" }))
+        .await
+        .expect_error(503, "unavailable", None);
+    assert_eq!(api.get("/healthz").await.status, 200);
+    relay.shutdown().await;
+}
+
 #[tokio::test]
 async fn requests_without_the_right_token_are_refused() {
     let db = TestDb::new().await;
