@@ -178,36 +178,38 @@ impl ApiError {
 
 impl From<AdminError> for ApiError {
     fn from(error: AdminError) -> ApiError {
-        match &error {
-            AdminError::NotFound { .. } => ApiError::not_found(error.to_string()),
+        let message = error.to_string();
+        match error {
+            AdminError::NotFound { .. } => ApiError::not_found(message),
             AdminError::Duplicate { .. } => ApiError {
                 field: Some("name".to_owned()),
-                ..ApiError::new(StatusCode::CONFLICT, "duplicate", error.to_string())
+                ..ApiError::new(StatusCode::CONFLICT, "duplicate", message)
             },
-            AdminError::Invalid { field, .. } => ApiError::invalid(*field, error.to_string()),
+            AdminError::Invalid { field, .. } => ApiError::invalid(field, message),
             AdminError::SchemaOutdated { .. } => {
-                tracing::error!(error = %error, "admin API request failed");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "schema_outdated",
-                    error.to_string(),
-                )
+                tracing::error!(error = %message, "admin API request failed");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "schema_outdated", message)
             }
             AdminError::Db(db) => {
+                let unavailable = matches!(db, DbError::Pool { .. });
                 // Logged here, where it is handled, with its chain; the client gets no
                 // internals, only what to do.
-                tracing::error!(error = %error_chain(&error), "admin API request failed");
-                match db {
-                    DbError::Pool { .. } => ApiError::new(
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(db)),
+                    "admin API request failed"
+                );
+                if unavailable {
+                    ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "unavailable",
                         "no database connection available; retry shortly",
-                    ),
-                    _ => ApiError::new(
+                    )
+                } else {
+                    ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "internal",
                         "the database query failed; the relay's log has the cause",
-                    ),
+                    )
                 }
             }
         }
@@ -226,17 +228,6 @@ impl IntoResponse for ApiError {
         )
             .into_response()
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// A JSON body whose parse errors are 400s in the API's shape, naming the field. An empty
