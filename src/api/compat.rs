@@ -225,6 +225,12 @@ async fn subscribe(
         .filters
         .map(|f| f.filter(|f| f.as_object().is_none_or(|o| !o.is_empty())));
     let map = |e: AdminError| ApiError::from(e).rename_field(subscribe_field);
+    // What a subscribe sets; everything else keeps its default (create) or value (update).
+    let settings = |event_types: Vec<String>| SubscriptionSettings {
+        event_types: Some(event_types),
+        filter: filter.clone(),
+        ..SubscriptionSettings::default()
+    };
     let client = state.client().await?;
     // Two tries: a concurrent subscribe of the same new service may create it between our
     // look-up and our insert; the second round then updates what it created.
@@ -237,11 +243,7 @@ async fn subscribe(
                 }
                 let update = SubscriptionUpdate {
                     url: Some(body.webhook_url.clone()),
-                    settings: SubscriptionSettings {
-                        event_types: Some(event_types),
-                        filter: filter.clone(),
-                        ..SubscriptionSettings::default()
-                    },
+                    settings: settings(event_types),
                 };
                 let updated = admin::update_subscription(&client, &body.service_name, &update)
                     .await
@@ -260,11 +262,7 @@ async fn subscribe(
                     name: body.service_name.clone(),
                     url: body.webhook_url.clone(),
                     secret: None,
-                    settings: SubscriptionSettings {
-                        event_types: Some(vec![body.event_type.clone()]),
-                        filter: filter.clone(),
-                        ..SubscriptionSettings::default()
-                    },
+                    settings: settings(vec![body.event_type.clone()]),
                 };
                 match admin::create_subscription(&client, &new).await {
                     Ok(created) => {
