@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PoolMode;
-use crate::db::{DbContext, DbError, query, sql};
+use crate::db::{DbContext, DbError, query, sql, text};
 use crate::deliverer::outcome::{NextState, Verdict};
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::subscriptions::SubscriptionId;
@@ -43,6 +43,8 @@ pub struct Completion {
     pub event_created_at: DateTime<Utc>,
     /// Set for deliveries of ordered subscriptions.
     pub ordering_key: Option<String>,
+    /// The claim this result belongs to (see `sql::COMPLETE_DELIVERIES`).
+    pub lease_token: i64,
     /// The request slot, freed when this result is written or given up (by dropping it).
     pub slot: crate::deliverer::DeliverySlot,
 }
@@ -79,37 +81,93 @@ impl Completer {
         }
     }
 
+    /// Writes `batch`, retrying while the database is unreachable. A batch the server
+    /// refuses because of its data is split in halves until each refused row stands alone,
+    /// so one poisonous result never holds back the others (see [`Completer::write_alone`]).
     async fn flush_with_retries(&self, batch: &mut Vec<Completion>, shutdown: &CancellationToken) {
+        let mut parts = vec![std::mem::take(batch)];
         let mut backoff = RETRY_BACKOFF_START;
         let mut tries = 0;
-        loop {
-            tries += 1;
-            match self.flush(batch).await {
+        while let Some(mut part) = parts.pop() {
+            let error = match self.flush(&part).await {
                 Ok(_) => {
-                    batch.clear();
-                    return;
+                    backoff = RETRY_BACKOFF_START;
+                    tries = 0;
+                    continue;
                 }
-                Err(error) => {
-                    self.metrics
-                        .db_errors
-                        .with_label_values(&["completer"])
-                        .inc();
-                    let give_up = shutdown.is_cancelled() && tries >= SHUTDOWN_FLUSH_TRIES;
+                Err(error) => error,
+            };
+            self.metrics
+                .db_errors
+                .with_label_values(&["completer"])
+                .inc();
+            if error.is_caused_by_statement_data() {
+                if part.len() > 1 {
                     tracing::warn!(
                         error = format!("{:#}", anyhow::Error::from(error)),
-                        batch_size = batch.len(),
-                        give_up,
-                        "writing delivery results failed"
+                        batch_size = part.len(),
+                        "the database refused a batch of results; writing it in halves to find the row"
                     );
-                    if give_up {
-                        // Not lost: the leases expire and another relay delivers them again.
-                        batch.clear();
-                        return;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                    let second = part.split_off(part.len() / 2);
+                    parts.push(second);
+                    parts.push(part);
+                } else if let Some(completion) = part.pop() {
+                    self.write_alone(completion, &error).await;
                 }
+                continue;
             }
+            tries += 1;
+            let give_up = shutdown.is_cancelled() && tries >= SHUTDOWN_FLUSH_TRIES;
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                batch_size = part.len() + parts.iter().map(Vec::len).sum::<usize>(),
+                give_up,
+                "writing delivery results failed"
+            );
+            if give_up {
+                // Not lost: the leases expire and another relay delivers them again.
+                return;
+            }
+            parts.push(part);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+        }
+    }
+
+    /// One result the database refused on its own: it is recorded again with the
+    /// subscriber's text (error and body) replaced by why it could not be stored, so the
+    /// attempt still counts and shows up in the history. Should that fail too, the result is
+    /// given up: its lease runs out and the delivery is sent again (at least once).
+    async fn write_alone(&self, mut completion: Completion, refusal: &DbError) {
+        let reason = refusal
+            .sqlstate()
+            .map(|code| code.code().to_string())
+            .unwrap_or_default();
+        completion.verdict.response_body = None;
+        completion.verdict.error = Some(format!(
+            "{}; the result as received could not be stored (SQLSTATE {reason}), so it was recorded without the subscriber's text",
+            completion.verdict.status_code.map_or_else(
+                || "request failed".to_string(),
+                |code| format!("HTTP {code}")
+            ),
+        ));
+        if let Err(error) = self.flush(std::slice::from_ref(&completion)).await {
+            self.metrics
+                .db_errors
+                .with_label_values(&["completer"])
+                .inc();
+            tracing::error!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                delivery_id = completion.delivery_id,
+                subscription = %completion.subscription_name,
+                "a delivery result could not be stored; its lease will expire and it will be sent again"
+            );
+        } else {
+            tracing::warn!(
+                delivery_id = completion.delivery_id,
+                subscription = %completion.subscription_name,
+                "a delivery result was stored without the subscriber's text, which the database refused"
+            );
         }
     }
 
@@ -128,8 +186,7 @@ impl Completer {
         let mut started = Vec::with_capacity(batch.len());
         let mut durations = Vec::with_capacity(batch.len());
         let mut failed = Vec::with_capacity(batch.len());
-        let mut disable_ids = Vec::new();
-        let mut disable_reasons = Vec::new();
+        let mut tokens = Vec::with_capacity(batch.len());
         for c in batch {
             ids.push(c.delivery_id);
             statuses.push(c.verdict.next.status());
@@ -138,23 +195,20 @@ impl Completer {
                 _ => None,
             });
             status_codes.push(c.verdict.status_code.map(i32::from));
-            errors.push(c.verdict.error.as_deref());
+            errors.push(c.verdict.error.as_deref().map(text::storable));
             // Successful bodies are not kept: history is for failures and replays.
             bodies.push(if c.verdict.failed() {
-                c.verdict.response_body.as_deref()
+                c.verdict.response_body.as_deref().map(text::storable)
             } else {
                 None
             });
             started.push(c.started_at);
             durations.push(i32::try_from(c.duration.as_millis()).unwrap_or(i32::MAX));
             failed.push(c.verdict.failed());
-            if let Some(reason) = &c.verdict.disable_subscription {
-                disable_ids.push(c.subscription_id.0);
-                disable_reasons.push(reason.as_str());
-            }
+            tokens.push(c.lease_token);
         }
         let mut client = self.pool.get().await.context("writing delivery results")?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
             &ids,
             &statuses,
             &next_attempts,
@@ -164,8 +218,7 @@ impl Completer {
             &started,
             &durations,
             &failed,
-            &disable_ids,
-            &disable_reasons,
+            &tokens,
             &&*self.relay_id,
         ];
         let ordered: Vec<&Completion> = batch.iter().filter(|c| c.ordering_key.is_some()).collect();
@@ -237,6 +290,7 @@ impl Completer {
                 "results dropped: their leases were reclaimed by another relay"
             );
         }
+        self.disable_subscriptions(&client, batch, &recorded).await;
         let now = Utc::now();
         for c in batch.iter().filter(|c| recorded.contains(&c.delivery_id)) {
             let label = match c.verdict.next {
@@ -260,5 +314,45 @@ impl Completer {
             }
         }
         Ok(recorded.len())
+    }
+
+    /// Disables the subscriptions whose recorded results answered 410. On its own, after the
+    /// results are committed (see `sql::DISABLE_SUBSCRIPTIONS` for the lock order). A failure
+    /// here is only logged: the delivery is retried, and its next 410 disables again.
+    async fn disable_subscriptions(
+        &self,
+        client: &deadpool_postgres::Object,
+        batch: &[Completion],
+        recorded: &HashSet<i64>,
+    ) {
+        let (ids, reasons): (Vec<i64>, Vec<std::borrow::Cow<'_, str>>) = batch
+            .iter()
+            .filter(|c| recorded.contains(&c.delivery_id))
+            .filter_map(|c| {
+                let reason = c.verdict.disable_subscription.as_deref()?;
+                Some((c.subscription_id.0, text::storable(reason)))
+            })
+            .unzip();
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(error) = query::execute(
+            client,
+            self.pool_mode,
+            &sql::DISABLE_SUBSCRIPTIONS,
+            &[&ids, &reasons],
+        )
+        .await
+        .context("disabling subscriptions that answered 410")
+        {
+            self.metrics
+                .db_errors
+                .with_label_values(&["completer"])
+                .inc();
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "could not disable subscriptions that answered 410; their next 410 tries again"
+            );
+        }
     }
 }

@@ -102,6 +102,25 @@ pub struct RelayConfig {
     /// `OUTBOX_POLL_INTERVAL`); readiness then does not require a LISTEN connection.
     #[arg(long, env = "OUTBOX_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
     pub listen: bool,
+
+    /// Longest one of the relay's own statements may run (`statement_timeout` on its pooled
+    /// connections): a statement stalled by the server fails and is retried instead of
+    /// holding up the relay. Not applied with `transaction-pooler` (set it on the role).
+    #[arg(long, env = "OUTBOX_STATEMENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub statement_timeout: Duration,
+
+    /// Longest one of the relay's statements waits for a lock (`lock_timeout`), e.g. on a
+    /// row held by a session left idle in a transaction. Not applied with
+    /// `transaction-pooler` (set it on the role).
+    #[arg(long, env = "OUTBOX_LOCK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lock_timeout: Duration,
+}
+
+/// Server-side limits the relay puts on its own pooled connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub statement_timeout: Duration,
+    pub lock_timeout: Duration,
 }
 
 /// How pooled connections reach the database (`OUTBOX_DB_POOL_MODE`).
@@ -131,6 +150,15 @@ fn parse_cidrs(raw: &str) -> Result<CidrList, String> {
 pub struct ConfigError(String);
 
 impl RelayConfig {
+    /// The limits for the relay's pooled connections; `None` behind a transaction pooler,
+    /// which refuses the startup options that carry them.
+    pub fn session_limits(&self) -> Option<SessionLimits> {
+        (self.db_pool_mode == PoolMode::Direct).then_some(SessionLimits {
+            statement_timeout: self.statement_timeout,
+            lock_timeout: self.lock_timeout,
+        })
+    }
+
     /// Cross-field rules. Each error names the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 2 > self.lease_duration {
@@ -142,6 +170,12 @@ impl RelayConfig {
         }
         if self.poll_interval.is_zero() {
             return Err(ConfigError("OUTBOX_POLL_INTERVAL must be positive".into()));
+        }
+        // Zero means "no limit" to PostgreSQL, the opposite of what a small value asks for.
+        if self.statement_timeout.as_millis() == 0 || self.lock_timeout.as_millis() == 0 {
+            return Err(ConfigError(
+                "OUTBOX_STATEMENT_TIMEOUT and OUTBOX_LOCK_TIMEOUT must be at least 1ms".into(),
+            ));
         }
         for (name, value) in [
             ("OUTBOX_DISPATCH_BATCH_SIZE", self.dispatch_batch_size),
@@ -229,6 +263,8 @@ impl RelayConfig {
             db_pool_size: 6,
             relay_id: None,
             retention: None,
+            statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(5),
             admin_token: None,
             db_pool_mode: PoolMode::Direct,
             listen_database_url: None,

@@ -50,7 +50,7 @@ impl Dispatcher {
     /// Dispatches one batch. The seam tests step instead of waiting for timers.
     pub async fn run_once(&self) -> Result<DispatchedBatch, DbError> {
         let client = self.pool.get().await.context("dispatching events")?;
-        let limit = i64::from(self.batch_size);
+        let limit = i32::try_from(self.batch_size).unwrap_or(i32::MAX);
         let row = query::query_one(&client, self.pool_mode, &sql::DISPATCH_EVENTS, &[&limit])
             .await
             .context("dispatching events")?;

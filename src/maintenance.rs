@@ -1,5 +1,6 @@
-//! Background upkeep every relay runs: renewing its own leases (heartbeat), re-queueing
-//! deliveries whose lease expired (their relay died), and refreshing the backlog gauges.
+//! Background upkeep every relay runs, as three independent tasks: renewing its own leases
+//! (heartbeat) and re-queueing deliveries whose lease expired (their relay died); refreshing
+//! the backlog gauges; and retention.
 //!
 //! Leases are short and renewed by the heartbeat, so a relay killed with -9 has its work
 //! picked up within seconds (lease duration + one heartbeat), not after the slowest timeout;
@@ -24,8 +25,8 @@ const RECLAIM_BATCH: i64 = 1000;
 /// A lease older than this is not renewed (see `sql::HEARTBEAT_LEASES`): twice the longest
 /// request timeout a subscription may set, plus room for a slow result write.
 pub const MAX_LEASE_AGE: Duration = Duration::from_secs(15 * 60);
-/// Events deleted per retention statement: small enough that one batch never holds up the
-/// heartbeat it shares a loop with.
+/// Events deleted per retention statement: small enough that one batch holds its row locks
+/// (and those of the cascaded deliveries) only briefly.
 const PURGE_BATCH: i64 = 1000;
 /// Retention runs this often, and again after [`PURGE_BATCH_PAUSE`] while batches come back full.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
@@ -167,50 +168,78 @@ impl Maintenance {
         Ok(())
     }
 
-    pub async fn run(
-        self,
-        heartbeat_interval: Duration,
-        retention: Option<Duration>,
-        cancel: CancellationToken,
-    ) {
-        let mut next_purge = tokio::time::Instant::now();
-        let mut heartbeat = tokio::time::interval(heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut gauges = tokio::time::interval(GAUGE_REFRESH_INTERVAL);
-        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Renews this relay's leases and re-queues expired ones, every `interval`. A task of
+    /// its own: a slow gauge query or retention batch must never delay it, or a live
+    /// relay's slow requests would be taken over by another relay once their leases ran out.
+    pub async fn run_heartbeat(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = heartbeat.tick() => {
-                    let result = match self.heartbeat().await {
-                        Ok(_) => self.reclaim_expired().await.map(|_| ()),
-                        Err(error) => Err(error),
-                    };
-                    if let Err(error) = result {
-                        self.metrics.db_errors.with_label_values(&["maintenance"]).inc();
-                        tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)),
-                            "lease heartbeat failed; leases expire unless renewed in time");
-                    }
+                _ = ticks.tick() => {}
+            }
+            let result = match self.heartbeat().await {
+                Ok(_) => self.reclaim_expired().await.map(|_| ()),
+                Err(error) => Err(error),
+            };
+            if let Err(error) = result {
+                self.metrics
+                    .db_errors
+                    .with_label_values(&["maintenance"])
+                    .inc();
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "lease heartbeat failed; leases expire unless renewed in time"
+                );
+            }
+        }
+    }
+
+    /// Refreshes the backlog gauges (and the schema check) every [`GAUGE_REFRESH_INTERVAL`].
+    pub async fn run_gauges(self: Arc<Self>, cancel: CancellationToken) {
+        let mut ticks = tokio::time::interval(GAUGE_REFRESH_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            if let Err(error) = self.refresh_gauges().await {
+                self.metrics
+                    .db_errors
+                    .with_label_values(&["maintenance"])
+                    .inc();
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    "refreshing gauges failed"
+                );
+            }
+        }
+    }
+
+    /// Deletes finished events older than `retention`: one batch per turn, the next at once
+    /// (after a short pause) while batches come back full, else every [`PURGE_INTERVAL`].
+    pub async fn run_retention(self: Arc<Self>, retention: Duration, cancel: CancellationToken) {
+        loop {
+            let pause = match self.purge_expired(retention).await {
+                Ok(purged) if purged >= PURGE_BATCH as u64 => PURGE_BATCH_PAUSE,
+                Ok(_) => PURGE_INTERVAL,
+                Err(error) => {
+                    self.metrics
+                        .db_errors
+                        .with_label_values(&["maintenance"])
+                        .inc();
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "retention purge failed"
+                    );
+                    PURGE_INTERVAL
                 }
-                _ = gauges.tick() => {
-                    if let Err(error) = self.refresh_gauges().await {
-                        self.metrics.db_errors.with_label_values(&["maintenance"]).inc();
-                        tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "refreshing gauges failed");
-                    }
-                }
-                // One batch per turn, so a large first purge never delays a heartbeat.
-                _ = tokio::time::sleep_until(next_purge), if retention.is_some() => {
-                    let Some(retention) = retention else { continue };
-                    next_purge = tokio::time::Instant::now() + match self.purge_expired(retention).await {
-                        Ok(purged) if purged >= PURGE_BATCH as u64 => PURGE_BATCH_PAUSE,
-                        Ok(_) => PURGE_INTERVAL,
-                        Err(error) => {
-                            self.metrics.db_errors.with_label_values(&["maintenance"]).inc();
-                            tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "retention purge failed");
-                            PURGE_INTERVAL
-                        }
-                    };
-                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }

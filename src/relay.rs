@@ -7,7 +7,7 @@
 //! dispatcher: claim events SKIP LOCKED → INSERT matching deliveries → mark dispatched (1 statement)
 //! deliverer:  lease due deliveries (committed, no txn held) → HTTP per delivery, bounded
 //! completer:  results → one UPDATE + INSERT per batch, guarded by the lease owner
-//! maintenance: heartbeat own leases; re-queue expired ones; refresh gauges
+//! maintenance: heartbeat own leases and re-queue expired ones; gauges; retention (3 tasks)
 //! ```
 //!
 //! Shutdown runs in phases: stop claiming and fail `/readyz` → in-flight requests get up to
@@ -107,7 +107,11 @@ pub async fn start(
             .clone()
             .unwrap_or_else(config::default_relay_id),
     );
-    let pool = db::connect_pool(database_url, config.db_pool_size as usize)?;
+    let pool = db::connect_pool(
+        database_url,
+        config.db_pool_size as usize,
+        config.session_limits(),
+    )?;
     let metrics = Metrics::new()?;
     metrics.register_pool(pool.clone())?;
     let health = Health::new(config.listen);
@@ -217,11 +221,13 @@ pub async fn start(
         claiming.clone(),
     ));
     background.spawn(dispatcher.run(events_wake, config.poll_interval, claiming.clone()));
-    background.spawn(maintenance.run(
-        config.heartbeat_interval,
-        config.retention,
-        claiming.clone(),
-    ));
+    let maintenance = Arc::new(maintenance);
+    background
+        .spawn(Arc::clone(&maintenance).run_heartbeat(config.heartbeat_interval, claiming.clone()));
+    background.spawn(Arc::clone(&maintenance).run_gauges(claiming.clone()));
+    if let Some(retention) = config.retention {
+        background.spawn(Arc::clone(&maintenance).run_retention(retention, claiming.clone()));
+    }
     background.spawn(Arc::clone(&deliverer).run(
         deliveries_wake,
         config.poll_interval,

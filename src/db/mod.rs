@@ -8,11 +8,14 @@
 pub mod listen;
 pub mod query;
 pub mod sql;
+pub mod text;
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
+
+use crate::config::SessionLimits;
 
 refinery::embed_migrations!("migrations");
 
@@ -48,6 +51,33 @@ pub enum DbError {
     Migrate(#[source] refinery::Error),
 }
 
+impl DbError {
+    /// The SQLSTATE the server answered with, when the server did answer.
+    pub fn sqlstate(&self) -> Option<&tokio_postgres::error::SqlState> {
+        match self {
+            DbError::Query { source, .. } => source.code(),
+            _ => None,
+        }
+    }
+
+    /// Whether the server refused the statement because of the values it was given (or one
+    /// row it touched), rather than because the database is unreachable, overloaded or
+    /// restarting: the same statement with other rows would likely succeed. Data exceptions
+    /// (class 22), integrity violations (23), program limits (54), a row lock not granted
+    /// within `lock_timeout` (55P03) and a statement cancelled by `statement_timeout` (57014).
+    pub fn is_caused_by_statement_data(&self) -> bool {
+        let Some(code) = self.sqlstate() else {
+            return false;
+        };
+        let code = code.code();
+        code.starts_with("22")
+            || code.starts_with("23")
+            || code.starts_with("54")
+            || code == "55P03"
+            || code == "57014"
+    }
+}
+
 /// Attaches what we were doing to a database error.
 pub trait DbContext<T> {
     fn context(self, context: &'static str) -> Result<T, DbError>;
@@ -81,12 +111,32 @@ pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, DbError> 
 /// made while the database is down, gives up after a few seconds so callers can report
 /// not-ready and retry with backoff.
 ///
-/// Nothing here sets session state (no SET, no startup `options`), so the same pool works
-/// through a transaction-mode pooler; whether statements may be prepared is the caller's
-/// [`crate::config::PoolMode`], applied by [`query`].
-pub fn connect_pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
+/// `limits`, when given, become `statement_timeout` and `lock_timeout` through the startup
+/// `options`, so they hold from the first statement of every connection at no extra round
+/// trip. Pass `None` through a transaction-mode pooler (which refuses startup options);
+/// nothing else here sets session state, and whether statements may be prepared is the
+/// caller's [`crate::config::PoolMode`], applied by [`query`].
+pub fn connect_pool(
+    database_url: &str,
+    max_size: usize,
+    limits: Option<SessionLimits>,
+) -> Result<Pool, DbError> {
+    let mut config = parse_url(database_url)?;
+    if let Some(limits) = limits {
+        let mut options = config.get_options().unwrap_or_default().to_string();
+        for (name, value) in [
+            ("statement_timeout", limits.statement_timeout),
+            ("lock_timeout", limits.lock_timeout),
+        ] {
+            if !options.is_empty() {
+                options.push(' ');
+            }
+            options.push_str(&format!("-c {name}={}", value.as_millis().max(1)));
+        }
+        config.options(&options);
+    }
     let manager = Manager::from_config(
-        parse_url(database_url)?,
+        config,
         NoTls,
         ManagerConfig {
             // Verified recycling costs a round trip per checkout; a broken connection is

@@ -12,10 +12,12 @@ use tokio_postgres::types::Type;
 
 use super::query::Query;
 
-/// Claims up to `$1` due events (highest priority first, then insert order), fans each out
-/// into one delivery per matching enabled subscription and marks it dispatched, in one
-/// statement and so one transaction. An event that matches nothing is marked dispatched too:
-/// it stays queryable and can be backfilled later, but is never retried.
+/// Claims due events, fans each out into one delivery per matching enabled unordered
+/// subscription and marks it dispatched, in one call and so one transaction (see
+/// `outbox.dispatch_events` in migrations/V9__hardening.sql). `$1` is the batch size per kind:
+/// events due at insert (highest priority first, then insert order) and scheduled events now
+/// due. An event that matches nothing is marked dispatched too: it stays queryable and can be
+/// backfilled later, but is never retried.
 ///
 /// Matching: event_types globs, tenant (NULL = all), payload containment filter, and the
 /// event's target_services (NULL = everyone) against the subscription name. Ordered
@@ -23,54 +25,29 @@ use super::query::Query;
 ///
 /// Returns (events dispatched, deliveries created).
 pub const DISPATCH_EVENTS: Query = Query {
-    sql: "
-WITH claimed AS (
-    SELECT id FROM outbox.events
-     WHERE dispatched_at IS NULL AND deliver_after <= now()
-     ORDER BY priority DESC, id
-     LIMIT $1
-       FOR UPDATE SKIP LOCKED
-), marked AS (
-    UPDATE outbox.events e SET dispatched_at = now()
-      FROM claimed c
-     WHERE e.id = c.id
- RETURNING e.id, e.event_type, e.tenant_id, e.payload, e.target_services
-), fanned_out AS (
-    INSERT INTO outbox.deliveries (event_id, subscription_id)
-    SELECT m.id, s.id
-      FROM marked m
-      JOIN outbox.subscriptions s
-        ON s.enabled
-       AND NOT s.ordered
-       AND outbox.event_type_matches(s.event_types, m.event_type)
-       AND (s.tenant_id IS NULL OR s.tenant_id = m.tenant_id)
-       AND (s.filter IS NULL OR m.payload @> s.filter)
-       AND (m.target_services IS NULL OR s.name = ANY (m.target_services))
-     ORDER BY m.id, s.id
-        ON CONFLICT (event_id, subscription_id) DO NOTHING
- RETURNING 1
-)
-SELECT (SELECT count(*) FROM marked) AS events, (SELECT count(*) FROM fanned_out) AS deliveries",
-    param_types: &[Type::INT8],
+    sql: "SELECT events, deliveries FROM outbox.dispatch_events($1::integer)",
+    param_types: &[Type::INT4],
 };
 
-/// Leases due deliveries (see `outbox.claim_deliveries`) and returns them with the event
-/// fields the webhook body is built from. payload and metadata come as jsonb text so their
-/// bytes (and number precision) are exactly what PostgreSQL stored.
+/// Leases due deliveries (see `outbox.claim_deliveries`) under the token `$6`, and returns
+/// them with the event fields the webhook body is built from, read inside the claim itself
+/// (a join here would use this statement's older snapshot and miss fresh events). payload
+/// and metadata come as jsonb text so their bytes (and number precision) are exactly what
+/// PostgreSQL stored.
 pub const CLAIM_DELIVERIES: Query = Query {
     sql: "
-SELECT c.delivery_id, c.subscription_id, c.attempts, c.replay_id,
-       e.event_id, e.event_type, e.tenant_id, e.source_service, e.created_at,
-       e.payload::text, e.metadata::text, e.ordering_key, c.delivery_ordering_key
+SELECT delivery_id, subscription_id, attempts, replay_id,
+       event_id, event_type, tenant_id, source_service, created_at,
+       payload, metadata, event_ordering_key, delivery_ordering_key
   FROM outbox.claim_deliveries($1::bigint[], $2::integer[], $3::integer, $4::text,
-                               make_interval(secs => $5::float8)) c
-  JOIN outbox.events e ON e.id = c.event_row_id",
+                               make_interval(secs => $5::float8), $6::bigint)",
     param_types: &[
         Type::INT8_ARRAY,
         Type::INT4_ARRAY,
         Type::INT4,
         Type::TEXT,
         Type::FLOAT8,
+        Type::INT8,
     ],
 };
 
@@ -103,10 +80,15 @@ pub const ADVANCE_ORDERING_KEYS: Query = Query {
 };
 
 /// Writes a batch of results, guarded by the lease: a row only changes while it is still
-/// in flight under this relay (`$12`), so a result that arrives after the lease expired and
-/// another relay reclaimed the delivery changes nothing. Failed attempts, retries and
-/// replayed attempts are recorded in delivery_attempts; a first-attempt success lives on the
-/// delivery row alone. Subscriptions that answered 410 are disabled in the same statement.
+/// in flight under this relay (`$11`) and the same claim (`$10`, one token per claim), so a
+/// result that arrives after the lease expired and the delivery was claimed again, by
+/// another relay or by this one, changes nothing. Failed attempts, retries and replayed
+/// attempts are recorded in delivery_attempts; a first-attempt success lives on the delivery
+/// row alone.
+///
+/// Subscriptions are not touched here (see [`DISABLE_SUBSCRIPTIONS`]): this statement locks
+/// deliveries, and a subscription DELETE locks the subscription before its deliveries, so
+/// taking both here would be the opposite order.
 ///
 /// Returns the ids actually updated, so metrics count only what was recorded.
 pub const COMPLETE_DELIVERIES: Query = Query {
@@ -114,8 +96,9 @@ pub const COMPLETE_DELIVERIES: Query = Query {
 WITH results AS (
     SELECT *
       FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::integer[], $5::text[],
-                  $6::text[], $7::timestamptz[], $8::integer[], $9::boolean[])
-           AS r(id, status, next_attempt_at, status_code, error, response_body, started_at, duration_ms, failed)
+                  $6::text[], $7::timestamptz[], $8::integer[], $9::boolean[], $10::bigint[])
+           AS r(id, status, next_attempt_at, status_code, error, response_body, started_at,
+                duration_ms, failed, lease_token)
 ), updated AS (
     UPDATE outbox.deliveries d
        SET status = r.status,
@@ -126,9 +109,11 @@ WITH results AS (
            delivered_at = CASE WHEN r.status = 'delivered' THEN now() ELSE d.delivered_at END,
            lease_owner = NULL,
            lease_expires_at = NULL,
+           lease_token = NULL,
            updated_at = now()
       FROM results r
-     WHERE d.id = r.id AND d.status = 'in_flight' AND d.lease_owner = $12
+     WHERE d.id = r.id AND d.status = 'in_flight' AND d.lease_owner = $11
+       AND d.lease_token = r.lease_token
  RETURNING d.id, d.attempts, d.replay_id
 ), recorded AS (
     INSERT INTO outbox.delivery_attempts
@@ -136,11 +121,6 @@ WITH results AS (
     SELECT u.id, u.attempts, r.started_at, r.duration_ms, r.status_code, r.error, r.response_body, u.replay_id
       FROM updated u JOIN results r ON r.id = u.id
      WHERE r.failed OR u.attempts > 1 OR u.replay_id IS NOT NULL
-), disabled AS (
-    UPDATE outbox.subscriptions s
-       SET enabled = false, disabled_reason = g.reason
-      FROM unnest($10::bigint[], $11::text[]) AS g(subscription_id, reason)
-     WHERE s.id = g.subscription_id AND s.enabled
 )
 SELECT id FROM updated",
     param_types: &[
@@ -153,10 +133,21 @@ SELECT id FROM updated",
         Type::TIMESTAMPTZ_ARRAY, // $7 started at
         Type::INT4_ARRAY,        // $8 durations (ms)
         Type::BOOL_ARRAY,        // $9 failed
-        Type::INT8_ARRAY,        // $10 subscriptions to disable
-        Type::TEXT_ARRAY,        // $11 their reasons
-        Type::TEXT,              // $12 lease owner (this relay)
+        Type::INT8_ARRAY,        // $10 lease tokens (one per claim)
+        Type::TEXT,              // $11 lease owner (this relay)
     ],
+};
+
+/// Disables subscriptions that answered 410, with the reason. Run on its own, after the
+/// results that carried the 410 are committed, so it never holds delivery row locks while
+/// it waits for a subscription row (the order a subscription DELETE takes them in).
+pub const DISABLE_SUBSCRIPTIONS: Query = Query {
+    sql: "
+UPDATE outbox.subscriptions s
+   SET enabled = false, disabled_reason = g.reason
+  FROM unnest($1::bigint[], $2::text[]) AS g(subscription_id, reason)
+ WHERE s.id = g.subscription_id AND s.enabled",
+    param_types: &[Type::INT8_ARRAY, Type::TEXT_ARRAY],
 };
 
 /// Renews the leases this relay holds, so slow requests are never taken over by another relay.
@@ -196,6 +187,7 @@ UPDATE outbox.deliveries d
        last_error = 'lease of relay ' || d.lease_owner || ' expired before its result was recorded; re-queued',
        lease_owner = NULL,
        lease_expires_at = NULL,
+       lease_token = NULL,
        updated_at = now()
   FROM expired x
  WHERE d.id = x.id
@@ -233,6 +225,7 @@ UPDATE outbox.deliveries
        next_attempt_at = now(),
        lease_owner = NULL,
        lease_expires_at = NULL,
+       lease_token = NULL,
        updated_at = now()
  WHERE status = 'in_flight' AND lease_owner = $1",
     param_types: &[Type::TEXT],
@@ -268,12 +261,16 @@ SELECT s.name,
 };
 
 /// Age in seconds of the oldest work not done: an undispatched due event, or an undelivered
-/// delivery (by the time it was fanned out).
+/// delivery (by the time it was fanned out). The two event predicates are those of the
+/// dispatcher's two partial indexes, so events scheduled for later are never walked.
 pub const OLDEST_PENDING_SECONDS: Query = Query {
     sql: "
 SELECT coalesce(extract(epoch FROM now() - least(
            (SELECT min(created_at) FROM outbox.events
-             WHERE dispatched_at IS NULL AND deliver_after <= now()),
+             WHERE dispatched_at IS NULL AND deliver_after <= created_at),
+           (SELECT min(created_at) FROM outbox.events
+             WHERE dispatched_at IS NULL AND deliver_after > created_at
+               AND deliver_after <= now()),
            (SELECT min(created_at) FROM outbox.deliveries
              WHERE status IN ('pending', 'failing', 'in_flight')))), 0)::float8",
     param_types: &[],
@@ -319,6 +316,7 @@ mod tests {
             ("LOCK_ORDERED_SUBSCRIPTIONS", &LOCK_ORDERED_SUBSCRIPTIONS),
             ("ADVANCE_ORDERING_KEYS", &ADVANCE_ORDERING_KEYS),
             ("COMPLETE_DELIVERIES", &COMPLETE_DELIVERIES),
+            ("DISABLE_SUBSCRIPTIONS", &DISABLE_SUBSCRIPTIONS),
             ("HEARTBEAT_LEASES", &HEARTBEAT_LEASES),
             ("RECLAIM_EXPIRED_LEASES", &RECLAIM_EXPIRED_LEASES),
             ("RELEASE_LEASES", &RELEASE_LEASES),

@@ -449,7 +449,7 @@ fn error_chain(err: &(dyn StdError + 'static)) -> String {
     text
 }
 
-/// UTF-8 text of `bytes`, invalid sequences replaced, never longer than [`RESPONSE_BODY_LIMIT`]
+/// UTF-8 text of `bytes`, invalid sequences and NULs replaced, never longer than [`RESPONSE_BODY_LIMIT`]
 /// bytes. When the body was `truncated`, a character cut in half by the limit is dropped rather
 /// than shown as a replacement character.
 fn lossy_prefix(bytes: &[u8], truncated: bool) -> String {
@@ -458,7 +458,8 @@ fn lossy_prefix(bytes: &[u8], truncated: bool) -> String {
     } else {
         bytes
     };
-    let mut text = String::from_utf8_lossy(bytes).into_owned();
+    // NUL is valid UTF-8 but not storable text; it becomes a replacement character as well.
+    let mut text = crate::db::text::storable(&String::from_utf8_lossy(bytes)).into_owned();
     // Replacement characters are 3 bytes and may stand for 1 invalid byte, so the text can grow.
     if text.len() > RESPONSE_BODY_LIMIT {
         let mut cut = RESPONSE_BODY_LIMIT;
@@ -741,6 +742,10 @@ mod tests {
 
         assert_eq!(lossy_prefix("abc€".as_bytes(), false), "abc€");
         assert_eq!(lossy_prefix(&"abc€".as_bytes()[..5], true), "abc");
+        assert_eq!(
+            lossy_prefix(b"upstream\0failed", false),
+            "upstream\u{FFFD}failed"
+        );
     }
 
     // --- real servers on 127.0.0.1 ---

@@ -58,6 +58,8 @@ pub struct ClaimedDelivery {
     pub attempts_before: u32,
     /// Set for deliveries of ordered subscriptions: finishing one advances its key.
     pub ordering_key: Option<String>,
+    /// Identifies this claim; the result is written only while the delivery still holds it.
+    pub lease_token: i64,
     pub event: EventForDelivery,
 }
 
@@ -222,6 +224,9 @@ impl Deliverer {
     ) -> Result<Vec<ClaimedDelivery>, DbError> {
         let client = self.pool.get().await.context("claiming deliveries")?;
         let total = i32::try_from(total).unwrap_or(i32::MAX);
+        // Random, not a counter: unique across this relay's restarts as well, which share
+        // its relay id when it is configured.
+        let lease_token: i64 = rand::random();
         let rows = query::query(
             &client,
             self.pool_mode,
@@ -232,6 +237,7 @@ impl Deliverer {
                 &total,
                 &&*self.relay_id,
                 &self.lease_duration.as_secs_f64(),
+                &lease_token,
             ],
         )
         .await
@@ -243,6 +249,7 @@ impl Deliverer {
                 subscription_id: SubscriptionId(row.get(1)),
                 attempts_before: u32::try_from(row.get::<_, i32>(2)).unwrap_or(0),
                 ordering_key: row.get(12),
+                lease_token,
                 event: EventForDelivery {
                     event_id: row.get(4),
                     event_type: row.get(5),
@@ -311,6 +318,7 @@ impl Deliverer {
             duration,
             event_created_at: delivery.event.created_at,
             ordering_key: delivery.ordering_key,
+            lease_token: delivery.lease_token,
             slot,
         };
         tokio::select! {

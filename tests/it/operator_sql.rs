@@ -1403,7 +1403,7 @@ async fn least_privilege_roles_allow_each_job_and_nothing_more() {
     // The relay claims, completes and records; it does not change the schema.
     let r = "outbox_relay";
     let claim = format!(
-        "SELECT count(*) FROM outbox.claim_deliveries(ARRAY[{crm}::bigint], ARRAY[10], 10, 'relay-test', interval '10 seconds')"
+        "SELECT count(*) FROM outbox.claim_deliveries(ARRAY[{crm}::bigint], ARRAY[10], 10, 'relay-test', interval '10 seconds', 1)"
     );
     let rows = allowed_steps(
         &db,

@@ -93,7 +93,7 @@ async fn named_statements_break_behind_a_transaction_pooler_and_pooler_mode_does
     ) else {
         return;
     };
-    let pool = outbox_relay::db::connect_pool(&bouncer.url(), 2).expect("pool");
+    let pool = outbox_relay::db::connect_pool(&bouncer.url(), 2, None).expect("pool");
     let mut holder = pool.get().await.expect("first connection");
     let client = pool.get().await.expect("second connection");
 
