@@ -14,6 +14,7 @@ mod health_and_metrics;
 mod operator_sql;
 mod ordered;
 mod pgbouncer;
+mod poison;
 mod resilience;
 mod retention;
 mod routing;

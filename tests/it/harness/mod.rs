@@ -1,3 +1,4 @@
 pub mod db;
 pub mod pgbouncer;
+pub mod raw_http;
 pub mod relay;
