@@ -11,6 +11,7 @@ mod constraints;
 mod delivery;
 mod failures;
 mod health_and_metrics;
+mod leases;
 mod operator_sql;
 mod ordered;
 mod pgbouncer;

@@ -1,0 +1,216 @@
+//! Claims and the leases that guard result writes, at the SQL the relay runs
+//! (`outbox_relay::db::sql`), with real concurrent sessions.
+
+use outbox_relay::db::sql;
+use tokio_postgres::types::ToSql;
+
+use crate::harness::db::TestDb;
+use crate::harness::relay::*;
+
+const OWNER: &str = "relay-under-test";
+
+/// Runs the relay's claim for subscription `subscription` as `OWNER` with `token`; returns
+/// (delivery id, event_id as text) of what it leased.
+async fn claim(
+    client: &deadpool_postgres::Object,
+    subscription: i64,
+    token: i64,
+) -> Vec<(i64, String)> {
+    let params: [&(dyn ToSql + Sync); 6] = [
+        &vec![subscription],
+        &vec![10i32],
+        &10i32,
+        &OWNER,
+        &60.0f64,
+        &token,
+    ];
+    client
+        .query(sql::CLAIM_DELIVERIES.sql, &params)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|row| {
+            (
+                row.get::<_, i64>(0),
+                row.get::<_, uuid::Uuid>(4).to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Writes one result the way the completer does; returns the ids it updated.
+async fn complete(
+    client: &deadpool_postgres::Object,
+    delivery: i64,
+    status: &str,
+    error: Option<&str>,
+    token: i64,
+) -> Vec<i64> {
+    let now = chrono::Utc::now();
+    let params: [&(dyn ToSql + Sync); 11] = [
+        &vec![delivery],
+        &vec![status],
+        &vec![None::<chrono::DateTime<chrono::Utc>>],
+        &vec![Some(500i32)],
+        &vec![error],
+        &vec![None::<&str>],
+        &vec![now],
+        &vec![10i32],
+        &vec![status != "delivered"],
+        &vec![token],
+        &OWNER,
+    ];
+    client
+        .query(sql::COMPLETE_DELIVERIES.sql, &params)
+        .await
+        .expect("complete")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// A delivery committed while a claim is already running (after its statement snapshot was
+/// taken) is returned with its event, not leased and silently dropped. The claim is held at
+/// its first lock by a table lock, while the same transaction commits the event and delivery.
+#[tokio::test]
+async fn a_delivery_committed_during_a_claim_is_returned_with_its_event() {
+    let db = TestDb::new().await;
+    let (subscription, _) = add_subscription(&db, "crm", "http://127.0.0.1:9/hook", &[]).await;
+    // An older event, so a claim that joined events afterwards could not skip its call to
+    // the claim function on an empty table.
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO outbox.events (event_type, payload, dispatched_at)
+             VALUES ('lead.created', '{}', now())",
+        )
+        .await
+        .expect("older event");
+    let mut holder = db.client().await;
+    let blocker = holder.transaction().await.expect("begin");
+    blocker
+        .batch_execute("LOCK TABLE outbox.subscriptions IN EXCLUSIVE MODE")
+        .await
+        .expect("lock subscriptions");
+
+    let claimer = db.client().await;
+    let claim_task = tokio::spawn(async move { claim(&claimer, subscription, 7).await });
+    wait_until("the claim waits for the table lock", DEADLINE, || async {
+        count(
+            &db,
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'
+                AND query LIKE '%claim_deliveries%'",
+        )
+        .await
+            == 1
+    })
+    .await;
+
+    let event_id: uuid::Uuid = blocker
+        .query_one(
+            "WITH e AS (INSERT INTO outbox.events (event_type, payload, dispatched_at)
+                        VALUES ('lead.created', '{\"n\": 1}', now()) RETURNING id, event_id),
+                  d AS (INSERT INTO outbox.deliveries (event_id, subscription_id)
+                        SELECT id, $1 FROM e)
+             SELECT event_id FROM e",
+            &[&subscription],
+        )
+        .await
+        .expect("insert event and delivery")
+        .get(0);
+    blocker.commit().await.expect("commit");
+
+    let claimed = tokio::time::timeout(DEADLINE, claim_task)
+        .await
+        .expect("claim finishes")
+        .expect("claim task");
+    assert_eq!(
+        claimed.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+        vec![event_id.to_string()],
+        "the leased delivery comes back with its event"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'in_flight'"
+        )
+        .await,
+        claimed.len() as i64,
+        "nothing is leased that was not returned"
+    );
+}
+
+/// A result from an older claim of the same delivery, by the same relay (it lost the lease
+/// in an outage, the delivery was re-queued and claimed again), changes nothing: the newer
+/// attempt's outcome stands.
+#[tokio::test]
+async fn a_result_from_an_older_claim_cannot_overwrite_the_newer_one() {
+    let db = TestDb::new().await;
+    let (subscription, _) = add_subscription(&db, "crm", "http://127.0.0.1:9/hook", &[]).await;
+    let client = db.client().await;
+    client
+        .batch_execute(&format!(
+            "WITH e AS (INSERT INTO outbox.events (event_type, payload, dispatched_at)
+                        VALUES ('lead.created', '{{}}', now()) RETURNING id)
+             INSERT INTO outbox.deliveries (event_id, subscription_id) SELECT id, {subscription} FROM e"
+        ))
+        .await
+        .expect("event and delivery");
+
+    let first = claim(&client, subscription, 1).await;
+    assert_eq!(first.len(), 1);
+    let delivery = first[0].0;
+    // The outage: the lease runs out and any relay's reclaim re-queues the delivery.
+    client
+        .execute(
+            "UPDATE outbox.deliveries SET lease_expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .expect("expire the lease");
+    let reclaimed = client
+        .query(sql::RECLAIM_EXPIRED_LEASES.sql, &[&100i64])
+        .await
+        .expect("reclaim");
+    assert_eq!(reclaimed.len(), 1);
+    let second = claim(&client, subscription, 2).await;
+    assert_eq!(
+        second.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![delivery]
+    );
+
+    let stale = complete(&client, delivery, "dead", Some("stale outcome"), 1).await;
+    assert!(stale.is_empty(), "the older claim's result is refused");
+    let row = client
+        .query_one(
+            "SELECT status, attempts, lease_owner FROM outbox.deliveries WHERE id = $1",
+            &[&delivery],
+        )
+        .await
+        .expect("delivery");
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, Option<String>>(2)
+        ),
+        ("in_flight".to_string(), 0, Some(OWNER.to_string())),
+        "still leased to the newer claim"
+    );
+
+    let current = complete(&client, delivery, "delivered", None, 2).await;
+    assert_eq!(
+        current,
+        vec![delivery],
+        "the newer claim's result is written"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.delivery_attempts WHERE error = 'stale outcome'"
+        )
+        .await,
+        0
+    );
+}
