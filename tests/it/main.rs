@@ -19,3 +19,4 @@ mod poison;
 mod resilience;
 mod retention;
 mod routing;
+mod scheduled;
