@@ -17,7 +17,7 @@
 //!   client can treat 409 as done. This is the SPEC's idempotency of `event_id`.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::admin::run_replay;
-use super::{ApiError, ApiJson, ApiQuery, ApiState, parse_uuid};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, parse_uuid};
 use crate::admin::{
     self, AdminError, EventSearch, NewEvent, NewSubscription, Published, ReplayCriteria,
     SubscriptionSettings, SubscriptionUpdate,
@@ -396,7 +396,7 @@ struct ReplayAnswer {
 
 async fn replay_event(
     State(state): State<ApiState>,
-    Path(event_id): Path<String>,
+    ApiPath(event_id): ApiPath,
 ) -> Result<impl IntoResponse, ApiError> {
     let event_id = parse_uuid("event_id", &event_id)?;
     {
