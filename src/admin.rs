@@ -293,6 +293,64 @@ pub async fn create_subscription(
     })
 }
 
+/// What [`subscribe_event_type`] did.
+#[derive(Clone, Debug)]
+pub struct Subscribed {
+    pub subscription: SubscriptionInfo,
+    /// `Some` only when this call created the subscription: give it to the subscriber.
+    pub created_secret: Option<SecretText>,
+}
+
+/// Subscribes `name` to `event_type` at `url`: creates the subscription (secret generated)
+/// or adds the type to its `event_types` (kept in order, never twice) and sets its URL.
+/// `filter`: `None` leaves it alone (on create: none), `Some(None)` clears it.
+///
+/// One statement (`INSERT … ON CONFLICT (name) DO UPDATE`), so concurrent subscribes of the
+/// same name each add their type: the update runs on the row as the previous one left it,
+/// under its row lock. A read, append and write back lost all but one of them.
+pub async fn subscribe_event_type(
+    client: &Client,
+    name: &str,
+    url: &str,
+    event_type: &str,
+    filter: Option<Option<&serde_json::Value>>,
+) -> Result<Subscribed, AdminError> {
+    check_url(url)?;
+    check_event_type_pattern("event_types", event_type)?;
+    let secret = SecretText(generate_secret());
+    let sql = format!(
+        "INSERT INTO outbox.subscriptions AS s (name, url, event_types, filter, secret)
+         VALUES ($1, $2, ARRAY[$3::text], $5, $6)
+         ON CONFLICT (name) DO UPDATE
+            SET url = EXCLUDED.url,
+                event_types = CASE WHEN $3 = ANY (s.event_types) THEN s.event_types
+                                   ELSE s.event_types || $3::text END,
+                filter = CASE WHEN $4::boolean THEN EXCLUDED.filter ELSE s.filter END
+         RETURNING {SUBSCRIPTION_COLUMNS}, s.xmax = 0"
+    );
+    let row = client
+        .query_one(
+            &sql,
+            &[
+                &name,
+                &url,
+                &event_type,
+                &filter.is_some(),
+                &filter.flatten(),
+                &secret.0,
+            ],
+        )
+        .await
+        .map_err(|e| classify(e, "subscribing", name))?;
+    // xmax is 0 on a row version this statement inserted, the locking transaction's id on
+    // one it updated.
+    let created: bool = row.get(17);
+    Ok(Subscribed {
+        subscription: subscription_from_row(&row),
+        created_secret: created.then_some(secret),
+    })
+}
+
 /// Every subscription, by name.
 pub async fn list_subscriptions(client: &Client) -> Result<Vec<SubscriptionInfo>, AdminError> {
     let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM outbox.subscriptions ORDER BY name");

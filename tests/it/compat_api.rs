@@ -537,3 +537,54 @@ async fn nul_in_any_bus_text_field_is_a_400_naming_it() {
     }
     relay.shutdown().await;
 }
+
+/// Subscribes of one service arriving at once each add their event type: the type is
+/// appended in the same statement that creates or updates the subscription, so none of
+/// them overwrites another's (a read, append and write back kept only the last writer's).
+/// Exactly one of them creates the subscription and gets its secret.
+#[tokio::test]
+async fn concurrent_subscribes_of_one_service_keep_every_event_type() {
+    const SUBSCRIBERS: usize = 20;
+    let db = TestDb::new().await;
+    let (relay, api) = Api::spawn(&db).await;
+    let event_types: Vec<String> = (0..SUBSCRIBERS).map(|i| format!("lead.kind{i}")).collect();
+    let answers = futures::future::join_all(event_types.iter().map(|event_type| {
+        api.post(
+            "/events/subscribe",
+            json!({ "event_type": event_type, "service_name": "crm",
+                    "webhook_url": "http://127.0.0.1:9/hook" }),
+        )
+    }))
+    .await;
+    let mut created = 0;
+    for answer in answers {
+        assert!(
+            matches!(answer.status, 200 | 201),
+            "{}: {:#}",
+            answer.status,
+            answer.body
+        );
+        if answer.status == 201 {
+            created += 1;
+            assert!(answer.body["secret"].is_string(), "{:#}", answer.body);
+        } else {
+            assert!(answer.body.get("secret").is_none(), "{:#}", answer.body);
+        }
+    }
+    assert_eq!(created, 1, "exactly one subscribe creates the service");
+
+    let listed = api.get("/subscriptions").await.expect(200);
+    let subscriptions = listed["subscriptions"].as_array().expect("list");
+    assert_eq!(subscriptions.len(), 1, "{listed:#}");
+    let mut stored: Vec<String> = subscriptions[0]["event_types"]
+        .as_array()
+        .expect("event_types")
+        .iter()
+        .map(|t| t.as_str().expect("text").to_owned())
+        .collect();
+    stored.sort();
+    let mut wanted = event_types.clone();
+    wanted.sort();
+    assert_eq!(stored, wanted, "every subscribed type, once each");
+    relay.shutdown().await;
+}
