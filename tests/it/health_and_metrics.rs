@@ -292,3 +292,60 @@ async fn demo_delivers_the_sample_flow_with_verified_signatures() {
         3
     );
 }
+
+/// A buffer the test's log subscriber writes to.
+#[derive(Clone, Default)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The LISTEN connection ending because the relay shuts down is not a warning. Shutdown and
+/// the session's end are seen at the same moment, so which one the listener noticed first
+/// used to be a coin toss; twenty shutdowns in a row make a warning on either side show.
+#[tokio::test]
+async fn the_listen_connection_closes_quietly_on_shutdown() {
+    use outbox_relay::db::listen::{self, WakeTargets};
+    use std::sync::atomic::Ordering;
+    let db = TestDb::new().await;
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    // The test runtime is single-threaded, so this thread's subscriber sees every task.
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    for _ in 0..20 {
+        let targets = WakeTargets {
+            events: Default::default(),
+            subscriptions: Default::default(),
+            connected: Default::default(),
+        };
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let listener = tokio::spawn(listen::run(db.url.clone(), targets.clone(), cancel.clone()));
+        wait_until("LISTEN is established", DEADLINE, || {
+            let connected = targets.connected.clone();
+            async move { connected.load(Ordering::SeqCst) }
+        })
+        .await;
+        cancel.cancel();
+        tokio::time::timeout(DEADLINE, listener)
+            .await
+            .expect("the listener stops when cancelled")
+            .expect("the listener task ends without panicking");
+    }
+    let logs = String::from_utf8(logs.0.lock().expect("log buffer").clone()).expect("UTF-8");
+    assert_eq!(logs.matches("listening for wake-ups").count(), 20, "{logs}");
+    assert!(!logs.contains("WARN"), "{logs}");
+}
