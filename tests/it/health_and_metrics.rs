@@ -260,29 +260,59 @@ async fn backlog_gauges_report_waiting_work() {
     relay.shutdown().await;
 }
 
-/// `outbox-relay demo --once`: the sample flow is delivered and every signature verifies.
+/// `outbox-relay demo --once`: lead 42's flow arrives in event order (an ordered
+/// subscription keyed by the lead), every signature verifies, the rolled-back event is not
+/// among what the receiver got (the demo shows it all once every stored sample event is
+/// delivered, so a stored one would be there), and a clean exit logs no warning.
 #[tokio::test]
-async fn demo_delivers_the_sample_flow_with_verified_signatures() {
+async fn demo_delivers_the_sample_flow_in_order_with_verified_signatures() {
     let db = TestDb::new().await;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .args(["demo", "--once"])
         .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "info")
         .output();
     let output = tokio::time::timeout(DEADLINE, output)
         .await
         .expect("demo finishes")
         .expect("demo runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    // What the receiver got, in arrival order: (event type, ordering key, verdict).
+    let received: Vec<(&str, &str, bool)> = stdout
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("✓ received "))
+        .map(|rest| {
+            let mut words = rest.split_whitespace();
+            (
+                words.next().expect("event type"),
+                words.next().expect("ordering key"),
+                rest.ends_with("(signature verified)"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        received,
+        [
+            ("lead.created", "lead:42", true),
+            ("lead.qualified", "lead:42", true),
+            ("lead.converted", "lead:42", true),
+        ],
+        "{stdout}"
     );
-    assert_eq!(stdout.matches("signature verified").count(), 3, "{stdout}");
-    for event_type in ["lead.created", "lead.qualified", "lead.converted"] {
-        assert!(stdout.contains(event_type), "{stdout}");
-    }
-    assert!(!stdout.contains("rolled back, never sent"), "{stdout}");
+    assert!(
+        stdout.contains("lead:42: lead.created → lead.qualified → lead.converted"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(outbox_relay::demo::ROLLED_BACK_MARKER),
+        "{stdout}"
+    );
+    assert!(
+        !stderr.contains("WARN"),
+        "a clean exit logged a warning:\n{stderr}"
+    );
     assert_eq!(
         count(
             &db,
@@ -291,6 +321,7 @@ async fn demo_delivers_the_sample_flow_with_verified_signatures() {
         .await,
         3
     );
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.events").await, 3);
 }
 
 /// A buffer the test's log subscriber writes to.
