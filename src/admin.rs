@@ -293,6 +293,64 @@ pub async fn create_subscription(
     })
 }
 
+/// What [`subscribe_event_type`] did.
+#[derive(Clone, Debug)]
+pub struct Subscribed {
+    pub subscription: SubscriptionInfo,
+    /// `Some` only when this call created the subscription: give it to the subscriber.
+    pub created_secret: Option<SecretText>,
+}
+
+/// Subscribes `name` to `event_type` at `url`: creates the subscription (secret generated)
+/// or adds the type to its `event_types` (kept in order, never twice) and sets its URL.
+/// `filter`: `None` leaves it alone (on create: none), `Some(None)` clears it.
+///
+/// One statement (`INSERT … ON CONFLICT (name) DO UPDATE`), so concurrent subscribes of the
+/// same name each add their type: the update runs on the row as the previous one left it,
+/// under its row lock. A read, append and write back lost all but one of them.
+pub async fn subscribe_event_type(
+    client: &Client,
+    name: &str,
+    url: &str,
+    event_type: &str,
+    filter: Option<Option<&serde_json::Value>>,
+) -> Result<Subscribed, AdminError> {
+    check_url(url)?;
+    check_event_type_pattern("event_types", event_type)?;
+    let secret = SecretText(generate_secret());
+    let sql = format!(
+        "INSERT INTO outbox.subscriptions AS s (name, url, event_types, filter, secret)
+         VALUES ($1, $2, ARRAY[$3::text], $5, $6)
+         ON CONFLICT (name) DO UPDATE
+            SET url = EXCLUDED.url,
+                event_types = CASE WHEN $3 = ANY (s.event_types) THEN s.event_types
+                                   ELSE s.event_types || $3::text END,
+                filter = CASE WHEN $4::boolean THEN EXCLUDED.filter ELSE s.filter END
+         RETURNING {SUBSCRIPTION_COLUMNS}, s.xmax = 0"
+    );
+    let row = client
+        .query_one(
+            &sql,
+            &[
+                &name,
+                &url,
+                &event_type,
+                &filter.is_some(),
+                &filter.flatten(),
+                &secret.0,
+            ],
+        )
+        .await
+        .map_err(|e| classify(e, "subscribing", name))?;
+    // xmax is 0 on a row version this statement inserted, the locking transaction's id on
+    // one it updated.
+    let created: bool = row.get(17);
+    Ok(Subscribed {
+        subscription: subscription_from_row(&row),
+        created_secret: created.then_some(secret),
+    })
+}
+
 /// Every subscription, by name.
 pub async fn list_subscriptions(client: &Client) -> Result<Vec<SubscriptionInfo>, AdminError> {
     let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM outbox.subscriptions ORDER BY name");
@@ -1354,7 +1412,50 @@ fn check_secret(secret: &SecretText) -> Result<(), AdminError> {
         })
 }
 
-/// Turns the database errors callers act on into their own variants.
+/// Where in a JSON value a string (or an object key) holds U+0000, as a path in the
+/// request's own words (`name`, `headers.X-Team`, `event_types[1]`; `""` for the value
+/// itself); `None` when nowhere.
+///
+/// PostgreSQL refuses NUL in `text` (`invalid byte sequence for encoding "UTF8": 0x00`)
+/// and in `jsonb` strings (`unsupported Unicode escape sequence`), and its error does not
+/// say which parameter held it. Callers refuse such input with this path before any
+/// query runs, so the error names the field instead of being a failed query.
+pub fn nul_path(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(text) => text.contains('\0').then(String::new),
+        serde_json::Value::Array(items) => items.iter().enumerate().find_map(|(index, item)| {
+            nul_path(item).map(|inner| join_path(&format!("[{index}]"), &inner))
+        }),
+        serde_json::Value::Object(map) => map.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                // The key itself cannot be shown as a field name; its object is to blame.
+                return Some(String::new());
+            }
+            nul_path(item).map(|inner| join_path(key, &inner))
+        }),
+        _ => None,
+    }
+}
+
+/// `head` followed by the path `tail` below it.
+fn join_path(head: &str, tail: &str) -> String {
+    if tail.is_empty() {
+        head.to_owned()
+    } else if tail.starts_with('[') {
+        format!("{head}{tail}")
+    } else {
+        format!("{head}.{tail}")
+    }
+}
+
+/// What to tell a client whose text held U+0000.
+pub const NUL_PROBLEM: &str =
+    "contains a NUL character (\\u0000), which PostgreSQL cannot store in text or JSON; remove it";
+
+/// Turns the database errors callers act on into their own variants. Data exceptions
+/// (SQLSTATE class 22) and integrity violations (class 23) are caused by the values sent,
+/// so they are [`AdminError::Invalid`] naming the constraint's or column's field, never a
+/// failed query.
 fn classify(error: tokio_postgres::Error, context: &'static str, name: &str) -> AdminError {
     if let Some(db) = error.as_db_error() {
         let code = db.code();
@@ -1362,17 +1463,6 @@ fn classify(error: tokio_postgres::Error, context: &'static str, name: &str) -> 
         {
             return AdminError::Duplicate {
                 name: name.to_owned(),
-            };
-        }
-        if *code == SqlState::CHECK_VIOLATION {
-            let constraint = db.constraint().unwrap_or("");
-            let (field, rule) = constraint_rule(constraint);
-            return AdminError::Invalid {
-                field,
-                problem: match rule {
-                    Some(rule) => format!("{rule} (constraint {constraint})"),
-                    None => db.message().to_owned(),
-                },
             };
         }
         if *code == SqlState::UNDEFINED_TABLE
@@ -1400,11 +1490,64 @@ fn classify(error: tokio_postgres::Error, context: &'static str, name: &str) -> 
                 problem,
             };
         }
+        let class = code.code().get(..2);
+        if class == Some("22") || class == Some("23") {
+            let (field, rule) = db
+                .constraint()
+                .map(constraint_rule)
+                .filter(|(field, _)| *field != "value")
+                .unwrap_or_else(|| (db.column().map_or("value", column_field), None));
+            let nul = *code == SqlState::CHARACTER_NOT_IN_REPERTOIRE
+                || *code == SqlState::UNTRANSLATABLE_CHARACTER;
+            let mut problem = match (rule, nul) {
+                (Some(rule), _) => rule.to_owned(),
+                (None, true) => format!("a value {NUL_PROBLEM}"),
+                (None, false) => db.message().to_owned(),
+            };
+            match db.constraint() {
+                Some(constraint) => problem.push_str(&format!(" (constraint {constraint})")),
+                None => problem.push_str(&format!(" (SQLSTATE {})", code.code())),
+            }
+            if let Some(hint) = db.hint() {
+                problem.push_str(". ");
+                problem.push_str(hint);
+            }
+            return AdminError::Invalid { field, problem };
+        }
     }
     AdminError::Db(DbError::Query {
         context,
         source: error,
     })
+}
+
+/// A column a data exception or NOT NULL violation names, as a field of this module
+/// (`value` for one it does not know).
+fn column_field(column: &str) -> &'static str {
+    const FIELDS: [&str; 17] = [
+        "name",
+        "url",
+        "secret",
+        "event_types",
+        "tenant_id",
+        "filter",
+        "headers",
+        "timeout",
+        "max_in_flight",
+        "rate_limit_per_second",
+        "retry_schedule",
+        "event_type",
+        "payload",
+        "metadata",
+        "ordering_key",
+        "source_service",
+        "target_services",
+    ];
+    FIELDS
+        .iter()
+        .find(|field| **field == column)
+        .copied()
+        .unwrap_or("value")
 }
 
 /// The field a subscriptions CHECK constraint guards, and its rule in words.
@@ -1526,6 +1669,32 @@ mod tests {
         let debug = format!("{created:?}");
         assert!(!debug.contains(created.secret.expose()), "{debug}");
         assert!(debug.contains("redacted"));
+    }
+
+    #[test]
+    fn nul_is_found_wherever_it_is_nested() {
+        use serde_json::json;
+        for (value, path) in [
+            (json!("a\u{0}b"), Some("")),
+            (json!({ "name": "crm\u{0}" }), Some("name")),
+            (
+                json!({ "headers": { "X-Team": "a\u{0}" } }),
+                Some("headers.X-Team"),
+            ),
+            (
+                json!({ "event_types": ["lead.*", "\u{0}"] }),
+                Some("event_types[1]"),
+            ),
+            (
+                json!({ "data": { "a": [{ "b": "\u{0}" }] } }),
+                Some("data.a[0].b"),
+            ),
+            (json!({ "headers": { "X-\u{0}": "a" } }), Some("headers")),
+            (json!({ "name": "crm", "n": 1, "list": [null, true] }), None),
+            (json!("\\u0000 spelled out"), None),
+        ] {
+            assert_eq!(nul_path(&value).as_deref(), path, "{value}");
+        }
     }
 
     #[test]

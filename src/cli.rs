@@ -343,7 +343,14 @@ fn parse_header(raw: &str) -> Result<Header, String> {
 
 fn parse_json_object(raw: &str) -> Result<serde_json::Value, String> {
     match serde_json::from_str(raw) {
-        Ok(value @ serde_json::Value::Object(_)) => Ok(value),
+        Ok(value @ serde_json::Value::Object(_)) => match admin::nul_path(&value) {
+            Some(path) => Err(format!(
+                "{} {}",
+                if path.is_empty() { "a key" } else { &path },
+                admin::NUL_PROBLEM
+            )),
+            None => Ok(value),
+        },
         Ok(_) => Err(format!(
             "{raw:?} is JSON but not an object; give an object such as '{{\"plan\":\"pro\"}}'"
         )),
@@ -1024,6 +1031,8 @@ mod tests {
         assert!(parse_json_object(r#"{"plan":"pro"}"#).is_ok());
         assert!(parse_json_object("[1]").is_err());
         assert!(parse_json_object("{oops").is_err());
+        let nul = parse_json_object(r#"{"plan":{"tier":"pro\u0000"}}"#).unwrap_err();
+        assert!(nul.contains("plan.tier") && nul.contains("NUL"), "{nul}");
     }
 
     #[test]

@@ -6,14 +6,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ApiError, ApiJson, ApiQuery, ApiState, double_option, parse_cursor, parse_time, parse_uuid,
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiState, double_option, parse_cursor, parse_time,
+    parse_uuid,
 };
 use crate::admin::{
     self, EventSearch, NewSubscription, ReplayCriteria, SecretText, SubscriptionInfo,
@@ -182,7 +183,7 @@ async fn create_subscription(
 
 async fn get_subscription(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
 ) -> Result<impl IntoResponse, ApiError> {
     let client = state.client().await?;
     let subscription = admin::get_subscription(&client, &name)
@@ -193,7 +194,7 @@ async fn get_subscription(
 
 async fn update_subscription(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     ApiJson(body): ApiJson<SubscriptionBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     if body.name.is_some() {
@@ -221,7 +222,7 @@ async fn update_subscription(
 
 async fn remove_subscription(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
 ) -> Result<impl IntoResponse, ApiError> {
     let client = state.client().await?;
     let removed = admin::remove_subscription(&client, &name)
@@ -238,7 +239,7 @@ struct DisableBody {
 
 async fn disable_subscription(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     ApiJson(body): ApiJson<DisableBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     let client = state.client().await?;
@@ -250,7 +251,7 @@ async fn disable_subscription(
 
 async fn enable_subscription(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
 ) -> Result<impl IntoResponse, ApiError> {
     let client = state.client().await?;
     let subscription = admin::enable_subscription(&client, &name)
@@ -270,7 +271,7 @@ struct RotateBody {
 
 async fn rotate_secret(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     ApiJson(body): ApiJson<RotateBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     let overlap = match body.overlap_seconds {
@@ -328,7 +329,7 @@ async fn search_events(
 
 async fn get_event(
     State(state): State<ApiState>,
-    Path(event_id): Path<String>,
+    ApiPath(event_id): ApiPath,
 ) -> Result<impl IntoResponse, ApiError> {
     let event_id = parse_uuid("event_id", &event_id)?;
     let client = state.client().await?;
@@ -476,7 +477,7 @@ async fn list_replays(
 
 async fn get_replay(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> Result<impl IntoResponse, ApiError> {
     let id: i64 = id.trim().parse().map_err(|_| {
         ApiError::invalid(

@@ -11,13 +11,14 @@
 //! - A subscription is named after `service_name` alone, so `target_services` (which names
 //!   subscriptions) keeps addressing services. Subscribing the same service to another
 //!   event type adds the type to that subscription; `webhook_url` and `filters` are the
-//!   service's, the last subscribe wins.
+//!   service's, the last subscribe wins. Concurrent subscribes of one service each add
+//!   their type ([`admin::subscribe_event_type`] is one statement).
 //! - A publish with an `event_id` that exists already is refused with 409
 //!   (`duplicate_event`): the first one was stored and will be delivered, so a retrying
 //!   client can treat 409 as done. This is the SPEC's idempotency of `event_id`.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -25,11 +26,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::admin::run_replay;
-use super::{ApiError, ApiJson, ApiQuery, ApiState, parse_uuid};
-use crate::admin::{
-    self, AdminError, EventSearch, NewEvent, NewSubscription, Published, ReplayCriteria,
-    SubscriptionSettings, SubscriptionUpdate,
-};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, parse_uuid};
+use crate::admin::{self, EventSearch, NewEvent, Published, ReplayCriteria};
 
 /// Who compatibility replays are recorded as in `outbox.replays`.
 pub const COMPAT_REQUESTER: &str = "event-bus-compat";
@@ -219,76 +217,32 @@ async fn subscribe(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<SubscribeBody>,
 ) -> Result<impl IntoResponse, ApiError> {
-    admin::check_event_type_pattern("event_type", &body.event_type).map_err(ApiError::from)?;
     // An empty filter matches every payload; store it as NULL, which says so plainly.
     let filter = body
         .filters
         .map(|f| f.filter(|f| f.as_object().is_none_or(|o| !o.is_empty())));
-    let map = |e: AdminError| ApiError::from(e).rename_field(subscribe_field);
-    // What a subscribe sets; everything else keeps its default (create) or value (update).
-    let settings = |event_types: Vec<String>| SubscriptionSettings {
-        event_types: Some(event_types),
-        filter: filter.clone(),
-        ..SubscriptionSettings::default()
-    };
     let client = state.client().await?;
-    // Two tries: a concurrent subscribe of the same new service may create it between our
-    // look-up and our insert; the second round then updates what it created.
-    for _ in 0..2 {
-        match admin::get_subscription(&client, &body.service_name).await {
-            Ok(existing) => {
-                let mut event_types = existing.event_types.clone();
-                if !event_types.contains(&body.event_type) {
-                    event_types.push(body.event_type.clone());
-                }
-                let update = SubscriptionUpdate {
-                    url: Some(body.webhook_url.clone()),
-                    settings: settings(event_types),
-                };
-                let updated = admin::update_subscription(&client, &body.service_name, &update)
-                    .await
-                    .map_err(map)?;
-                return Ok((
-                    StatusCode::OK,
-                    axum::Json(SubscribeAnswer {
-                        subscription: updated.into(),
-                        created: false,
-                        secret: None,
-                    }),
-                ));
-            }
-            Err(AdminError::NotFound { .. }) => {
-                let new = NewSubscription {
-                    name: body.service_name.clone(),
-                    url: body.webhook_url.clone(),
-                    secret: None,
-                    settings: settings(vec![body.event_type.clone()]),
-                };
-                match admin::create_subscription(&client, &new).await {
-                    Ok(created) => {
-                        let info = admin::get_subscription(&client, &created.name)
-                            .await
-                            .map_err(map)?;
-                        return Ok((
-                            StatusCode::CREATED,
-                            axum::Json(SubscribeAnswer {
-                                subscription: info.into(),
-                                created: true,
-                                secret: Some(created.secret),
-                            }),
-                        ));
-                    }
-                    Err(AdminError::Duplicate { .. }) => continue,
-                    Err(error) => return Err(map(error)),
-                }
-            }
-            Err(error) => return Err(map(error)),
-        }
-    }
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "conflict",
-        "the subscription changed concurrently twice; retry the request",
+    let subscribed = admin::subscribe_event_type(
+        &client,
+        &body.service_name,
+        &body.webhook_url,
+        &body.event_type,
+        filter.as_ref().map(Option::as_ref),
+    )
+    .await
+    .map_err(|e| ApiError::from(e).rename_field(subscribe_field))?;
+    let created = subscribed.created_secret.is_some();
+    Ok((
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        axum::Json(SubscribeAnswer {
+            subscription: subscribed.subscription.into(),
+            created,
+            secret: subscribed.created_secret,
+        }),
     ))
 }
 
@@ -396,7 +350,7 @@ struct ReplayAnswer {
 
 async fn replay_event(
     State(state): State<ApiState>,
-    Path(event_id): Path<String>,
+    ApiPath(event_id): ApiPath,
 ) -> Result<impl IntoResponse, ApiError> {
     let event_id = parse_uuid("event_id", &event_id)?;
     {

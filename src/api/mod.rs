@@ -10,6 +10,13 @@
 //! the CLI uses too, so the two cannot drift. Errors have one JSON shape
 //! (`{"error": {"code", "message", "field"}}`, see [`ApiError`]). This module never holds a
 //! database connection across anything but its own queries.
+//!
+//! Every text a request carries enters through one of three extractors, [`ApiJson`],
+//! [`ApiQuery`] and [`ApiPath`], and they are the one place text is checked for what
+//! PostgreSQL cannot store: U+0000 (in any string or key at any depth) and bytes that are
+//! not UTF-8 are a 400 naming the field (`name`, `headers.X-Team`, `event_types[1]`) before
+//! a handler runs. What still reaches the database as bad data (SQLSTATE classes 22 and
+//! 23) comes back from [`crate::admin`] as invalid input, also a 400.
 
 pub mod admin;
 pub mod compat;
@@ -247,6 +254,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         } else {
             &bytes
         };
+        refuse_nul_in_json(bytes)?;
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
         serde_path_to_error::deserialize(&mut deserializer)
             .map(ApiJson)
@@ -257,7 +265,48 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// Query parameters whose parse errors are 400s naming the parameter.
+/// The one check every JSON body passes: no string or key may hold U+0000, which
+/// PostgreSQL cannot store in `text` or `jsonb`. JSON can only spell it `\u0000`, so bodies
+/// without that sequence (nearly all) are not parsed twice.
+fn refuse_nul_in_json(bytes: &[u8]) -> Result<(), ApiError> {
+    const ESCAPE: &[u8] = b"\\u0000";
+    if !bytes.windows(ESCAPE.len()).any(|window| window == ESCAPE) {
+        return Ok(());
+    }
+    // Not JSON at all: the typed parse below says where.
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Ok(());
+    };
+    match crate::admin::nul_path(&value) {
+        Some(path) => {
+            let field = if path.is_empty() {
+                "body".to_owned()
+            } else {
+                path
+            };
+            Err(ApiError::invalid(
+                field.clone(),
+                format!("{field} {}", crate::admin::NUL_PROBLEM),
+            ))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Refuses a text value of a query or path parameter that holds U+0000.
+fn refuse_nul(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.contains('\0') {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} {}", crate::admin::NUL_PROBLEM),
+        ));
+    }
+    Ok(())
+}
+
+/// Query parameters whose parse errors are 400s naming the parameter. Values are
+/// percent-decoded strictly: a `%00` or bytes that are not UTF-8 are refused naming the
+/// parameter, where a lenient decoder would search for U+FFFD or fail in the database.
 pub struct ApiQuery<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
@@ -265,14 +314,96 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
         let query = parts.uri.query().unwrap_or("");
+        let mut pairs = Vec::new();
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = decode_query_part("query", key)?;
+            refuse_nul("query", &key)?;
+            let value = decode_query_part(&key, value)?;
+            refuse_nul(&key, &value)?;
+            pairs.push((key, value));
+        }
+        // Re-encoded so serde_urlencoded reads the checked pairs with its own typing.
+        let checked = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&pairs)
+            .finish();
         let deserializer =
-            serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+            serde_urlencoded::Deserializer::new(form_urlencoded::parse(checked.as_bytes()));
         serde_path_to_error::deserialize(deserializer)
             .map(ApiQuery)
             .map_err(|error| {
                 let (field, message) = field_of(&error.path().to_string(), error.inner());
                 ApiError::invalid(field.unwrap_or_else(|| "query".to_owned()), message)
             })
+    }
+}
+
+/// One `application/x-www-form-urlencoded` key or value: `+` is a space, `%XX` a byte, and
+/// the bytes must be UTF-8.
+fn decode_query_part(field: &str, raw: &str) -> Result<String, ApiError> {
+    let raw = raw.replace('+', " ");
+    let bytes: Vec<u8> = percent_decode(raw.as_bytes());
+    String::from_utf8(bytes).map_err(|_| {
+        ApiError::invalid(
+            field,
+            format!("{field} is not UTF-8 once percent-decoded; send UTF-8 text"),
+        )
+    })
+}
+
+fn percent_decode(raw: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%'
+            && let (Some(high), Some(low)) = (
+                raw.get(i + 1).copied().and_then(hex),
+                raw.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push(high << 4 | low);
+            i += 3;
+        } else {
+            out.push(raw[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The one path parameter of a route (`{name}`, `{event_id}`, `{id}`), as text. Text that
+/// is not UTF-8 once percent-decoded or holds U+0000 is a 400 naming the parameter, in the
+/// API's error shape (axum's own rejection is plain text).
+pub struct ApiPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        use axum::extract::Path;
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match Path::<Vec<(String, String)>>::from_request_parts(parts, state).await {
+            Ok(Path(params)) => match params.into_iter().next() {
+                Some((key, value)) => {
+                    refuse_nul(&key, &value)?;
+                    Ok(ApiPath(value))
+                }
+                None => Err(ApiError::invalid("path", "a path parameter is missing")),
+            },
+            Err(PathRejection::FailedToDeserializePathParams(error)) => {
+                let field = match error.kind() {
+                    ErrorKind::InvalidUtf8InPathParam { key } => key.clone(),
+                    _ => "path".to_owned(),
+                };
+                Err(ApiError::invalid(
+                    field.clone(),
+                    format!("{field}: {}; send UTF-8 text", error.body_text()),
+                ))
+            }
+            Err(rejection) => Err(ApiError::invalid("path", rejection.body_text())),
+        }
     }
 }
 

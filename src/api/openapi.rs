@@ -121,9 +121,9 @@ pub fn build() -> Value {
                 "type": "object",
                 "required": ["code", "message"],
                 "properties": {
-                    "code": { "type": "string", "enum": ["invalid_input", "unauthorized", "not_found", "duplicate", "duplicate_event", "conflict", "schema_outdated", "unavailable", "internal"] },
+                    "code": { "type": "string", "enum": ["invalid_input", "unauthorized", "not_found", "duplicate", "duplicate_event", "schema_outdated", "unavailable", "internal"] },
                     "message": { "type": "string" },
-                    "field": { "type": "string", "description": "The input to blame, when there is one." }
+                    "field": { "type": "string", "description": "The input to blame, when there is one, as the request spells it: name, headers.X-Team, event_types[1]." }
                 }
             }}
         },
@@ -217,19 +217,19 @@ pub fn build() -> Value {
         }));
     paths.insert("/admin/v1/subscriptions/{name}".into(), json!({
             "get": operation("One subscription.", vec![subscription_name()], None,
-                with_errors(json!({ "200": ok("The subscription.", reference("Subscription")) }), &[("404", "No such subscription.")])),
+                with_errors(json!({ "200": ok("The subscription.", reference("Subscription")) }), &[("400", "Invalid input (e.g. a name holding NUL); error.field names it."), ("404", "No such subscription.")])),
             "patch": operation("Change the given settings.", vec![subscription_name()],
                 Some(json_body(reference("SubscriptionUpdate"))),
                 with_errors(json!({ "200": ok("The subscription now.", reference("Subscription")) }),
                     &[("400", "Invalid input; error.field names it."), ("404", "No such subscription.")])),
             "delete": operation("Delete; its open deliveries become dead.", vec![subscription_name()], None,
-                with_errors(json!({ "200": ok("Removed.", reference("RemovedSubscription")) }), &[("404", "No such subscription.")]))
+                with_errors(json!({ "200": ok("Removed.", reference("RemovedSubscription")) }), &[("400", "Invalid input (e.g. a name holding NUL); error.field names it."), ("404", "No such subscription.")]))
         }));
     paths.insert("/admin/v1/subscriptions/{name}/disable".into(), json!({ "post": operation("Stop delivering to it.", vec![subscription_name()],
             Some(json_body(json!({ "type": "object", "properties": { "reason": string } }))),
-            with_errors(json!({ "200": ok("The subscription now.", reference("Subscription")) }), &[("404", "No such subscription.")])) }));
+            with_errors(json!({ "200": ok("The subscription now.", reference("Subscription")) }), &[("400", "Invalid input (e.g. a name holding NUL); error.field names it."), ("404", "No such subscription.")])) }));
     paths.insert("/admin/v1/subscriptions/{name}/enable".into(), json!({ "post": operation("Deliver to it again.", vec![subscription_name()], None,
-            with_errors(json!({ "200": ok("The subscription now.", reference("Subscription")) }), &[("404", "No such subscription.")])) }));
+            with_errors(json!({ "200": ok("The subscription now.", reference("Subscription")) }), &[("400", "Invalid input (e.g. a name holding NUL); error.field names it."), ("404", "No such subscription.")])) }));
     paths.insert("/admin/v1/subscriptions/{name}/rotate-secret".into(), json!({ "post": operation(
             "Replace the signing secret; both sign during the overlap (default 86400 s).", vec![subscription_name()],
             Some(json_body(json!({ "type": "object", "properties": { "overlap_seconds": { "type": "number" }, "secret": string } }))),
@@ -324,7 +324,7 @@ pub fn build() -> Value {
         "info": {
             "title": "outbox-relay admin API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Admin API (/admin/v1) and the previous event bus's compatibility endpoints. Enabled only when OUTBOX_ADMIN_TOKEN is set; every operation but this document needs Authorization: Bearer <token>. Errors: {\"error\": {\"code\", \"message\", \"field\"}}."
+            "description": "Admin API (/admin/v1) and the previous event bus's compatibility endpoints. Enabled only when OUTBOX_ADMIN_TOKEN is set; every operation but this document needs Authorization: Bearer <token>. Errors: {\"error\": {\"code\", \"message\", \"field\"}}. Text anywhere in a request (body strings at any depth, query and path parameters) must be UTF-8 without NUL (\\u0000), which PostgreSQL cannot store: such input is a 400 invalid_input naming the field."
         },
         "components": {
             "schemas": schemas,

@@ -46,6 +46,12 @@ pub async fn run(database_url: String, targets: WakeTargets, cancel: Cancellatio
             result = session => result,
         };
         targets.connected.store(false, Ordering::SeqCst);
+        // Shutting down ends the session too (and `select!` may see that before it sees the
+        // cancellation): the relay closing its own connection is not worth a warning.
+        if cancel.is_cancelled() {
+            tracing::debug!("LISTEN connection closed for shutdown");
+            return;
+        }
         match result {
             Ok(()) => {
                 tracing::warn!("LISTEN connection closed by the server; reconnecting");

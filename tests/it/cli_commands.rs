@@ -273,7 +273,7 @@ async fn a_taken_name_is_refused_with_what_to_do() {
 #[tokio::test]
 async fn bad_values_are_refused_naming_the_problem() {
     let db = TestDb::new().await;
-    let cases: [(&[&str], &[&str]); 7] = [
+    let cases: [(&[&str], &[&str]); 8] = [
         (
             &["--url", "ftp://crm.internal/x"],
             &["invalid url", "http://", "--url"],
@@ -320,6 +320,16 @@ async fn bad_values_are_refused_naming_the_problem() {
         (
             &["--url", "https://crm.internal/x", "--filter", "[1]"],
             &["--filter", "not an object"],
+        ),
+        (
+            // PostgreSQL cannot store NUL in jsonb; refused before it gets there.
+            &[
+                "--url",
+                "https://crm.internal/x",
+                "--filter",
+                r#"{"plan": "pro\u0000"}"#,
+            ],
+            &["--filter", "plan", "NUL"],
         ),
     ];
     for (flags, expected) in cases {

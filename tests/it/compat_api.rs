@@ -385,3 +385,206 @@ async fn pending_status_counts_the_backlog() {
     assert_eq!(wrong.status, 401);
     relay.shutdown().await;
 }
+
+/// U+0000 in any text the bus endpoints take (body fields at any depth, query and path
+/// parameters) is a 400 naming it in the bus's own words, never a 500, and nothing is
+/// stored.
+#[tokio::test]
+async fn nul_in_any_bus_text_field_is_a_400_naming_it() {
+    let db = TestDb::new().await;
+    let (relay, api) = Api::spawn(&db).await;
+    let nul = "a\u{0}b";
+    let with = |base: Value, field: &str, value: Value| {
+        let mut body = base;
+        body[field] = value;
+        body
+    };
+    let publish = json!({ "event_type": "lead.created", "data": {} });
+    let subscribe = json!({ "event_type": "lead.created", "service_name": "crm",
+                            "webhook_url": "http://127.0.0.1:9/hook" });
+    let cases: Vec<(&str, Option<Value>, &str)> = vec![
+        (
+            "/events/publish",
+            Some(with(publish.clone(), "event_type", json!(nul))),
+            "event_type",
+        ),
+        (
+            "/events/publish",
+            Some(with(publish.clone(), "data", json!({ "note": nul }))),
+            "data.note",
+        ),
+        (
+            "/events/publish",
+            Some(with(
+                publish.clone(),
+                "data",
+                json!({ "a": [1, { "b": nul }] }),
+            )),
+            "data.a[1].b",
+        ),
+        (
+            "/events/publish",
+            Some(with(publish.clone(), "data", json!(nul))),
+            "data",
+        ),
+        (
+            "/events/publish",
+            Some(with(publish.clone(), "tenant_id", json!(nul))),
+            "tenant_id",
+        ),
+        (
+            "/events/publish",
+            Some(with(publish.clone(), "source_service", json!(nul))),
+            "source_service",
+        ),
+        (
+            "/events/publish",
+            Some(with(publish.clone(), "priority", json!(nul))),
+            "priority",
+        ),
+        (
+            "/events/publish",
+            Some(with(
+                publish.clone(),
+                "target_services",
+                json!(["crm", nul]),
+            )),
+            "target_services[1]",
+        ),
+        (
+            "/events/publish",
+            Some(with(publish.clone(), "event_id", json!(nul))),
+            "event_id",
+        ),
+        (
+            "/events/publish",
+            Some(with(publish.clone(), "correlation_id", json!(nul))),
+            "correlation_id",
+        ),
+        (
+            "/events/publish",
+            Some(with(publish.clone(), "metadata", json!({ "trace": nul }))),
+            "metadata.trace",
+        ),
+        (
+            "/events/publish",
+            Some(with(publish.clone(), "ordering_key", json!(nul))),
+            "ordering_key",
+        ),
+        (
+            "/events/subscribe",
+            Some(with(subscribe.clone(), "event_type", json!(nul))),
+            "event_type",
+        ),
+        (
+            "/events/subscribe",
+            Some(with(subscribe.clone(), "service_name", json!(nul))),
+            "service_name",
+        ),
+        (
+            "/events/subscribe",
+            Some(with(
+                subscribe.clone(),
+                "webhook_url",
+                json!(format!("http://127.0.0.1:9/{nul}")),
+            )),
+            "webhook_url",
+        ),
+        (
+            "/events/subscribe",
+            Some(with(subscribe.clone(), "filters", json!({ "plan": nul }))),
+            "filters.plan",
+        ),
+        (
+            "/events/history",
+            Some(json!({ "tenant_id": nul })),
+            "tenant_id",
+        ),
+        (
+            "/events/history",
+            Some(json!({ "event_types": ["lead.*", nul] })),
+            "event_types[1]",
+        ),
+        ("/api/events/%00/replay", None, "event_id"),
+        (
+            "/api/events/replay/batch?event_type=lead%00",
+            None,
+            "event_type",
+        ),
+        (
+            "/api/events/replay/batch?tenant_id=t%001",
+            None,
+            "tenant_id",
+        ),
+        ("/api/events/replay/batch?status=dead%00", None, "status"),
+    ];
+    for (path, body, field) in cases {
+        let answer = api.call(Method::POST, path, body.clone()).await;
+        assert_eq!(
+            (answer.status, answer.body["error"]["field"].as_str()),
+            (400, Some(field)),
+            "POST {path} {body:?}: {:#}",
+            answer.body
+        );
+        assert_eq!(answer.body["error"]["code"], "invalid_input");
+    }
+    for table in ["events", "subscriptions", "replays"] {
+        assert_eq!(
+            count(&db, &format!("SELECT count(*) FROM outbox.{table}")).await,
+            0,
+            "{table}"
+        );
+    }
+    relay.shutdown().await;
+}
+
+/// Subscribes of one service arriving at once each add their event type: the type is
+/// appended in the same statement that creates or updates the subscription, so none of
+/// them overwrites another's (a read, append and write back kept only the last writer's).
+/// Exactly one of them creates the subscription and gets its secret.
+#[tokio::test]
+async fn concurrent_subscribes_of_one_service_keep_every_event_type() {
+    const SUBSCRIBERS: usize = 20;
+    let db = TestDb::new().await;
+    let (relay, api) = Api::spawn(&db).await;
+    let event_types: Vec<String> = (0..SUBSCRIBERS).map(|i| format!("lead.kind{i}")).collect();
+    let answers = futures::future::join_all(event_types.iter().map(|event_type| {
+        api.post(
+            "/events/subscribe",
+            json!({ "event_type": event_type, "service_name": "crm",
+                    "webhook_url": "http://127.0.0.1:9/hook" }),
+        )
+    }))
+    .await;
+    let mut created = 0;
+    for answer in answers {
+        assert!(
+            matches!(answer.status, 200 | 201),
+            "{}: {:#}",
+            answer.status,
+            answer.body
+        );
+        if answer.status == 201 {
+            created += 1;
+            assert!(answer.body["secret"].is_string(), "{:#}", answer.body);
+        } else {
+            assert!(answer.body.get("secret").is_none(), "{:#}", answer.body);
+        }
+    }
+    assert_eq!(created, 1, "exactly one subscribe creates the service");
+
+    let listed = api.get("/subscriptions").await.expect(200);
+    let subscriptions = listed["subscriptions"].as_array().expect("list");
+    assert_eq!(subscriptions.len(), 1, "{listed:#}");
+    let mut stored: Vec<String> = subscriptions[0]["event_types"]
+        .as_array()
+        .expect("event_types")
+        .iter()
+        .map(|t| t.as_str().expect("text").to_owned())
+        .collect();
+    stored.sort();
+    let mut wanted = event_types.clone();
+    wanted.sort();
+    assert_eq!(stored, wanted, "every subscribed type, once each");
+    relay.shutdown().await;
+}
