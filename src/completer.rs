@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PoolMode;
 use crate::db::{DbContext, DbError, query, sql, text};
 use crate::deliverer::outcome::{NextState, Verdict};
+use crate::maintenance::GivenUpLeases;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::subscriptions::SubscriptionId;
 
@@ -57,6 +58,8 @@ pub struct Completer {
     pub metrics: Metrics,
     pub flush_interval: Duration,
     pub batch_size: usize,
+    /// Where results this completer gave up on are noted, so their leases run out.
+    pub given_up: GivenUpLeases,
 }
 
 impl Completer {
@@ -136,8 +139,10 @@ impl Completer {
 
     /// One result the database refused on its own: it is recorded again with the
     /// subscriber's text (error and body) replaced by why it could not be stored, so the
-    /// attempt still counts and shows up in the history. Should that fail too, the result is
-    /// given up: its lease runs out and the delivery is sent again (at least once).
+    /// attempt still counts and shows up in the history. Should that fail too (a row lock
+    /// that is not granted, say, held by a session idle in a transaction), the result is
+    /// given up: its lease is no longer renewed, runs out, and the delivery is sent again
+    /// (at least once). Either way the rest of the relay's results keep flowing.
     async fn write_alone(&self, mut completion: Completion, refusal: &DbError) {
         let reason = refusal
             .sqlstate()
@@ -152,6 +157,7 @@ impl Completer {
             ),
         ));
         if let Err(error) = self.flush(std::slice::from_ref(&completion)).await {
+            self.given_up.add(completion.delivery_id);
             self.metrics
                 .db_errors
                 .with_label_values(&["completer"])

@@ -8,8 +8,9 @@
 //! There is no leader: reclaiming is one guarded UPDATE with SKIP LOCKED, safe to run on
 //! every relay at once.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
@@ -34,6 +35,32 @@ const PURGE_BATCH_PAUSE: Duration = Duration::from_millis(200);
 /// Gauges are refreshed this often (one query), not per scrape.
 pub const GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Deliveries whose result the completer could not store and gave up on. The heartbeat
+/// stops renewing their leases, so they expire and are re-queued (sent again: at least once)
+/// instead of being renewed, in flight, until the lease age limit. Entries older than
+/// [`MAX_LEASE_AGE`] are dropped: by then the heartbeat skips the lease anyway.
+#[derive(Clone, Debug, Default)]
+pub struct GivenUpLeases(Arc<Mutex<HashMap<i64, Instant>>>);
+
+impl GivenUpLeases {
+    pub fn add(&self, delivery_id: i64) {
+        self.entries().insert(delivery_id, Instant::now());
+    }
+
+    /// The delivery ids still to leave unrenewed.
+    fn current(&self) -> Vec<i64> {
+        let mut entries = self.entries();
+        entries.retain(|_, given_up_at| given_up_at.elapsed() < MAX_LEASE_AGE);
+        entries.keys().copied().collect()
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Instant>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 pub struct Maintenance {
     pub pool: Pool,
     /// Whether pooled connections may hold prepared statements.
@@ -44,6 +71,7 @@ pub struct Maintenance {
     pub health: Health,
     /// Notified when reclaimed deliveries are due, so the deliverer takes them at once.
     pub deliveries_requeued: Arc<Notify>,
+    pub given_up: GivenUpLeases,
 }
 
 impl Maintenance {
@@ -58,6 +86,7 @@ impl Maintenance {
                 &&*self.relay_id,
                 &self.lease_duration.as_secs_f64(),
                 &MAX_LEASE_AGE.as_secs_f64(),
+                &self.given_up.current(),
             ],
         )
         .await

@@ -29,7 +29,7 @@ use crate::deliverer::Deliverer;
 use crate::deliverer::client::WebhookClient;
 use crate::dispatcher::Dispatcher;
 use crate::health::Health;
-use crate::maintenance::Maintenance;
+use crate::maintenance::{GivenUpLeases, Maintenance};
 use crate::metrics::Metrics;
 use crate::subscriptions::SubscriptionCache;
 
@@ -165,6 +165,7 @@ pub async fn start(
         health: health.clone(),
         deliveries_created: deliveries_wake.clone(),
     };
+    let given_up = GivenUpLeases::default();
     let maintenance = Maintenance {
         pool: pool.clone(),
         pool_mode: config.db_pool_mode,
@@ -173,6 +174,7 @@ pub async fn start(
         metrics: metrics.clone(),
         health: health.clone(),
         deliveries_requeued: deliveries_wake.clone(),
+        given_up: given_up.clone(),
     };
     if let Err(error) = maintenance.check_schema().await {
         tracing::warn!(
@@ -187,6 +189,7 @@ pub async fn start(
         metrics: metrics.clone(),
         flush_interval: config.flush_interval,
         batch_size: config.flush_batch_size as usize,
+        given_up,
     };
 
     // `claiming` stops the loops that take new work; the completer and in-flight requests

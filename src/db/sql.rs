@@ -157,6 +157,8 @@ UPDATE outbox.subscriptions s
 /// Leases claimed (`updated_at`) more than $3 seconds ago are not renewed: no request lives
 /// that long (timeouts are capped at 5 minutes), so such a lease was leaked by a bug, and
 /// letting it expire gets the delivery re-queued instead of stuck in flight forever.
+/// Deliveries in `$4` are not renewed either: their results were given up by the completer
+/// (see `completer::Completer::write_alone`), so their leases must run out for a retry.
 pub const HEARTBEAT_LEASES: Query = Query {
     sql: "
 UPDATE outbox.deliveries d
@@ -164,9 +166,10 @@ UPDATE outbox.deliveries d
   FROM (SELECT id FROM outbox.deliveries
          WHERE status = 'in_flight' AND lease_owner = $1
            AND updated_at > now() - make_interval(secs => $3::float8)
+           AND id <> ALL ($4::bigint[])
            FOR UPDATE SKIP LOCKED) held
  WHERE d.id = held.id",
-    param_types: &[Type::TEXT, Type::FLOAT8, Type::FLOAT8],
+    param_types: &[Type::TEXT, Type::FLOAT8, Type::FLOAT8, Type::INT8_ARRAY],
 };
 
 /// Re-queues deliveries whose lease expired (their relay died or lost the database), due now.

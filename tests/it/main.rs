@@ -12,6 +12,7 @@ mod delivery;
 mod failures;
 mod health_and_metrics;
 mod leases;
+mod locks;
 mod operator_sql;
 mod ordered;
 mod pgbouncer;

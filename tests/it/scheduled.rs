@@ -1,7 +1,6 @@
 //! Events scheduled for later (deliver_after) cost the dispatcher nothing until they are due.
 
 use crate::harness::db::TestDb;
-use crate::harness::relay::*;
 
 const SCHEDULED: i64 = 100_000;
 const DUE: i64 = 10;

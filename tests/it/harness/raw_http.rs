@@ -116,7 +116,9 @@ async fn serve_one(
         Answer::BytesThenReset(bytes) => {
             stream.write_all(&bytes).await?;
             stream.flush().await?;
-            // Linger 0: closing sends RST instead of FIN.
+            // Linger 0: closing sends RST instead of FIN (and never blocks, which is what
+            // the deprecation warns about for a non-zero linger).
+            #[allow(deprecated)]
             stream.set_linger(Some(std::time::Duration::ZERO))?;
             drop(stream);
         }
