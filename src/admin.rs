@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::db::DbError;
 use crate::deliverer::webhook::{SigningSecret, generate_secret};
+use crate::secret::{ExposeSecret, MASK, SecretString, mask_url};
 
 /// Delivery statuses `outbox.deliveries.status` can hold (what replay criteria may name).
 pub const DELIVERY_STATUSES: [&str; 5] = ["pending", "in_flight", "delivered", "failing", "dead"];
@@ -57,24 +58,45 @@ pub enum AdminError {
     Db(#[from] DbError),
 }
 
-/// A secret as text (`whsec_…`). `Debug` never shows it; [`SecretText::expose`] does.
-#[derive(Clone, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
-pub struct SecretText(String);
+/// A signing secret as text (`whsec_…`). `Debug` never shows it; [`SecretText::expose`]
+/// does, and serializing it does too: it is serialized only into the one answer that hands a
+/// new secret to its owner (create, rotate-secret).
+#[derive(Clone)]
+pub struct SecretText(SecretString);
 
 impl SecretText {
     pub fn new(secret: impl Into<String>) -> Self {
-        Self(secret.into())
+        Self(SecretString::from(secret.into()))
     }
 
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 }
+
+impl PartialEq for SecretText {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for SecretText {}
 
 impl fmt::Debug for SecretText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SecretText(<redacted>)")
+    }
+}
+
+impl Serialize for SecretText {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.expose())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SecretText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(SecretText::new)
     }
 }
 
@@ -139,6 +161,8 @@ impl SubscriptionUpdate {
 pub struct SubscriptionInfo {
     pub id: i64,
     pub name: String,
+    /// With its password, if it has one, shown as `***` (SPEC): this is what the CLI, the
+    /// API and `--json` print.
     pub url: String,
     pub event_types: Vec<String>,
     pub tenant_id: Option<String>,
@@ -270,12 +294,12 @@ pub async fn create_subscription(
             check_secret(secret)?;
             secret.clone()
         }
-        None => SecretText(generate_secret()),
+        None => SecretText::new(generate_secret()),
     };
     let mut columns = Columns::default();
     columns.set("name", new.name.clone());
     columns.set("url", new.url.clone());
-    columns.set("secret", secret.0.clone());
+    columns.set("secret", secret.expose().to_owned());
     columns.settings(&new.settings);
     let sql = format!(
         "INSERT INTO outbox.subscriptions ({}) VALUES ({}) RETURNING id",
@@ -449,7 +473,7 @@ pub async fn rotate_secret(
             check_secret(secret)?;
             secret.clone()
         }
-        None => SecretText(generate_secret()),
+        None => SecretText::new(generate_secret()),
     };
     let overlap_seconds = overlap.as_secs_f64();
     let row = client
@@ -461,7 +485,7 @@ pub async fn rotate_secret(
                     secret = $2
               WHERE name = $1
           RETURNING id, previous_secret_expires_at",
-            &[&name, &secret.0, &overlap_seconds],
+            &[&name, &secret.expose(), &overlap_seconds],
         )
         .await
         .map_err(|e| classify(e, "rotating the secret", name))?;
@@ -1187,7 +1211,7 @@ fn subscription_from_row(row: &tokio_postgres::Row) -> SubscriptionInfo {
     SubscriptionInfo {
         id: row.get(0),
         name: row.get(1),
-        url: row.get(2),
+        url: mask_url(row.get(2)),
         event_types: row.get(3),
         tenant_id: row.get(4),
         filter: row.get(5),
@@ -1326,25 +1350,35 @@ fn check_url(url: &str) -> Result<(), AdminError> {
         field: "url",
         problem,
     };
+    // These messages reach the terminal, API responses and logs: the URL only masked.
+    let shown = mask_url(url);
     let parsed = reqwest::Url::parse(url).map_err(|error| {
         invalid(format!(
-            "{url:?} is not a URL ({error}); give an absolute URL such as https://service.internal/hooks/outbox"
+            "{shown:?} is not a URL ({error}); give an absolute URL such as https://service.internal/hooks/outbox"
         ))
     })?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(invalid(format!(
-            "{url:?} uses scheme {:?}; only http:// and https:// are delivered to",
+            "{shown:?} uses scheme {:?}; only http:// and https:// are delivered to",
             parsed.scheme()
         )));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(invalid(format!("{url:?} has no host")));
+        return Err(invalid(format!("{shown:?} has no host")));
+    }
+    // Subscriptions are shown with their password masked; sending such a URL back (a read,
+    // edit, write round trip) would silently replace the real password with the mask.
+    if parsed.password() == Some(MASK) {
+        return Err(invalid(format!(
+            "{shown:?} carries the masked password {MASK:?} as shown by list/show and the API; \
+             give the real password, or leave the URL out to keep the current one"
+        )));
     }
     Ok(())
 }
 
 fn check_secret(secret: &SecretText) -> Result<(), AdminError> {
-    SigningSecret::parse(&secret.0)
+    SigningSecret::parse(secret.expose())
         .map(drop)
         .map_err(|error| AdminError::Invalid {
             field: "secret",
@@ -1521,7 +1555,7 @@ mod tests {
         let created = CreatedSubscription {
             id: 1,
             name: "crm".to_owned(),
-            secret: SecretText(generate_secret()),
+            secret: SecretText::new(generate_secret()),
         };
         let debug = format!("{created:?}");
         assert!(!debug.contains(created.secret.expose()), "{debug}");

@@ -206,6 +206,12 @@ impl From<String> for SecretUrl {
     }
 }
 
+impl From<&str> for SecretUrl {
+    fn from(url: &str) -> SecretUrl {
+        SecretUrl::new(url)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

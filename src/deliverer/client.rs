@@ -18,6 +18,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
+use crate::secret::mask_url;
+
 /// At most this many bytes of a response body are read and kept.
 pub const RESPONSE_BODY_LIMIT: usize = 4096;
 
@@ -341,9 +343,10 @@ impl WebhookClient {
 
     fn check_url(&self, raw: &str) -> Result<reqwest::Url, HttpResult> {
         let url = reqwest::Url::parse(raw).map_err(|err| {
+            // This text is logged and kept in delivery_attempts.error: never the password.
             HttpResult::failed(
                 FailureKind::InvalidRequest,
-                format!("invalid URL {raw:?}: {err}"),
+                format!("invalid URL {:?}: {err}", mask_url(raw)),
             )
         })?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -358,7 +361,7 @@ impl WebhookClient {
         let Some(host) = url.host_str() else {
             return Err(HttpResult::failed(
                 FailureKind::InvalidRequest,
-                format!("URL {raw:?} has no host"),
+                format!("URL {:?} has no host", mask_url(raw)),
             ));
         };
         // IP literals never reach the resolver, so they are judged here. The URL parser has
