@@ -17,3 +17,4 @@ mod pgbouncer;
 mod resilience;
 mod retention;
 mod routing;
+mod secrets;
