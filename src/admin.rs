@@ -1551,6 +1551,20 @@ mod tests {
     }
 
     #[test]
+    fn url_errors_show_the_url_masked_and_a_masked_url_is_refused() {
+        match check_url("ftp://hook:pw-in-url@agents.internal/x") {
+            Err(error @ AdminError::Invalid { field: "url", .. }) => {
+                let message = error.to_string();
+                assert!(!message.contains("pw-in-url"), "{message}");
+                assert!(message.contains("hook:***@"), "{message}");
+            }
+            other => panic!("not refused as a url: {other:?}"),
+        }
+        assert!(check_url("https://hook:***@agents.internal/x").is_err());
+        assert!(check_url("https://hook:pw@agents.internal/x").is_ok());
+    }
+
+    #[test]
     fn secrets_never_show_in_debug_output() {
         let created = CreatedSubscription {
             id: 1,

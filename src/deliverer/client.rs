@@ -1060,6 +1060,21 @@ mod tests {
         assert_eq!(kind, FailureKind::InvalidRequest);
     }
 
+    /// The error is logged and kept in delivery_attempts.error, so it shows the URL masked.
+    #[tokio::test]
+    async fn url_errors_never_show_the_password() {
+        let c = client(loopback_allowed());
+        for url in [
+            "http://hook:pw-in-url@[::1/hook",
+            "http://hook:pw-in-url@127.0.0.1:99999/hook",
+        ] {
+            let (kind, error) = expect_failed(c.send(request(url, &[])).await);
+            assert_eq!(kind, FailureKind::InvalidRequest, "{error}");
+            assert!(!error.contains("pw-in-url"), "{error}");
+            assert!(error.contains("hook:***@"), "{error}");
+        }
+    }
+
     #[tokio::test]
     async fn response_status_and_retry_after_date_are_reported() {
         let app = Router::new().route(

@@ -205,7 +205,9 @@ async fn secrets_never_appear_in_output_logs_errors_metrics_or_help() {
         &admin_token,
         reqwest::Method::POST,
         "/subscriptions",
-        Some(json!({"name": "bad", "url": format!("ftp://hook:{bad_target_password}@example.com/")})),
+        Some(
+            json!({"name": "bad", "url": format!("ftp://hook:{bad_target_password}@example.com/")}),
+        ),
     )
     .await;
     assert_eq!(status, 400, "{refused}");
@@ -240,7 +242,10 @@ async fn secrets_never_appear_in_output_logs_errors_metrics_or_help() {
         Some(json!({"url": "http://hook:***@127.0.0.1:1/hook"})),
     )
     .await;
-    assert_eq!(status, 400, "a masked URL sent back is refused: {masked_back}");
+    assert_eq!(
+        status, 400,
+        "a masked URL sent back is refused: {masked_back}"
+    );
     answers.push(masked_back);
 
     // Failing deliveries: refused target, closed port (their errors are logged at debug and
@@ -248,15 +253,19 @@ async fn secrets_never_appear_in_output_logs_errors_metrics_or_help() {
     for n in 0..3 {
         publish(&db, "secrets.test", json!({ "n": n })).await;
     }
-    wait_until("every subscription has a failed attempt", DEADLINE, || async {
-        count(
-            &db,
-            "SELECT count(DISTINCT d.subscription_id) FROM outbox.delivery_attempts a
+    wait_until(
+        "every subscription has a failed attempt",
+        DEADLINE,
+        || async {
+            count(
+                &db,
+                "SELECT count(DISTINCT d.subscription_id) FROM outbox.delivery_attempts a
                JOIN outbox.deliveries d ON d.id = a.delivery_id WHERE a.error IS NOT NULL",
-        )
-        .await
-            >= 3
-    })
+            )
+            .await
+                >= 3
+        },
+    )
     .await;
     let errors: Vec<String> = db
         .client()
@@ -360,12 +369,17 @@ async fn secrets_never_appear_in_output_logs_errors_metrics_or_help() {
         printed.push(text);
     }
     assert!(
-        printed.iter().any(|text| text.contains("[env: DATABASE_URL]")),
+        printed
+            .iter()
+            .any(|text| text.contains("[env: DATABASE_URL]")),
         "--help names the variable without its value"
     );
 
     let status = relay.terminate().await;
-    assert!(status.success(), "relay exit status after SIGTERM: {status}");
+    assert!(
+        status.success(),
+        "relay exit status after SIGTERM: {status}"
+    );
     let relay_output = format!(
         "{}{}",
         stdout_task.await.expect("stdout reader"),
