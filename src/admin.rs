@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::db::DbError;
 use crate::deliverer::webhook::{SigningSecret, generate_secret};
-use crate::secret::{ExposeSecret, MASK, SecretString, mask_url};
+use crate::secret::{ExposeSecret, MASK, SecretString, SecretUrl, mask_url};
 
 /// Delivery statuses `outbox.deliveries.status` can hold (what replay criteria may name).
 pub const DELIVERY_STATUSES: [&str; 5] = ["pending", "in_flight", "delivered", "failing", "dead"];
@@ -135,10 +135,11 @@ impl SubscriptionSettings {
     }
 }
 
+/// `Debug` is safe to log: the URL shows `***` for its password, the secret nothing.
 #[derive(Clone, Debug)]
 pub struct NewSubscription {
     pub name: String,
-    pub url: String,
+    pub url: SecretUrl,
     /// Generated (`whsec_` + 32 random bytes) when `None`.
     pub secret: Option<SecretText>,
     pub settings: SubscriptionSettings,
@@ -146,7 +147,7 @@ pub struct NewSubscription {
 
 #[derive(Clone, Debug, Default)]
 pub struct SubscriptionUpdate {
-    pub url: Option<String>,
+    pub url: Option<SecretUrl>,
     pub settings: SubscriptionSettings,
 }
 
@@ -288,7 +289,7 @@ pub async fn create_subscription(
     client: &Client,
     new: &NewSubscription,
 ) -> Result<CreatedSubscription, AdminError> {
-    check_url(&new.url)?;
+    check_url(new.url.expose_secret())?;
     let secret = match &new.secret {
         Some(secret) => {
             check_secret(secret)?;
@@ -298,7 +299,7 @@ pub async fn create_subscription(
     };
     let mut columns = Columns::default();
     columns.set("name", new.name.clone());
-    columns.set("url", new.url.clone());
+    columns.set("url", new.url.expose_secret().to_owned());
     columns.set("secret", secret.expose().to_owned());
     columns.settings(&new.settings);
     let sql = format!(
@@ -352,8 +353,8 @@ pub async fn update_subscription(
     }
     let mut columns = Columns::default();
     if let Some(url) = &update.url {
-        check_url(url)?;
-        columns.set("url", url.clone());
+        check_url(url.expose_secret())?;
+        columns.set("url", url.expose_secret().to_owned());
     }
     columns.settings(&update.settings);
     let assignments: Vec<String> = columns

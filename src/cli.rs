@@ -181,7 +181,7 @@ pub enum SubscriptionCommand {
         name: String,
         /// Where events are POSTed: an http:// or https:// URL.
         #[arg(long)]
-        url: String,
+        url: SecretUrl,
         #[command(flatten)]
         settings: SettingsArgs,
         /// Use this signing secret (whsec_ + base64 of at least 16 bytes) instead of
@@ -212,7 +212,7 @@ pub enum SubscriptionCommand {
         name: String,
         /// New URL to POST to (http:// or https://).
         #[arg(long)]
-        url: Option<String>,
+        url: Option<SecretUrl>,
         #[command(flatten)]
         settings: SettingsArgs,
         /// Deliver without ordering again (undoes --ordered).

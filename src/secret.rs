@@ -206,6 +206,13 @@ impl From<String> for SecretUrl {
     }
 }
 
+/// For request bodies (the admin API): the URL arrives as a JSON string.
+impl<'de> serde::Deserialize<'de> for SecretUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<SecretUrl, D::Error> {
+        String::deserialize(deserializer).map(SecretUrl::new)
+    }
+}
+
 impl From<&str> for SecretUrl {
     fn from(url: &str) -> SecretUrl {
         SecretUrl::new(url)

@@ -30,6 +30,7 @@ use crate::admin::{
     self, AdminError, EventSearch, NewEvent, NewSubscription, Published, ReplayCriteria,
     SubscriptionSettings, SubscriptionUpdate,
 };
+use crate::secret::SecretUrl;
 
 /// Who compatibility replays are recorded as in `outbox.replays`.
 pub const COMPAT_REQUESTER: &str = "event-bus-compat";
@@ -163,7 +164,7 @@ async fn publish(
 struct SubscribeBody {
     event_type: String,
     service_name: String,
-    webhook_url: String,
+    webhook_url: SecretUrl,
     /// The payload must contain this object; `{}` or `null` = every payload.
     #[serde(default, deserialize_with = "super::double_option")]
     filters: Option<Option<serde_json::Value>>,

@@ -188,12 +188,26 @@ pub enum ClientError {
 }
 
 /// One POST to a subscriber.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WebhookRequest<'a> {
     pub url: &'a str,
     pub headers: &'a [(String, String)],
     pub body: Bytes,
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for WebhookRequest<'_> {
+    // The URL may hold a password, the headers the signature and static credentials, the
+    // body a payload: none of them belongs in a log line or a panic message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let header_names: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("WebhookRequest")
+            .field("url", &mask_url(self.url))
+            .field("header_names", &header_names)
+            .field("body_len", &self.body.len())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// Why no usable response came back.
