@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::db::DbError;
 use crate::deliverer::webhook::{SigningSecret, generate_secret};
+use crate::secret::{ExposeSecret, MASK, SecretString, SecretUrl, mask_url};
 
 /// Delivery statuses `outbox.deliveries.status` can hold (what replay criteria may name).
 pub const DELIVERY_STATUSES: [&str; 5] = ["pending", "in_flight", "delivered", "failing", "dead"];
@@ -57,24 +58,45 @@ pub enum AdminError {
     Db(#[from] DbError),
 }
 
-/// A secret as text (`whsec_…`). `Debug` never shows it; [`SecretText::expose`] does.
-#[derive(Clone, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
-pub struct SecretText(String);
+/// A signing secret as text (`whsec_…`). `Debug` never shows it; [`SecretText::expose`]
+/// does, and serializing it does too: it is serialized only into the one answer that hands a
+/// new secret to its owner (create, rotate-secret).
+#[derive(Clone)]
+pub struct SecretText(SecretString);
 
 impl SecretText {
     pub fn new(secret: impl Into<String>) -> Self {
-        Self(secret.into())
+        Self(SecretString::from(secret.into()))
     }
 
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 }
+
+impl PartialEq for SecretText {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for SecretText {}
 
 impl fmt::Debug for SecretText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SecretText(<redacted>)")
+    }
+}
+
+impl Serialize for SecretText {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.expose())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SecretText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(SecretText::new)
     }
 }
 
@@ -113,10 +135,11 @@ impl SubscriptionSettings {
     }
 }
 
+/// `Debug` is safe to log: the URL shows `***` for its password, the secret nothing.
 #[derive(Clone, Debug)]
 pub struct NewSubscription {
     pub name: String,
-    pub url: String,
+    pub url: SecretUrl,
     /// Generated (`whsec_` + 32 random bytes) when `None`.
     pub secret: Option<SecretText>,
     pub settings: SubscriptionSettings,
@@ -124,7 +147,7 @@ pub struct NewSubscription {
 
 #[derive(Clone, Debug, Default)]
 pub struct SubscriptionUpdate {
-    pub url: Option<String>,
+    pub url: Option<SecretUrl>,
     pub settings: SubscriptionSettings,
 }
 
@@ -139,6 +162,8 @@ impl SubscriptionUpdate {
 pub struct SubscriptionInfo {
     pub id: i64,
     pub name: String,
+    /// With its password, if it has one, shown as `***` (SPEC): this is what the CLI, the
+    /// API and `--json` print.
     pub url: String,
     pub event_types: Vec<String>,
     pub tenant_id: Option<String>,
@@ -264,18 +289,18 @@ pub async fn create_subscription(
     client: &Client,
     new: &NewSubscription,
 ) -> Result<CreatedSubscription, AdminError> {
-    check_url(&new.url)?;
+    check_url(new.url.expose_secret())?;
     let secret = match &new.secret {
         Some(secret) => {
             check_secret(secret)?;
             secret.clone()
         }
-        None => SecretText(generate_secret()),
+        None => SecretText::new(generate_secret()),
     };
     let mut columns = Columns::default();
     columns.set("name", new.name.clone());
-    columns.set("url", new.url.clone());
-    columns.set("secret", secret.0.clone());
+    columns.set("url", new.url.expose_secret().to_owned());
+    columns.set("secret", secret.expose().to_owned());
     columns.settings(&new.settings);
     let sql = format!(
         "INSERT INTO outbox.subscriptions ({}) VALUES ({}) RETURNING id",
@@ -311,13 +336,13 @@ pub struct Subscribed {
 pub async fn subscribe_event_type(
     client: &Client,
     name: &str,
-    url: &str,
+    url: &SecretUrl,
     event_type: &str,
     filter: Option<Option<&serde_json::Value>>,
 ) -> Result<Subscribed, AdminError> {
-    check_url(url)?;
+    check_url(url.expose_secret())?;
     check_event_type_pattern("event_types", event_type)?;
-    let secret = SecretText(generate_secret());
+    let secret = SecretText::new(generate_secret());
     let sql = format!(
         "INSERT INTO outbox.subscriptions AS s (name, url, event_types, filter, secret)
          VALUES ($1, $2, ARRAY[$3::text], $5, $6)
@@ -333,11 +358,11 @@ pub async fn subscribe_event_type(
             &sql,
             &[
                 &name,
-                &url,
+                &url.expose_secret(),
                 &event_type,
                 &filter.is_some(),
                 &filter.flatten(),
-                &secret.0,
+                &secret.expose(),
             ],
         )
         .await
@@ -386,8 +411,8 @@ pub async fn update_subscription(
     }
     let mut columns = Columns::default();
     if let Some(url) = &update.url {
-        check_url(url)?;
-        columns.set("url", url.clone());
+        check_url(url.expose_secret())?;
+        columns.set("url", url.expose_secret().to_owned());
     }
     columns.settings(&update.settings);
     let assignments: Vec<String> = columns
@@ -507,7 +532,7 @@ pub async fn rotate_secret(
             check_secret(secret)?;
             secret.clone()
         }
-        None => SecretText(generate_secret()),
+        None => SecretText::new(generate_secret()),
     };
     let overlap_seconds = overlap.as_secs_f64();
     let row = client
@@ -519,7 +544,7 @@ pub async fn rotate_secret(
                     secret = $2
               WHERE name = $1
           RETURNING id, previous_secret_expires_at",
-            &[&name, &secret.0, &overlap_seconds],
+            &[&name, &secret.expose(), &overlap_seconds],
         )
         .await
         .map_err(|e| classify(e, "rotating the secret", name))?;
@@ -1245,7 +1270,7 @@ fn subscription_from_row(row: &tokio_postgres::Row) -> SubscriptionInfo {
     SubscriptionInfo {
         id: row.get(0),
         name: row.get(1),
-        url: row.get(2),
+        url: mask_url(row.get(2)),
         event_types: row.get(3),
         tenant_id: row.get(4),
         filter: row.get(5),
@@ -1384,25 +1409,35 @@ fn check_url(url: &str) -> Result<(), AdminError> {
         field: "url",
         problem,
     };
+    // These messages reach the terminal, API responses and logs: the URL only masked.
+    let shown = mask_url(url);
     let parsed = reqwest::Url::parse(url).map_err(|error| {
         invalid(format!(
-            "{url:?} is not a URL ({error}); give an absolute URL such as https://service.internal/hooks/outbox"
+            "{shown:?} is not a URL ({error}); give an absolute URL such as https://service.internal/hooks/outbox"
         ))
     })?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(invalid(format!(
-            "{url:?} uses scheme {:?}; only http:// and https:// are delivered to",
+            "{shown:?} uses scheme {:?}; only http:// and https:// are delivered to",
             parsed.scheme()
         )));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(invalid(format!("{url:?} has no host")));
+        return Err(invalid(format!("{shown:?} has no host")));
+    }
+    // Subscriptions are shown with their password masked; sending such a URL back (a read,
+    // edit, write round trip) would silently replace the real password with the mask.
+    if parsed.password() == Some(MASK) {
+        return Err(invalid(format!(
+            "{shown:?} carries the masked password {MASK:?} as shown by list/show and the API; \
+             give the real password, or leave the URL out to keep the current one"
+        )));
     }
     Ok(())
 }
 
 fn check_secret(secret: &SecretText) -> Result<(), AdminError> {
-    SigningSecret::parse(&secret.0)
+    SigningSecret::parse(secret.expose())
         .map(drop)
         .map_err(|error| AdminError::Invalid {
             field: "secret",
@@ -1660,11 +1695,25 @@ mod tests {
     }
 
     #[test]
+    fn url_errors_show_the_url_masked_and_a_masked_url_is_refused() {
+        match check_url("ftp://hook:pw-in-url@agents.internal/x") {
+            Err(error @ AdminError::Invalid { field: "url", .. }) => {
+                let message = error.to_string();
+                assert!(!message.contains("pw-in-url"), "{message}");
+                assert!(message.contains("hook:***@"), "{message}");
+            }
+            other => panic!("not refused as a url: {other:?}"),
+        }
+        assert!(check_url("https://hook:***@agents.internal/x").is_err());
+        assert!(check_url("https://hook:pw@agents.internal/x").is_ok());
+    }
+
+    #[test]
     fn secrets_never_show_in_debug_output() {
         let created = CreatedSubscription {
             id: 1,
             name: "crm".to_owned(),
-            secret: SecretText(generate_secret()),
+            secret: SecretText::new(generate_secret()),
         };
         let debug = format!("{created:?}");
         assert!(!debug.contains(created.secret.expose()), "{debug}");

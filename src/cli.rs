@@ -17,6 +17,7 @@ use outbox_relay::admin::{
     SubscriptionSettings, SubscriptionUpdate,
 };
 use outbox_relay::config::RelayConfig;
+use outbox_relay::secret::SecretUrl;
 use outbox_relay::telemetry::LogFormat;
 
 /// `println!` that stops quietly when stdout is closed (`outbox-relay status | head`)
@@ -111,8 +112,8 @@ pub enum Command {
     /// verifying receiver and a few sample events. Runs until Ctrl-C, then cleans up.
     Demo {
         /// Use this database instead of starting a throwaway one.
-        #[arg(long, env = "DATABASE_URL")]
-        database_url: Option<String>,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: Option<SecretUrl>,
         /// Publish the sample events, show them delivered, and exit instead of waiting for Ctrl-C.
         #[arg(long)]
         once: bool,
@@ -123,14 +124,18 @@ pub enum Command {
 pub struct DatabaseArgs {
     /// PostgreSQL connection URL, e.g. postgres://relay@db.internal/app
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
-    pub database_url: Option<String>,
+    pub database_url: Option<SecretUrl>,
 }
 
 impl DatabaseArgs {
+    /// The URL with its password, to connect with; errors show [`SecretUrl`]'s masked form.
     fn require(&self) -> anyhow::Result<&str> {
-        self.database_url.as_deref().context(
-            "DATABASE_URL is not set: export DATABASE_URL=postgres://user@host/db or pass --database-url",
-        )
+        self.database_url
+            .as_ref()
+            .map(SecretUrl::expose_secret)
+            .context(
+                "DATABASE_URL is not set: export DATABASE_URL=postgres://user@host/db or pass --database-url",
+            )
     }
 
     /// One connection for an admin command.
@@ -176,7 +181,7 @@ pub enum SubscriptionCommand {
         name: String,
         /// Where events are POSTed: an http:// or https:// URL.
         #[arg(long)]
-        url: String,
+        url: SecretUrl,
         #[command(flatten)]
         settings: SettingsArgs,
         /// Use this signing secret (whsec_ + base64 of at least 16 bytes) instead of
@@ -207,7 +212,7 @@ pub enum SubscriptionCommand {
         name: String,
         /// New URL to POST to (http:// or https://).
         #[arg(long)]
-        url: Option<String>,
+        url: Option<SecretUrl>,
         #[command(flatten)]
         settings: SettingsArgs,
         /// Deliver without ordering again (undoes --ordered).
@@ -486,7 +491,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        Command::Demo { database_url, once } => outbox_relay::demo::run(database_url, once).await,
+        Command::Demo { database_url, once } => {
+            let database_url = database_url.map(|url| url.expose_secret().to_owned());
+            outbox_relay::demo::run(database_url, once).await
+        }
     }
 }
 

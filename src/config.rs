@@ -2,6 +2,10 @@
 //! the defaults documented in `outbox-relay run --help` and the README.
 //!
 //! `validate()` checks the rules that span fields and says how to fix a bad combination.
+//!
+//! Secrets are held as secret types ([`SecretString`], [`SecretUrl`]), so the derived `Debug`
+//! (logged at startup) shows the admin token as `[REDACTED]` and URLs with `***` for their
+//! password, and clap never prints their environment values in `--help`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,6 +14,7 @@ use clap::Args;
 use ipnet::IpNet;
 
 use crate::deliverer::client::TargetPolicy;
+use crate::secret::{ExposeSecret, SecretString, SecretUrl};
 
 /// How the relay connects and how hard it works. Built from flags/env by clap, or by
 /// [`RelayConfig::for_tests`] in tests (tests never set environment variables).
@@ -82,7 +87,7 @@ pub struct RelayConfig {
     /// Bearer token for the admin API (`/admin/v1/…`) and the event-bus compatibility
     /// endpoints. Unset: those endpoints are off (404).
     #[arg(long, env = "OUTBOX_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<SecretString>,
 
     /// How the pooled connections reach PostgreSQL: `direct` (or a session-mode pooler), or
     /// `transaction-pooler` (PgBouncer in transaction mode: no named prepared statements or
@@ -96,7 +101,7 @@ pub struct RelayConfig {
     /// pooler, point this at PostgreSQL itself (LISTEN needs a session), or set
     /// `OUTBOX_LISTEN=false` to rely on polling alone.
     #[arg(long, env = "OUTBOX_LISTEN_DATABASE_URL", hide_env_values = true)]
-    pub listen_database_url: Option<String>,
+    pub listen_database_url: Option<SecretUrl>,
 
     /// Whether to LISTEN for wake-ups at all. `false`: poll-only (every
     /// `OUTBOX_POLL_INTERVAL`); readiness then does not require a LISTEN connection.
@@ -215,8 +220,8 @@ impl RelayConfig {
         // A blank token would leave the API off although the operator asked for it on.
         if self
             .admin_token
-            .as_deref()
-            .is_some_and(|token| token.trim().is_empty())
+            .as_ref()
+            .is_some_and(|token| token.expose_secret().trim().is_empty())
         {
             return Err(ConfigError(
                 "OUTBOX_ADMIN_TOKEN is set but blank: give it a secret value to turn the admin \

@@ -142,9 +142,17 @@ async fn run_with(url: &str, once: bool) -> anyhow::Result<()> {
         relay.shutdown().await;
         return Ok(());
     }
+    // A URL with a password (the user's own DATABASE_URL) is never printed: the command then
+    // reads it from the environment instead.
+    let psql_target = if crate::secret::mask_url(url) == url {
+        format!("'{url}'")
+    } else {
+        "\"$DATABASE_URL\"".to_owned()
+    };
+    let url = psql_target;
     println!(
-        "\nThe relay keeps running. Publish more from another terminal:\n\n  psql '{url}' -c \"SELECT outbox.publish('lead.created', '{{\\\"lead_id\\\": 3}}')\"\n\n\
-         Look at what happened:\n\n  psql '{url}' -c 'SELECT id, status, attempts, last_status_code FROM outbox.deliveries ORDER BY id'\n\n\
+        "\nThe relay keeps running. Publish more from another terminal:\n\n  psql {url} -c \"SELECT outbox.publish('lead.created', '{{\\\"lead_id\\\": 3}}')\"\n\n\
+         Look at what happened:\n\n  psql {url} -c 'SELECT id, status, attempts, last_status_code FROM outbox.deliveries ORDER BY id'\n\n\
          Press Ctrl-C to stop (the throwaway database is removed)."
     );
     let mut shown = received.len();

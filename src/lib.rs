@@ -18,6 +18,7 @@ pub mod http;
 pub mod maintenance;
 pub mod metrics;
 pub mod relay;
+pub mod secret;
 pub mod shutdown;
 pub mod subscriptions;
 pub mod telemetry;

@@ -31,6 +31,7 @@ use crate::dispatcher::Dispatcher;
 use crate::health::Health;
 use crate::maintenance::{GivenUpLeases, Maintenance};
 use crate::metrics::Metrics;
+use crate::secret::{self, ExposeSecret};
 use crate::subscriptions::SubscriptionCache;
 
 #[derive(Debug, thiserror::Error)]
@@ -200,10 +201,10 @@ pub async fn start(
     // pooler it goes to OUTBOX_LISTEN_DATABASE_URL (PostgreSQL itself), or nowhere in
     // poll-only mode, where the poll interval alone paces the relay.
     if config.listen {
-        let listen_url = config
-            .listen_database_url
-            .clone()
-            .unwrap_or_else(|| database_url.to_string());
+        let listen_url = config.listen_database_url.as_ref().map_or_else(
+            || database_url.to_owned(),
+            |url| url.expose_secret().to_owned(),
+        );
         background.spawn(db::listen::run(
             listen_url,
             db::listen::WakeTargets {
@@ -241,8 +242,8 @@ pub async fn start(
     // validate() refused a blank token, so None here means the API is off by choice.
     let admin_token = config
         .admin_token
-        .as_deref()
-        .and_then(crate::api::AdminToken::new);
+        .as_ref()
+        .and_then(|token| crate::api::AdminToken::new(token.expose_secret()));
     let http_state = crate::http::HttpState {
         health: health.clone(),
         metrics: metrics.clone(),
@@ -258,7 +259,15 @@ pub async fn start(
         }
     });
 
-    tracing::info!(relay_id = %relay_id, http_addr = %http_addr, config = ?config, "relay started");
+    // The config's Debug shows its secrets masked (see crate::config); the database URL is
+    // not part of it, so it is masked here.
+    tracing::info!(
+        relay_id = %relay_id,
+        http_addr = %http_addr,
+        database_url = %secret::mask_url(database_url),
+        config = ?config,
+        "relay started"
+    );
 
     let crash_aborts = vec![completer_task.abort_handle(), http_task.abort_handle()];
     let lifecycle = {

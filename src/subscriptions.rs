@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PoolMode;
 use crate::db::{DbContext, DbError, query, sql};
 use crate::deliverer::webhook::SigningSecret;
+use crate::secret::SecretUrl;
 
 /// Reload period when no notification arrives (a lost NOTIFY, or a change made while the
 /// LISTEN connection was down).
@@ -25,12 +26,13 @@ pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SubscriptionId(pub i64);
 
-/// Delivery settings of one subscription.
+/// Delivery settings of one subscription. `Debug` is safe to log: the URL shows `***` for
+/// its password and the signing secrets show only their length.
 #[derive(Debug)]
 pub struct Subscription {
     pub id: SubscriptionId,
     pub name: String,
-    pub url: String,
+    pub url: SecretUrl,
     /// Signing secrets; more than one while a secret is being rotated.
     pub secrets: Vec<SigningSecret>,
     pub enabled: bool,
@@ -113,7 +115,7 @@ impl SubscriptionCache {
             let subscription = Subscription {
                 id: SubscriptionId(row.get(0)),
                 name,
-                url: row.get(2),
+                url: SecretUrl::new(row.get::<_, String>(2)),
                 secrets,
                 enabled: row.get(4),
                 timeout: seconds(row.get(5)),

@@ -20,6 +20,7 @@ use crate::admin::{
     self, EventSearch, NewSubscription, ReplayCriteria, SecretText, SubscriptionInfo,
     SubscriptionSettings, SubscriptionUpdate,
 };
+use crate::secret::SecretUrl;
 
 /// Who a replay made through this API is recorded as, unless the request says.
 pub const ADMIN_API_REQUESTER: &str = "admin-api";
@@ -61,8 +62,8 @@ async fn unknown_route() -> ApiError {
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionBody {
     pub name: Option<String>,
-    pub url: Option<String>,
-    pub secret: Option<String>,
+    pub url: Option<SecretUrl>,
+    pub secret: Option<SecretText>,
     pub event_types: Option<Vec<String>>,
     #[serde(default, deserialize_with = "double_option")]
     pub tenant_id: Option<Option<String>>,
@@ -162,7 +163,7 @@ async fn create_subscription(
     let new = NewSubscription {
         name,
         url,
-        secret: body.secret.clone().map(SecretText::new),
+        secret: body.secret.clone(),
         settings: body.settings()?,
     };
     let client = state.client().await?;
@@ -266,7 +267,7 @@ struct RotateBody {
     /// How long the previous secret keeps signing too; default a day, 0 = switch at once.
     overlap_seconds: Option<f64>,
     /// Use this secret instead of generating one.
-    secret: Option<String>,
+    secret: Option<SecretText>,
 }
 
 async fn rotate_secret(
@@ -278,7 +279,7 @@ async fn rotate_secret(
         Some(value) => seconds("overlap_seconds", value)?,
         None => DEFAULT_ROTATION_OVERLAP,
     };
-    let secret = body.secret.map(SecretText::new);
+    let secret = body.secret;
     let client = state.client().await?;
     let rotated = admin::rotate_secret(&client, &name, overlap, secret.as_ref())
         .await

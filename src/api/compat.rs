@@ -28,6 +28,7 @@ use uuid::Uuid;
 use super::admin::run_replay;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, parse_uuid};
 use crate::admin::{self, EventSearch, NewEvent, Published, ReplayCriteria};
+use crate::secret::SecretUrl;
 
 /// Who compatibility replays are recorded as in `outbox.replays`.
 pub const COMPAT_REQUESTER: &str = "event-bus-compat";
@@ -161,7 +162,7 @@ async fn publish(
 struct SubscribeBody {
     event_type: String,
     service_name: String,
-    webhook_url: String,
+    webhook_url: SecretUrl,
     /// The payload must contain this object; `{}` or `null` = every payload.
     #[serde(default, deserialize_with = "super::double_option")]
     filters: Option<Option<serde_json::Value>>,

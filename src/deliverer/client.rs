@@ -18,6 +18,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
+use crate::secret::mask_url;
+
 /// At most this many bytes of a response body are read and kept.
 pub const RESPONSE_BODY_LIMIT: usize = 4096;
 
@@ -186,12 +188,26 @@ pub enum ClientError {
 }
 
 /// One POST to a subscriber.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WebhookRequest<'a> {
     pub url: &'a str,
     pub headers: &'a [(String, String)],
     pub body: Bytes,
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for WebhookRequest<'_> {
+    // The URL may hold a password, the headers the signature and static credentials, the
+    // body a payload: none of them belongs in a log line or a panic message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let header_names: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("WebhookRequest")
+            .field("url", &mask_url(self.url))
+            .field("header_names", &header_names)
+            .field("body_len", &self.body.len())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// Why no usable response came back.
@@ -341,9 +357,10 @@ impl WebhookClient {
 
     fn check_url(&self, raw: &str) -> Result<reqwest::Url, HttpResult> {
         let url = reqwest::Url::parse(raw).map_err(|err| {
+            // This text is logged and kept in delivery_attempts.error: never the password.
             HttpResult::failed(
                 FailureKind::InvalidRequest,
-                format!("invalid URL {raw:?}: {err}"),
+                format!("invalid URL {:?}: {err}", mask_url(raw)),
             )
         })?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -358,7 +375,7 @@ impl WebhookClient {
         let Some(host) = url.host_str() else {
             return Err(HttpResult::failed(
                 FailureKind::InvalidRequest,
-                format!("URL {raw:?} has no host"),
+                format!("URL {:?} has no host", mask_url(raw)),
             ));
         };
         // IP literals never reach the resolver, so they are judged here. The URL parser has
@@ -1060,6 +1077,21 @@ mod tests {
         let bad_value = vec![("x-ok".to_owned(), "line\nbreak".to_owned())];
         let (kind, _) = expect_failed(c.send(request("http://127.0.0.1:9/", &bad_value)).await);
         assert_eq!(kind, FailureKind::InvalidRequest);
+    }
+
+    /// The error is logged and kept in delivery_attempts.error, so it shows the URL masked.
+    #[tokio::test]
+    async fn url_errors_never_show_the_password() {
+        let c = client(loopback_allowed());
+        for url in [
+            "http://hook:pw-in-url@[::1/hook",
+            "http://hook:pw-in-url@127.0.0.1:99999/hook",
+        ] {
+            let (kind, error) = expect_failed(c.send(request(url, &[])).await);
+            assert_eq!(kind, FailureKind::InvalidRequest, "{error}");
+            assert!(!error.contains("pw-in-url"), "{error}");
+            assert!(error.contains("hook:***@"), "{error}");
+        }
     }
 
     #[tokio::test]

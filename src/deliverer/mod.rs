@@ -346,7 +346,7 @@ impl Deliverer {
         headers.push(("webhook-signature".to_string(), signature));
         self.client
             .send(WebhookRequest {
-                url: &subscription.url,
+                url: subscription.url.expose_secret(),
                 headers: &headers,
                 body,
                 timeout: subscription.timeout,

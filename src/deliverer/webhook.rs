@@ -12,6 +12,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use hmac::{Hmac, KeyInit, Mac};
+use secrecy::{ExposeSecret, SecretSlice};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use sha2::Sha256;
@@ -122,10 +123,11 @@ fn raw_json<'a>(field: &'static str, text: &'a str) -> Result<&'a RawValue, Webh
     serde_json::from_str(text).map_err(|source| WebhookError::InvalidJson { field, source })
 }
 
-/// A Standard Webhooks signing secret, `whsec_` followed by the base64 of the HMAC key.
-#[derive(Clone, PartialEq, Eq)]
+/// A Standard Webhooks signing secret, `whsec_` followed by the base64 of the HMAC key. The key
+/// is a `secrecy` secret: zeroed when dropped, and shown by `Debug` only as its length.
+#[derive(Clone)]
 pub struct SigningSecret {
-    key: Vec<u8>,
+    key: SecretSlice<u8>,
 }
 
 impl SigningSecret {
@@ -142,11 +144,13 @@ impl SigningSecret {
         if key.is_empty() {
             return Err(WebhookError::SecretEmptyKey);
         }
-        Ok(Self { key })
+        Ok(Self {
+            key: SecretSlice::from(key),
+        })
     }
 
     fn mac_over(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.key)
+        let mut mac = HmacSha256::new_from_slice(self.key.expose_secret())
             .expect("HMAC takes keys of any length (long ones are hashed first)");
         mac.update(msg_id.as_bytes());
         mac.update(b".");
@@ -161,7 +165,10 @@ impl fmt::Debug for SigningSecret {
     // The key is the whole secret; logs and panics must never carry it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SigningSecret")
-            .field("key", &format_args!("<redacted {} bytes>", self.key.len()))
+            .field(
+                "key",
+                &format_args!("<redacted {} bytes>", self.key.expose_secret().len()),
+            )
             .finish()
     }
 }
@@ -455,6 +462,6 @@ mod tests {
         let b = generate_secret();
         assert_ne!(a, b);
         let parsed = SigningSecret::parse(&a).expect("generated secret parses");
-        assert_eq!(parsed.key.len(), 32);
+        assert_eq!(parsed.key.expose_secret().len(), 32);
     }
 }

@@ -57,7 +57,7 @@ impl Answer {
 impl Api {
     pub async fn spawn(db: &TestDb) -> (RelayHandle, Api) {
         let mut config = RelayConfig::for_tests();
-        config.admin_token = Some(TOKEN.to_owned());
+        config.admin_token = Some(TOKEN.into());
         let relay = spawn_relay(db, config).await;
         let api = Api::at(&relay);
         (relay, api)
@@ -226,7 +226,7 @@ async fn admin_and_compat_routes_are_absent_without_a_token() {
 #[tokio::test]
 async fn a_blank_token_is_refused_at_start() {
     let config = RelayConfig {
-        admin_token: Some("  ".to_owned()),
+        admin_token: Some("  ".into()),
         ..RelayConfig::for_tests()
     };
     let error = config.validate().expect_err("blank token refused");
@@ -248,7 +248,7 @@ async fn the_database_going_away_is_a_503() {
         .expect("bind");
     let relay = outbox_relay::relay::start(
         RelayConfig {
-            admin_token: Some(TOKEN.to_owned()),
+            admin_token: Some(TOKEN.into()),
             ..RelayConfig::for_tests()
         },
         &url,

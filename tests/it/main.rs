@@ -21,3 +21,4 @@ mod resilience;
 mod retention;
 mod routing;
 mod scheduled;
+mod secrets;

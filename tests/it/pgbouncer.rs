@@ -253,7 +253,7 @@ async fn pooler_mode_with_a_direct_listen_url_wakes_on_notify() {
     let relay = start_relay(
         &bouncer.url(),
         RelayConfig {
-            listen_database_url: Some(db.url.clone()),
+            listen_database_url: Some(db.url.clone().into()),
             poll_interval: Duration::from_secs(3600),
             ..pooler_config()
         },

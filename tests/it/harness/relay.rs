@@ -197,6 +197,8 @@ pub struct RelayProcessBuilder {
     relay_id: String,
     flags: Vec<(String, String)>,
     extra_args: Vec<String>,
+    envs: Vec<(String, String)>,
+    capture_output: bool,
 }
 
 impl RelayProcessBuilder {
@@ -218,7 +220,26 @@ impl RelayProcessBuilder {
         self
     }
 
+    /// Sets an environment variable of the process, replacing the defaults
+    /// (`DATABASE_URL` = the test database, `RUST_LOG=warn`) when it names one of them.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Pipes stdout and stderr (read them from `child`) instead of dropping stdout and
+    /// passing stderr through.
+    pub fn capture_output(mut self) -> Self {
+        self.capture_output = true;
+        self
+    }
+
     pub fn spawn(self, db: &TestDb) -> RelayProcess {
+        let (stdout, stderr) = if self.capture_output {
+            (Stdio::piped(), Stdio::piped())
+        } else {
+            (Stdio::null(), Stdio::inherit())
+        };
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
             .arg("run")
             .args(self.flags.iter().flat_map(|(flag, value)| [flag, value]))
@@ -226,9 +247,10 @@ impl RelayProcessBuilder {
             .args(&self.extra_args)
             .env("DATABASE_URL", &db.url)
             .env("RUST_LOG", "warn")
+            .envs(self.envs.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stdout(stdout)
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("start outbox-relay binary");
@@ -252,6 +274,8 @@ impl RelayProcess {
                 .map(|(flag, value)| (flag.to_string(), value.to_string()))
                 .collect(),
             extra_args: Vec::new(),
+            envs: Vec::new(),
+            capture_output: false,
         }
     }
 
