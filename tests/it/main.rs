@@ -15,6 +15,7 @@ mod leases;
 mod locks;
 mod operator_sql;
 mod ordered;
+mod ordered_switch;
 mod pgbouncer;
 mod poison;
 mod resilience;

@@ -4,8 +4,8 @@
 //! same answer.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,6 +38,8 @@ impl Answer {
 pub struct RawServer {
     pub addr: SocketAddr,
     requests: Arc<AtomicUsize>,
+    /// Request bodies, in the order the requests were read.
+    bodies: Arc<Mutex<Vec<Vec<u8>>>>,
     /// When set, each answer waits for one permit (tests release them one by one).
     gate: Option<Arc<Semaphore>>,
 }
@@ -58,21 +60,26 @@ impl RawServer {
             .expect("bind raw server");
         let addr = listener.local_addr().expect("raw server address");
         let requests = Arc::new(AtomicUsize::new(0));
-        let counter = requests.clone();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let seen = Seen {
+            requests: requests.clone(),
+            bodies: bodies.clone(),
+        };
         let gate_for_server = gate.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let answer = answer.clone();
-                let counter = counter.clone();
+                let seen = seen.clone();
                 let gate = gate_for_server.clone();
                 tokio::spawn(async move {
-                    let _ = serve_one(stream, answer, counter, gate).await;
+                    let _ = serve_one(stream, answer, seen, gate).await;
                 });
             }
         });
         RawServer {
             addr,
             requests,
+            bodies,
             gate,
         }
     }
@@ -86,6 +93,16 @@ impl RawServer {
         self.requests.load(Ordering::SeqCst)
     }
 
+    /// The JSON bodies of the requests read so far, in arrival order.
+    pub fn json_bodies(&self) -> Vec<serde_json::Value> {
+        self.bodies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|body| serde_json::from_slice(body).expect("a JSON request body"))
+            .collect()
+    }
+
     /// Lets `answers` more waiting (or future) requests get their answer.
     pub fn release(&self, answers: usize) {
         if let Some(gate) = &self.gate {
@@ -94,14 +111,24 @@ impl RawServer {
     }
 }
 
+#[derive(Clone)]
+struct Seen {
+    requests: Arc<AtomicUsize>,
+    bodies: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
 async fn serve_one(
     mut stream: TcpStream,
     answer: Answer,
-    counter: Arc<AtomicUsize>,
+    seen: Seen,
     gate: Option<Arc<Semaphore>>,
 ) -> std::io::Result<()> {
-    read_request(&mut stream).await?;
-    counter.fetch_add(1, Ordering::SeqCst);
+    let body = read_request(&mut stream).await?;
+    seen.bodies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(body);
+    seen.requests.fetch_add(1, Ordering::SeqCst);
     if let Some(gate) = gate {
         gate.acquire()
             .await
@@ -133,8 +160,9 @@ async fn serve_one(
     Ok(())
 }
 
-/// Reads one request: headers up to the blank line, then Content-Length bytes of body.
-async fn read_request(stream: &mut TcpStream) -> std::io::Result<()> {
+/// Reads one request: headers up to the blank line, then Content-Length bytes of body, which
+/// it returns.
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 8192];
     let header_end = loop {
@@ -160,5 +188,5 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<()> {
         }
         buffer.extend_from_slice(&chunk[..read]);
     }
-    Ok(())
+    Ok(buffer[header_end..].to_vec())
 }
