@@ -5,7 +5,9 @@
 //! runs one against a real receiver.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use outbox_relay::config::RelayConfig;
 use outbox_relay::devkit::receiver::{Receiver, Reply};
 use serde_json::{Value, json};
 use tokio_postgres::Row;
@@ -1442,5 +1444,322 @@ async fn least_privilege_roles_allow_each_job_and_nothing_more() {
     .await;
     allowed(&db, r, "SELECT secret FROM outbox.subscriptions").await;
     denied(&db, r, "CREATE TABLE outbox.not_allowed (id int)").await;
-    denied(&db, r, "DELETE FROM outbox.events").await;
+    // Retention deletes events; their deliveries and attempts go by cascade, and nothing
+    // else of the history can be deleted or rewritten.
+    let rows = allowed_steps(
+        &db,
+        r,
+        &[
+            "DELETE FROM outbox.events",
+            "SELECT (SELECT count(*) FROM outbox.deliveries) + (SELECT count(*) FROM outbox.delivery_attempts)",
+        ],
+    )
+    .await;
+    assert_eq!(
+        rows[0].get::<_, i64>(0),
+        0,
+        "deliveries and attempts went with their events"
+    );
+    denied(&db, r, "DELETE FROM outbox.deliveries").await;
+    denied(&db, r, "DELETE FROM outbox.delivery_attempts").await;
+    denied(&db, r, "UPDATE outbox.delivery_attempts SET error = 'x'").await;
+    denied(&db, r, "UPDATE outbox.events SET payload = '{}'").await;
+    denied(&db, r, "UPDATE outbox.deliveries SET event_id = event_id").await;
+    denied(&db, r, "DELETE FROM outbox.replays").await;
+    denied(&db, r, "DELETE FROM outbox.schema_history").await;
+    denied(&db, r, "SELECT * FROM outbox.failed_deliveries").await;
+    denied(&db, r, "SELECT * FROM outbox.backfill('crm', '-infinity')").await;
+}
+
+/// A LOGIN user that is a member of `outbox_relay` and nothing else, dropped on `Drop` (roles
+/// are cluster-wide; the name is unique so parallel test runs never share one).
+struct RelayLogin {
+    name: String,
+    admin_url: String,
+}
+
+impl RelayLogin {
+    async fn create(db: &TestDb) -> RelayLogin {
+        let name = format!(
+            "outbox_test_relay_{}",
+            &Uuid::new_v4().simple().to_string()[..12]
+        );
+        db.client()
+            .await
+            .batch_execute(&format!(
+                "CREATE ROLE {name} LOGIN PASSWORD 'relay-test' IN ROLE outbox_relay"
+            ))
+            .await
+            .expect("create the relay login");
+        RelayLogin {
+            name,
+            admin_url: db.server_admin_url(),
+        }
+    }
+
+    /// The test database's URL, logged in as this user instead.
+    fn url(&self, db: &TestDb) -> String {
+        let credentials = format!("user={}&password=relay-test", self.name);
+        if !db.url.contains("://") {
+            format!("{} {}", db.url, credentials.replace('&', " "))
+        } else if db.url.contains('?') {
+            format!("{}&{credentials}", db.url)
+        } else {
+            format!("{}?{credentials}", db.url)
+        }
+    }
+}
+
+impl Drop for RelayLogin {
+    fn drop(&mut self) {
+        let (name, url) = (self.name.clone(), self.admin_url.clone());
+        // Drop runs inside the test's runtime: do the blocking cleanup on a thread of its own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP ROLE IF EXISTS {name}"))
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        if let Ok(Err(error)) = dropped {
+            eprintln!("could not drop test role {}: {error}", self.name);
+        }
+    }
+}
+
+/// The README's promise for `outbox_relay`: a real relay logged in as a member of that role
+/// only delivers, retries, dead-letters, disables on 410, reclaims an expired lease, heartbeats,
+/// runs ordered fan-out and purges old finished events with retention on, without a single
+/// database error.
+#[tokio::test]
+async fn a_relay_logged_in_with_the_relay_role_only_does_all_its_work_including_retention() {
+    let db = TestDb::new().await;
+    psql(&db, "roles.sql", &[]).await;
+    let login = RelayLogin::create(&db).await;
+    let relay_url = login.url(&db);
+    let membership = count(
+        &db,
+        &format!(
+            "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member
+              WHERE r.rolname = '{}'",
+            login.name
+        ),
+    )
+    .await;
+    assert_eq!(membership, 1, "member of outbox_relay only");
+
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.queue("/flaky", [Reply::Status(500)]);
+    receiver.set_default("/broken", Reply::Status(500));
+    receiver.set_default("/gone", Reply::Status(410));
+    // Longer than a heartbeat interval, so the lease is renewed while it is in flight.
+    receiver.set_default("/slow", Reply::Delay(Duration::from_secs(1), 200));
+    let fast_retry = [("retry_schedule", "'{0 seconds}'")];
+    let ok = add_subscription(
+        &db,
+        "ok",
+        &receiver.url("/ok"),
+        &[("event_types", "'{ok.*}'")],
+    )
+    .await
+    .0;
+    for (name, columns) in [
+        ("flaky", "flaky.*"),
+        ("broken", "broken.*"),
+        ("gone", "gone.*"),
+        ("slow", "slow.*"),
+    ] {
+        let mut all = vec![("event_types", format!("'{{{columns}}}'"))];
+        all.extend(fast_retry.iter().map(|(c, v)| (*c, v.to_string())));
+        let all: Vec<(&str, &str)> = all.iter().map(|(c, v)| (*c, v.as_str())).collect();
+        add_subscription(&db, name, &receiver.url(&format!("/{name}")), &all).await;
+    }
+    add_subscription(
+        &db,
+        "ordered",
+        &receiver.url("/ordered"),
+        &[("event_types", "'{order.*}'"), ("ordered", "true")],
+    )
+    .await;
+    for (event_type, payload) in [
+        ("ok.created", json!({ "n": 1 })),
+        ("flaky.created", json!({ "n": 2 })),
+        ("broken.created", json!({ "n": 3 })),
+        ("gone.created", json!({ "n": 4 })),
+        ("slow.created", json!({ "n": 5 })),
+    ] {
+        publish(&db, event_type, payload).await;
+    }
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO outbox.events (event_type, payload, ordering_key)
+             SELECT 'order.placed', jsonb_build_object('seq', n), 'key-1' FROM generate_series(1, 3) n",
+        )
+        .await
+        .expect("ordered events");
+    // A delivery a dead relay left in flight: its lease expired, so it must be reclaimed.
+    let (orphan_event, _) = event(&db, "ok.orphaned", None, "1 minute").await;
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO outbox.deliveries (event_id, subscription_id, status, lease_owner, lease_expires_at)
+             VALUES ($1, $2, 'in_flight', 'a-dead-relay', now() - interval '1 second')",
+            &[&orphan_event, &ok],
+        )
+        .await
+        .expect("orphaned delivery");
+
+    let relay = spawn_relay_at(&relay_url, RelayConfig::for_tests()).await;
+    wait_until_ready("the relay-role relay is ready", &relay.health).await;
+    // ok, flaky, slow, 3 ordered and the orphan once reclaimed; broken after its retry; gone
+    // failed once, and waits: its 410 disabled the subscription.
+    wait_for_statuses(&db, "delivered", 7).await;
+    wait_for_statuses(&db, "dead", 1).await;
+    wait_for_statuses(&db, "failing", 1).await;
+    wait_until(
+        "everything is dispatched and passed by ordered fan-out",
+        DEADLINE,
+        || async {
+            count(
+                &db,
+                "SELECT count(*) FROM outbox.events
+              WHERE dispatched_at IS NULL
+                 OR id > (SELECT last_event_id FROM outbox.ordered_dispatch_cursor)",
+            )
+            .await
+                == 0
+        },
+    )
+    .await;
+    let errors = db_errors(&relay);
+    let session_user = count(
+        &db,
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND usename = '{}'",
+            login.name
+        ),
+    )
+    .await;
+    relay.shutdown().await;
+    assert_eq!(
+        errors, 0,
+        "database errors while delivering as the relay role"
+    );
+    assert!(
+        session_user > 0,
+        "the relay was logged in as the relay login"
+    );
+    let by_status: Vec<(String, String, i32)> = db
+        .client()
+        .await
+        .query(
+            "SELECT s.name, d.status, d.attempts FROM outbox.deliveries d
+               JOIN outbox.subscriptions s ON s.id = d.subscription_id
+              ORDER BY d.id",
+            &[],
+        )
+        .await
+        .expect("deliveries")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let of = |name: &str| -> Vec<(String, i32)> {
+        by_status
+            .iter()
+            .filter(|(s, _, _)| s == name)
+            .map(|(_, status, attempts)| (status.clone(), *attempts))
+            .collect()
+    };
+    assert_eq!(of("flaky"), [("delivered".to_string(), 2)], "retried");
+    assert_eq!(of("broken"), [("dead".to_string(), 2)], "dead-lettered");
+    assert_eq!(of("gone"), [("failing".to_string(), 1)]);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.subscriptions WHERE name = 'gone' AND NOT enabled"
+        )
+        .await,
+        1,
+        "a 410 disables the subscription"
+    );
+    assert_eq!(
+        of("ordered"),
+        vec![("delivered".to_string(), 1); 3],
+        "ordered fan-out and key advance"
+    );
+    assert!(
+        of("ok").iter().all(|(status, _)| status == "delivered") && of("ok").len() == 2,
+        "the orphaned delivery was reclaimed and delivered: {:?}",
+        of("ok")
+    );
+    let attempts = count(&db, "SELECT count(*) FROM outbox.delivery_attempts").await;
+    assert!(attempts >= 3, "failed attempts were recorded ({attempts})");
+
+    // Age everything past retention but one recent finished event, and let a relay with
+    // retention on purge as the relay role: all but that one and the open delivery's event.
+    db.client()
+        .await
+        .batch_execute(
+            "UPDATE outbox.events SET created_at = now() - interval '2 days'
+              WHERE event_type <> 'slow.created'",
+        )
+        .await
+        .expect("age events");
+    let relay = spawn_relay_at(
+        &relay_url,
+        RelayConfig {
+            retention: Some(Duration::from_secs(3600)),
+            ..RelayConfig::for_tests()
+        },
+    )
+    .await;
+    wait_until("old finished events are purged", DEADLINE, || async {
+        let errors = db_errors(&relay);
+        assert_eq!(errors, 0, "database errors while purging as the relay role");
+        count(&db, "SELECT count(*) FROM outbox.events").await == 2
+    })
+    .await;
+    let purged = relay.metrics.events_purged.get();
+    let errors = db_errors(&relay);
+    relay.shutdown().await;
+    assert_eq!(errors, 0, "database errors while purging as the relay role");
+    assert_eq!(
+        purged, 7,
+        "every old finished event was purged by this relay"
+    );
+    let left: Vec<String> = db
+        .client()
+        .await
+        .query("SELECT event_type FROM outbox.events ORDER BY id", &[])
+        .await
+        .expect("events left")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        left,
+        ["gone.created", "slow.created"],
+        "the open delivery's event and the recent one stay"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT (SELECT count(*) FROM outbox.deliveries) * 1000 + (SELECT count(*) FROM outbox.delivery_attempts)"
+        )
+        .await,
+        2001,
+        "the purged events' deliveries and attempts went with them; the two left keep theirs"
+    );
 }

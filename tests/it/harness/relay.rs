@@ -24,6 +24,30 @@ pub async fn spawn_relay(db: &TestDb, config: RelayConfig) -> RelayHandle {
         .expect("relay starts")
 }
 
+/// A relay connecting with its own URL (another user, a pooler) to the test database.
+pub async fn spawn_relay_at(database_url: &str, config: RelayConfig) -> RelayHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay HTTP listener");
+    outbox_relay::relay::start(config, database_url, listener)
+        .await
+        .expect("relay starts")
+}
+
+/// Database errors the relay counted (`outbox_db_errors_total`), all components together.
+pub fn db_errors(relay: &RelayHandle) -> u64 {
+    ["dispatcher", "deliverer", "completer", "maintenance"]
+        .iter()
+        .map(|component| {
+            relay
+                .metrics
+                .db_errors
+                .with_label_values(&[component])
+                .get()
+        })
+        .sum()
+}
+
 pub async fn spawn_default_relay(db: &TestDb) -> RelayHandle {
     spawn_relay(db, RelayConfig::for_tests()).await
 }
