@@ -4,8 +4,8 @@
 //! direct URL or is off (poll-only); and the configuration that would silently never hear a
 //! NOTIFY is refused.
 //!
-//! These tests need the `pgbouncer` binary; without it they print `SKIPPED` (or fail when
-//! `OUTBOX_REQUIRE_PGBOUNCER=1`, as in CI).
+//! These tests need the `pgbouncer` binary; without it they fail, unless
+//! `OUTBOX_ALLOW_MISSING_TOOLS=1` (then they print `SKIPPED` and pass).
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,3 +1,4 @@
 pub mod db;
 pub mod pgbouncer;
 pub mod relay;
+pub mod tools;
