@@ -20,6 +20,7 @@ use crate::{
 /// signed, and the database agrees (20 000 delivered at the first attempt, nothing else).
 #[tokio::test]
 async fn three_relays_deliver_20000_events_without_duplicates() {
+    let _alone = crate::one_at_a_time().await;
     const EVENTS: i64 = 20_000;
     let db = TestDb::new().await;
     let receiver = Receiver::start().await.expect("receiver");
@@ -97,6 +98,7 @@ async fn three_relays_deliver_20000_events_without_duplicates() {
 /// at the kill (so duplicates ≤ its leases then).
 #[tokio::test]
 async fn relay_killed_mid_flight_duplicates_are_bounded() {
+    let _alone = crate::one_at_a_time().await;
     const EVENTS: i64 = 1_500;
     const MAX_CONCURRENCY: &str = "16";
     let db = TestDb::new().await;
@@ -207,6 +209,7 @@ async fn relay_killed_mid_flight_duplicates_are_bounded() {
 /// delivered, and duplicates stay within what lost leases can explain.
 #[tokio::test]
 async fn all_relay_connections_terminated_mid_run_nothing_lost() {
+    let _alone = crate::one_at_a_time().await;
     const EVENTS: i64 = 6_000;
     const TERMINATIONS: usize = 5;
     const MAX_IN_FLIGHT: usize = 64;
