@@ -144,13 +144,18 @@ async fn requeued_by(db: &TestDb, args: &str) -> Vec<i64> {
 /// Runs a file of sql/ through psql with ON_ERROR_STOP; returns its output, panicking with
 /// stderr when psql fails.
 async fn psql(db: &TestDb, file: &str, vars: &[(&str, &str)]) -> String {
+    psql_with(db, file, vars, &[]).await
+}
+
+async fn psql_with(db: &TestDb, file: &str, vars: &[(&str, &str)], args: &[&str]) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("sql")
         .join(file);
     let mut command = tokio::process::Command::new("psql");
     command
         .arg(&db.url)
-        .args(["--no-psqlrc", "-v", "ON_ERROR_STOP=1"]);
+        .args(["--no-psqlrc", "-v", "ON_ERROR_STOP=1"])
+        .args(args);
     for (name, value) in vars {
         command.arg("-v").arg(format!("{name}={value}"));
     }
@@ -169,6 +174,90 @@ async fn psql(db: &TestDb, file: &str, vars: &[(&str, &str)]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
+}
+
+/// Field separator of [`recipe`]'s unaligned output: nothing in the fixtures contains it.
+const FIELD_SEPARATOR: char = '\u{1f}';
+
+/// One result table of a sql/ recipe: the `\echo '== …'` heading printed before it, its
+/// column names and its rows, as psql prints the values (NULL as an empty string).
+#[derive(Debug)]
+struct RecipeTable {
+    heading: String,
+    columns: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl RecipeTable {
+    /// The rows with only the named columns, in that order (times and ages left out).
+    fn select(&self, names: &[&str]) -> Vec<Vec<String>> {
+        let positions: Vec<usize> = names
+            .iter()
+            .map(|name| {
+                self.columns
+                    .iter()
+                    .position(|column| column == name)
+                    .unwrap_or_else(|| panic!("no column {name} in {self:?}"))
+            })
+            .collect();
+        self.rows
+            .iter()
+            .map(|row| positions.iter().map(|&i| row[i].clone()).collect())
+            .collect()
+    }
+
+    /// [`Self::select`], sorted: for recipes whose ORDER BY leaves ties.
+    fn select_sorted(&self, names: &[&str]) -> Vec<Vec<String>> {
+        let mut rows = self.select(names);
+        rows.sort();
+        rows
+    }
+}
+
+/// Runs a recipe of sql/ and splits its output into the tables it printed, so tests assert
+/// on the query results, not on headings that print whatever the data.
+async fn recipe(db: &TestDb, file: &str, vars: &[(&str, &str)]) -> Vec<RecipeTable> {
+    let separator = format!("--field-separator={FIELD_SEPARATOR}");
+    let out = psql_with(
+        db,
+        file,
+        vars,
+        &["--quiet", "--no-align", &separator, "--pset=footer=off"],
+    )
+    .await;
+    let mut tables: Vec<RecipeTable> = Vec::new();
+    for line in out.lines() {
+        if let Some(heading) = line.strip_prefix("== ") {
+            tables.push(RecipeTable {
+                heading: heading.to_string(),
+                columns: Vec::new(),
+                rows: Vec::new(),
+            });
+            continue;
+        }
+        let table = tables
+            .last_mut()
+            .unwrap_or_else(|| panic!("{file}: output before any heading:\n{out}"));
+        let fields: Vec<String> = line.split(FIELD_SEPARATOR).map(str::to_string).collect();
+        if table.columns.is_empty() {
+            table.columns = fields;
+        } else {
+            assert_eq!(
+                fields.len(),
+                table.columns.len(),
+                "{file}: a value holds a line break or the separator:\n{out}"
+            );
+            table.rows.push(fields);
+        }
+    }
+    tables
+}
+
+/// Rows of strings from literals, for comparing with [`RecipeTable::select`].
+fn rows<const N: usize>(rows: &[[&str; N]]) -> Vec<Vec<String>> {
+    rows.iter()
+        .map(|row| row.iter().map(|v| v.to_string()).collect())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -418,61 +507,179 @@ async fn operator_fixture(db: &TestDb) -> Uuid {
 async fn failures_sql_groups_failures_by_subscription_and_error() {
     let db = TestDb::new().await;
     operator_fixture(&db).await;
-    let out = psql(&db, "failures.sql", &[]).await;
-    for expected in [
-        "Failed attempts by subscription and error, last 24 hours",
-        "timeout after 15s",
-        "HTTP 503 Service Unavailable",
-        "Failing now",
-        "Dead, all time",
-        "crm",
-        "billing",
-    ] {
-        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
-    }
-    let out = psql(&db, "failures.sql", &[("since", "1 minute")]).await;
-    assert!(
-        !out.contains("timeout after 15s"),
-        "attempts older than :since are listed:\n{out}"
+    let tables = recipe(&db, "failures.sql", &[]).await;
+    assert_eq!(tables.len(), 3, "{tables:?}");
+    assert_eq!(
+        tables[0].heading,
+        "Failed attempts by subscription and error, last 24 hours"
     );
+    let columns = [
+        "subscription",
+        "status_code",
+        "error",
+        "attempts",
+        "deliveries",
+    ];
+    assert_eq!(
+        tables[0].select_sorted(&columns),
+        rows(&[
+            ["billing", "503", "HTTP 503 Service Unavailable", "1", "1"],
+            ["crm", "", "timeout after 15s", "1", "1"],
+            ["crm", "500", "HTTP 500 Internal Server Error", "1", "1"],
+        ])
+    );
+    let now_columns = [
+        "subscription",
+        "last_status_code",
+        "last_error",
+        "deliveries",
+    ];
+    assert_eq!(
+        tables[1].select(&now_columns),
+        rows(&[["billing", "500", "HTTP 500 Internal Server Error", "1"]]),
+        "failing now"
+    );
+    assert_eq!(
+        tables[2].select(&now_columns),
+        rows(&[["crm", "500", "HTTP 500 Internal Server Error", "1"]]),
+        "dead"
+    );
+
+    let tables = recipe(&db, "failures.sql", &[("since", "1 minute")]).await;
+    assert_eq!(
+        tables[0].rows.len(),
+        0,
+        "attempts older than :since are listed: {:?}",
+        tables[0]
+    );
+    assert_eq!(tables[2].rows.len(), 1, "dead deliveries are of all time");
 }
 
 #[tokio::test]
 async fn backlog_sql_shows_unfinished_work_and_undispatched_events() {
     let db = TestDb::new().await;
     operator_fixture(&db).await;
-    let out = psql(&db, "backlog.sql", &[("overdue", "5 minutes")]).await;
-    for expected in [
-        "Unfinished deliveries per subscription; overdue = due for more than 5 minutes",
-        "billing",
-        "Events not yet dispatched",
-        "In-flight deliveries whose lease expired",
-    ] {
-        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
-    }
+    // On top of the fixture (billing: one failing delivery, not due for an hour; one
+    // undispatched due event): crm gets a delivery due 10 minutes ago and one whose relay's
+    // lease expired, and an event scheduled for tomorrow waits.
+    let crm: i64 = count(
+        &db,
+        "SELECT id FROM outbox.subscriptions WHERE name = 'crm'",
+    )
+    .await;
+    let (overdue_event, _) = event(&db, "lead.created", None, "15 minutes").await;
+    let overdue = delivery(&db, overdue_event, crm, "pending").await;
+    let (held_event, _) = event(&db, "lead.created", None, "15 minutes").await;
+    let held = delivery(&db, held_event, crm, "in_flight").await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "UPDATE outbox.deliveries SET next_attempt_at = now() - interval '10 minutes' WHERE id = {overdue};
+             UPDATE outbox.deliveries SET lease_owner = 'relay-gone', lease_expires_at = now() - interval '1 minute'
+              WHERE id = {held};
+             INSERT INTO outbox.events (event_type, payload, deliver_after)
+             VALUES ('lead.later', '{{}}', now() + interval '1 day');"
+        ))
+        .await
+        .expect("backlog fixture");
+
+    let tables = recipe(&db, "backlog.sql", &[("overdue", "5 minutes")]).await;
+    assert_eq!(tables.len(), 3, "{tables:?}");
+    assert_eq!(
+        tables[0].heading,
+        "Unfinished deliveries per subscription; overdue = due for more than 5 minutes"
+    );
+    let columns = [
+        "subscription",
+        "enabled",
+        "pending",
+        "in_flight",
+        "failing",
+        "due_now",
+        "overdue",
+        "waiting_in_order",
+        "dead",
+    ];
+    assert_eq!(
+        tables[0].select_sorted(&columns),
+        rows(&[
+            ["billing", "t", "0", "0", "1", "0", "0", "0", "0"],
+            ["crm", "t", "1", "1", "0", "1", "1", "0", "1"],
+        ])
+    );
+    assert_eq!(
+        tables[1].select(&["due", "scheduled"]),
+        rows(&[["1", "1"]]),
+        "events not yet dispatched"
+    );
+    assert_eq!(
+        tables[2].select(&["lease_owner", "deliveries"]),
+        rows(&[["relay-gone", "1"]]),
+        "expired leases"
+    );
+
+    let tables = recipe(&db, "backlog.sql", &[("overdue", "1 hour")]).await;
+    assert_eq!(
+        tables[0].select_sorted(&["subscription", "due_now", "overdue"]),
+        rows(&[["billing", "0", "0"], ["crm", "1", "0"]]),
+        "due 10 minutes ago is not overdue by an hour"
+    );
 }
 
 #[tokio::test]
 async fn top_errors_sql_ranks_recent_error_messages() {
     let db = TestDb::new().await;
     operator_fixture(&db).await;
-    let out = psql(&db, "top_errors.sql", &[]).await;
-    assert!(out.contains("Top 20 errors in the last 1 hour"), "{out}");
-    for expected in [
-        "HTTP 500 Internal Server Error",
-        "timeout after 15s",
-        "HTTP 503 Service Unavailable",
-    ] {
-        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
-    }
-    let out = psql(
+    let columns = [
+        "error",
+        "attempts",
+        "deliveries",
+        "subscriptions",
+        "status_codes",
+        "latest_response_body",
+    ];
+    let tables = recipe(&db, "top_errors.sql", &[]).await;
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    assert_eq!(tables[0].heading, "Top 20 errors in the last 1 hour");
+    assert_eq!(
+        tables[0].select(&columns),
+        rows(&[
+            [
+                "HTTP 500 Internal Server Error",
+                "1",
+                "1",
+                "crm",
+                "500",
+                "boom"
+            ],
+            [
+                "HTTP 503 Service Unavailable",
+                "1",
+                "1",
+                "billing",
+                "503",
+                "later"
+            ],
+            ["timeout after 15s", "1", "1", "crm", "", ""],
+        ])
+    );
+    let tables = recipe(
         &db,
         "top_errors.sql",
         &[("since", "7 minutes"), ("top", "5")],
     )
     .await;
-    assert!(out.contains("HTTP 503 Service Unavailable"), "{out}");
-    assert!(!out.contains("timeout after 15s"), "{out}");
+    assert_eq!(
+        tables[0].select(&["error"]),
+        rows(&[["HTTP 503 Service Unavailable"]]),
+        "only the attempt of the last 7 minutes"
+    );
+    let tables = recipe(&db, "top_errors.sql", &[("top", "1")]).await;
+    assert_eq!(
+        tables[0].select(&["error"]),
+        rows(&[["HTTP 500 Internal Server Error"]]),
+        ":top limits the rows"
+    );
 }
 
 #[tokio::test]
@@ -486,32 +693,59 @@ async fn event_story_sql_tells_one_event_from_deliveries_to_replays() {
     .await
     .expect("replay");
     assert_eq!(matched, 1);
-    let out = psql(
+    let replay_id = replay_id.to_string();
+    let tables = recipe(
         &db,
         "event_story.sql",
         &[("event_id", &event_id.to_string())],
     )
     .await;
-    for expected in [
-        event_id.to_string().as_str(),
-        "lead.created",
-        "acme",
-        "Deliveries (one per subscription)",
-        "crm",
-        "billing",
-        "Attempts",
-        "timeout after 15s",
-        "boom",
-        "Replays and backfills that touched it",
-        "story-check",
-    ] {
-        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
-    }
-    assert!(
-        !out.contains("HTTP 503"),
-        "another event's attempt is in the story:\n{out}"
+    let headings: Vec<&str> = tables.iter().map(|t| t.heading.as_str()).collect();
+    assert_eq!(
+        headings,
+        [
+            format!("Event {event_id}").as_str(),
+            "Deliveries (one per subscription)",
+            "Attempts (failures, retries and replayed attempts)",
+            "Replays and backfills that touched it",
+        ]
     );
-    assert!(out.contains(&format!(" {replay_id} |")), "{out}");
+    assert_eq!(
+        tables[0].select(&["event_id", "event_type", "tenant_id"]),
+        rows(&[[event_id.to_string().as_str(), "lead.created", "acme"]])
+    );
+    assert_eq!(
+        tables[1].select(&[
+            "subscription",
+            "status",
+            "attempts",
+            "last_error",
+            "replay_id"
+        ]),
+        rows(&[
+            ["crm", "pending", "0", "", replay_id.as_str()],
+            ["billing", "delivered", "3", "", ""],
+        ]),
+        "the dead delivery was re-queued by the replay; the other event's delivery is not here"
+    );
+    assert_eq!(
+        tables[2].select(&[
+            "subscription",
+            "attempt",
+            "status_code",
+            "error",
+            "response_body"
+        ]),
+        rows(&[
+            ["crm", "1", "500", "HTTP 500 Internal Server Error", "boom"],
+            ["crm", "2", "", "timeout after 15s", ""],
+        ]),
+        "this event's attempts only (not the other event's 503)"
+    );
+    assert_eq!(
+        tables[3].select(&["replay_id", "reason", "matched"]),
+        rows(&[[replay_id.as_str(), "story-check", "1"]])
+    );
 
     let usage = psql(&db, "event_story.sql", &[]).await;
     assert!(usage.contains("usage:"), "{usage}");
@@ -523,9 +757,17 @@ async fn replay_recipes_sql_previews_replays_without_changing_anything() {
     let db = TestDb::new().await;
     operator_fixture(&db).await;
     let before = deliveries(&db).await;
-    let out = psql(&db, "replay_recipes.sql", &[]).await;
-    assert!(out.contains("dead (the default)"), "{out}");
-    assert!(out.contains("dead and failing"), "{out}");
+    let tables = recipe(&db, "replay_recipes.sql", &[]).await;
+    assert_eq!(tables.len(), 2, "{tables:?}");
+    assert_eq!(
+        tables[0].select(&["replay", "matched"]),
+        rows(&[["dead (the default)", "1"], ["dead and failing", "2"]]),
+        "the fixture has one dead and one failing delivery"
+    );
+    assert_eq!(
+        tables[1].select(&["subscription", "dead"]),
+        rows(&[["crm", "1"]])
+    );
     assert_eq!(deliveries(&db).await, before);
     assert_eq!(count(&db, "SELECT count(*) FROM outbox.replays").await, 0);
 }
