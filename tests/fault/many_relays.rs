@@ -9,7 +9,7 @@ use outbox_relay::devkit::receiver::{Receiver, Reply};
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::{
-    DEADLINE, RelayProcess, add_subscription, count, wait_for_relay_sessions, wait_until,
+    DEADLINE, RelayProcess, add_subscription, count, wait_for_sessions_of, wait_until,
 };
 use crate::{
     arrivals, deadlocks, duplicates, event_ids, leases_of, publish_numbered, status_counts,
@@ -243,9 +243,9 @@ async fn all_relay_connections_terminated_mid_run_nothing_lost() {
             )
             .await,
         );
-        // Relays reconnect lazily (after an error backoff): wait for them rather than race
-        // them; a relay that never reconnects fails here.
-        wait_for_relay_sessions(&db, 3).await;
+        // Relays reconnect lazily (after an error backoff): wait for each of them rather
+        // than race them; a relay that never reconnects fails here, whatever the others do.
+        wait_for_sessions_of(&db, &[&a.relay_id, &b.relay_id, &c.relay_id]).await;
         let cut = db.terminate_connections("outbox-relay%").await;
         assert!(cut >= 3, "only {cut} relay connections found to terminate");
         terminated.push(cut);

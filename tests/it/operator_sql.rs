@@ -1741,14 +1741,7 @@ impl RelayLogin {
 
     /// The test database's URL, logged in as this user instead.
     fn url(&self, db: &TestDb) -> String {
-        let credentials = format!("user={}&password=relay-test", self.name);
-        if !db.url.contains("://") {
-            format!("{} {}", db.url, credentials.replace('&', " "))
-        } else if db.url.contains('?') {
-            format!("{}&{credentials}", db.url)
-        } else {
-            format!("{}?{credentials}", db.url)
-        }
+        with_params(&db.url, &[("user", &self.name), ("password", "relay-test")])
     }
 }
 
