@@ -1702,6 +1702,29 @@ async fn least_privilege_roles_allow_each_job_and_nothing_more() {
         0,
         "deliveries and attempts went with their events"
     );
+    // The admin API and the `subscription` CLI: manage subscriptions (removing one ends its
+    // open deliveries through a trigger that runs with the relay's column grants), publish,
+    // read the history.
+    let rows = allowed_steps(
+        &db,
+        r,
+        &[
+            "INSERT INTO outbox.subscriptions (name, url) VALUES ('new-one', 'https://example.com/hook')",
+            "UPDATE outbox.subscriptions SET max_in_flight = 3 WHERE name = 'new-one'",
+            "DELETE FROM outbox.subscriptions WHERE name = 'crm'",
+            "INSERT INTO outbox.events (event_type, payload) VALUES ('lead.created', '{}')",
+            "SELECT outbox.max_payload_bytes()",
+            "SELECT count(*) FROM outbox.replays",
+            "SELECT count(*) FROM outbox.schema_history",
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'dead' AND last_error LIKE '%was removed'",
+        ],
+    )
+    .await;
+    assert_eq!(
+        rows[0].get::<_, i64>(0),
+        1,
+        "removing a subscription ended its pending delivery"
+    );
     denied(&db, r, "DELETE FROM outbox.deliveries").await;
     denied(&db, r, "DELETE FROM outbox.delivery_attempts").await;
     denied(&db, r, "UPDATE outbox.delivery_attempts SET error = 'x'").await;
