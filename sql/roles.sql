@@ -28,10 +28,15 @@
 --                    EXECUTE outbox.replay / outbox.backfill. Those two functions are
 --                    SECURITY DEFINER, so the operator never gets UPDATE on deliveries:
 --                    every re-queue goes through them and is recorded in outbox.replays.
---   outbox_relay     What `outbox-relay run`, its admin API and the `subscription` CLI
---                    need: read and write the outbox tables (no DELETE of history), EXECUTE
---                    every outbox function (claiming, ordered fan-out, publish, replay,
---                    backfill). It may not run migrations (DDL): `outbox-relay migrate` and
+--   outbox_relay     What `outbox-relay run` (with retention), its admin API and the
+--                    `subscription` CLI run, and nothing else (listed statement by
+--                    statement at its grants below): read the outbox tables except the
+--                    operator views; insert events, deliveries and attempts; update the
+--                    state columns of deliveries, events.dispatched_at and the ordered
+--                    cursor; manage subscriptions; delete events past OUTBOX_RETENTION
+--                    (their deliveries and attempts follow by cascade); EXECUTE the
+--                    functions it calls, outbox.replay among them (not outbox.backfill).
+--                    It may not run migrations (DDL): `outbox-relay migrate` and
 --                    OUTBOX_MIGRATE_ON_START run as the schema owner.
 --
 -- Functions other than outbox.replay and outbox.backfill stay executable by PUBLIC, as
@@ -53,7 +58,7 @@ BEGIN
     FOR r IN SELECT * FROM (VALUES
         ('outbox_producer', 'outbox-relay producers: INSERT into outbox.events / outbox.publish; no subscriptions.'),
         ('outbox_operator', 'outbox-relay operators: read-only outbox tables except subscription secrets; outbox.replay and outbox.backfill.'),
-        ('outbox_relay',    'outbox-relay relay processes: read and write the outbox tables; no DDL (migrations run as the schema owner).')
+        ('outbox_relay',    'outbox-relay relay processes: what run, retention, the admin API and the subscription CLI need; no DDL (migrations run as the schema owner).')
     ) AS v(name, about)
     LOOP
         CONTINUE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r.name);
@@ -102,37 +107,52 @@ GRANT EXECUTE ON FUNCTION outbox.replay(text[], text, text, text, timestamptz, t
                           outbox.backfill(text, timestamptz, timestamptz, text, integer, text, text)
    TO outbox_operator;
 
--- The relay: dispatcher (SELECT/UPDATE events, INSERT deliveries, the ordered fan-out
--- cursor and its probe, which reads the events id sequence), deliverer
--- (outbox.claim_deliveries: UPDATE deliveries, lock subscriptions), completer (UPDATE
--- deliveries, INSERT delivery_attempts, disable subscriptions on 410), maintenance, the
--- admin/publish API (INSERT events, outbox.replay) and the `subscription` CLI (DELETE
--- subscriptions). So: read and write every outbox table, granted table by table from the
--- catalog so internal tables added by later migrations are covered when this file is run
--- again. Not granted: DELETE on events, deliveries and attempts (nothing in the relay
--- deletes history today; add it here when retention does), writing replays other than
--- through outbox.replay / outbox.backfill, writing outbox.schema_history (migrations run as
--- the schema owner), and any DDL (the role owns nothing and has no CREATE on the schema).
-DO $$
-DECLARE
-    t record;
-BEGIN
-    FOR t IN SELECT c.oid::regclass AS name, c.relname, c.relkind
-               FROM pg_catalog.pg_class c
-              WHERE c.relnamespace = 'outbox'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
-              ORDER BY c.relname
-    LOOP
-        IF t.relkind IN ('v', 'm') OR t.relname IN ('schema_history', 'replays') THEN
-            EXECUTE format('GRANT SELECT ON %s TO outbox_relay', t.name);
-        ELSE
-            EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %s TO outbox_relay', t.name);
-        END IF;
-    END LOOP;
-END
-$$;
-GRANT DELETE ON outbox.subscriptions TO outbox_relay;
-GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA outbox TO outbox_relay;
-GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA outbox TO outbox_relay;
+-- The relay: exactly the statements it runs (src/db/sql.rs, src/db/listen.rs,
+-- src/subscriptions.rs, src/maintenance.rs, src/admin.rs) and the functions they call
+-- (migrations/V4, V5, V7), object by object, so nothing a later migration adds is granted
+-- without being listed here. Rows are deleted only by retention (events, whose deliveries
+-- and attempts go with them through ON DELETE CASCADE, which PostgreSQL runs with the
+-- table owner's rights) and by `subscription remove` (subscriptions).
+--
+--   events             SELECT (dispatch, claim join, retention, gauges, admin reads),
+--                      INSERT (admin publish), UPDATE (dispatched_at) (fan-out marks it;
+--                      FOR UPDATE SKIP LOCKED needs some UPDATE), DELETE (retention).
+--   deliveries         SELECT, INSERT (fan-out, unordered and ordered), UPDATE of the
+--                      state columns only (claim, heartbeat, reclaim, results, release on
+--                      shutdown, ordered key advance, ending deliveries of a removed
+--                      subscription). No DELETE: deliveries go only with their event.
+--   delivery_attempts  SELECT (admin reads), INSERT (results). History is never rewritten.
+--   subscriptions      SELECT, INSERT, UPDATE, DELETE (loading, claim locks, 410 disables,
+--                      the admin API and `subscription` CLI).
+--   ordered_dispatch_cursor  SELECT, UPDATE of the cursor and probe (ordered fan-out).
+--   events_id_seq      SELECT (the ordered probe reads the last id drawn).
+--   replays            SELECT (admin reads); written only through outbox.replay.
+--   schema_history     SELECT (readiness checks the schema version); never written.
+--   functions          EXECUTE on those it calls. outbox.backfill, the operator views and
+--                      outbox.publish are not the relay's.
+-- No DDL: the role owns nothing and has no CREATE on the schema.
+GRANT SELECT, INSERT, DELETE ON outbox.events TO outbox_relay;
+GRANT UPDATE (dispatched_at) ON outbox.events TO outbox_relay;
+GRANT SELECT, INSERT ON outbox.deliveries TO outbox_relay;
+GRANT UPDATE (status, attempts, next_attempt_at, last_status_code, last_error, delivered_at,
+              lease_owner, lease_expires_at, blocked, updated_at)
+   ON outbox.deliveries TO outbox_relay;
+GRANT SELECT, INSERT ON outbox.delivery_attempts TO outbox_relay;
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.subscriptions TO outbox_relay;
+GRANT SELECT ON outbox.ordered_dispatch_cursor TO outbox_relay;
+GRANT UPDATE (last_event_id, probe_xid, probe_last_id, updated_at) ON outbox.ordered_dispatch_cursor TO outbox_relay;
+GRANT SELECT ON SEQUENCE outbox.events_id_seq TO outbox_relay;
+GRANT SELECT ON outbox.replays, outbox.schema_history TO outbox_relay;
+GRANT EXECUTE ON FUNCTION
+    outbox.claim_deliveries(bigint[], integer[], integer, text, interval),
+    outbox.dispatch_ordered(integer),
+    outbox.start_ordered_probe(),
+    outbox.lock_ordered_subscriptions(bigint[]),
+    outbox.advance_ordering_keys(bigint[], text[], bigint[]),
+    outbox.event_type_matches(text[], text),
+    outbox.max_payload_bytes(),
+    outbox.replay(text[], text, text, text, timestamptz, timestamptz, uuid[], integer, text, text, boolean)
+   TO outbox_relay;
 
 COMMIT;
 

@@ -2,8 +2,9 @@
 //! real PostgreSQL database, checked end to end against a real receiver and the database.
 //!
 //! A separate test binary from `tests/it`: cargo runs test binaries one after another, so
-//! these heavy tests never compete with the integration tests for the machine. Run them one
-//! at a time (`cargo test --test fault -- --test-threads=1`). Deadlines are generous and
+//! these heavy tests never compete with the integration tests for the machine. They run one
+//! at a time: CI and the README say `cargo test --test fault -- --test-threads=1`, and each
+//! test also holds [`one_at_a_time`], so a plain `cargo test` does the same. Deadlines are generous and
 //! nothing asserts on speed; each test prints its figures (events, elapsed, duplicates) to
 //! stderr, visible with `--nocapture` or when it fails.
 
@@ -22,6 +23,15 @@ use outbox_relay::devkit::receiver::Receiver;
 
 use harness::db::TestDb;
 use harness::relay::RelayProcess;
+
+/// Held for a whole fault test: the tests measure what several relays do under faults on a
+/// small machine, so two at once would only starve each other into their deadlines.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits until no other fault test runs; hold the guard until the test ends.
+pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().await
+}
 
 /// For the whole run of a test (thousands of webhooks on a shared 2-core machine); a
 /// deadline, not an expectation.

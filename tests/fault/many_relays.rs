@@ -9,7 +9,7 @@ use outbox_relay::devkit::receiver::{Receiver, Reply};
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::{
-    DEADLINE, RelayProcess, add_subscription, count, wait_for_relay_sessions, wait_until,
+    DEADLINE, RelayProcess, add_subscription, count, wait_for_sessions_of, wait_until,
 };
 use crate::{
     arrivals, deadlocks, duplicates, event_ids, leases_of, publish_numbered, status_counts,
@@ -20,6 +20,7 @@ use crate::{
 /// signed, and the database agrees (20 000 delivered at the first attempt, nothing else).
 #[tokio::test]
 async fn three_relays_deliver_20000_events_without_duplicates() {
+    let _alone = crate::one_at_a_time().await;
     const EVENTS: i64 = 20_000;
     let db = TestDb::new().await;
     let receiver = Receiver::start().await.expect("receiver");
@@ -97,6 +98,7 @@ async fn three_relays_deliver_20000_events_without_duplicates() {
 /// at the kill (so duplicates ≤ its leases then).
 #[tokio::test]
 async fn relay_killed_mid_flight_duplicates_are_bounded() {
+    let _alone = crate::one_at_a_time().await;
     const EVENTS: i64 = 1_500;
     const MAX_CONCURRENCY: &str = "16";
     let db = TestDb::new().await;
@@ -207,6 +209,7 @@ async fn relay_killed_mid_flight_duplicates_are_bounded() {
 /// delivered, and duplicates stay within what lost leases can explain.
 #[tokio::test]
 async fn all_relay_connections_terminated_mid_run_nothing_lost() {
+    let _alone = crate::one_at_a_time().await;
     const EVENTS: i64 = 6_000;
     const TERMINATIONS: usize = 5;
     const MAX_IN_FLIGHT: usize = 64;
@@ -240,9 +243,9 @@ async fn all_relay_connections_terminated_mid_run_nothing_lost() {
             )
             .await,
         );
-        // Relays reconnect lazily (after an error backoff): wait for them rather than race
-        // them; a relay that never reconnects fails here.
-        wait_for_relay_sessions(&db, 3).await;
+        // Relays reconnect lazily (after an error backoff): wait for each of them rather
+        // than race them; a relay that never reconnects fails here, whatever the others do.
+        wait_for_sessions_of(&db, &[&a.relay_id, &b.relay_id, &c.relay_id]).await;
         let cut = db.terminate_connections("outbox-relay%").await;
         assert!(cut >= 3, "only {cut} relay connections found to terminate");
         terminated.push(cut);

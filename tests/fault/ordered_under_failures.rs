@@ -29,6 +29,7 @@ const RETRY_SCHEDULE: &str = "'{50 milliseconds,100 milliseconds,100 millisecond
 /// time, no overtaking), and the successes are exactly 1..=100, each once.
 #[tokio::test]
 async fn ordered_subscription_under_seeded_random_failures_and_several_relays() {
+    let _alone = crate::one_at_a_time().await;
     let db = TestDb::new().await;
     let receiver = Receiver::start().await.expect("receiver");
     receiver.fail_at_random("/hook", SEED, FAILURE_PER_MILLE, Reply::Status(503));

@@ -225,7 +225,14 @@ async fn private_targets_are_refused_without_an_allow_list() {
         receiver.received_all().is_empty(),
         "a forbidden target was contacted"
     );
-    for (_, status_code, error, _) in attempts(&db).await {
+    let recorded = attempts(&db).await;
+    assert_eq!(
+        recorded.len(),
+        2,
+        "one refused attempt per subscription: {recorded:?}"
+    );
+    for (attempt, status_code, error, _) in recorded {
+        assert_eq!(attempt, 1);
         assert_eq!(status_code, None);
         let error = error.unwrap_or_default();
         assert!(error.starts_with("target refused"), "{error}");

@@ -193,8 +193,8 @@ async fn metrics_move_with_deliveries() {
 }
 
 /// `promtool check metrics` (Debian package `prometheus`) lints the exposition: names,
-/// units, help texts, histogram shape. `.ci/run` installs it and sets
-/// OUTBOX_REQUIRE_PROMTOOL=1, so there the check cannot be skipped.
+/// units, help texts, histogram shape. A missing promtool fails the test unless
+/// OUTBOX_ALLOW_MISSING_TOOLS=1 (see `harness::tools`).
 fn promtool_check_metrics(text: &str) {
     use std::io::Write;
     let child = std::process::Command::new("promtool")
@@ -205,13 +205,15 @@ fn promtool_check_metrics(text: &str) {
         .spawn();
     let mut child = match child {
         Ok(child) => child,
-        Err(error) if std::env::var_os("OUTBOX_REQUIRE_PROMTOOL").is_none() => {
-            eprintln!(
-                "SKIPPED promtool check: promtool not runnable ({error}); install Debian's prometheus package"
+        Err(error) => {
+            crate::harness::tools::missing_tool(
+                "promtool",
+                "the /metrics lint",
+                "`apt-get install -y --no-install-recommends prometheus`",
+                &error.to_string(),
             );
             return;
         }
-        Err(error) => panic!("OUTBOX_REQUIRE_PROMTOOL is set but promtool cannot run: {error}"),
     };
     child
         .stdin

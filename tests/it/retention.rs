@@ -64,12 +64,13 @@ async fn finished_events_past_retention_are_purged_and_open_ones_kept() {
     .await;
     relay.shutdown().await;
 
-    // Age everything, then add what must survive: a recent finished event, and an old one
-    // scheduled for later (not yet dispatched).
+    // Age everything but one delivered event (recent, finished: it must survive), then add
+    // an old one scheduled for later (not yet dispatched).
     let client = db.client().await;
     client
         .batch_execute(
-            "UPDATE outbox.events SET created_at = now() - interval '2 days';
+            "UPDATE outbox.events SET created_at = now() - interval '2 days'
+              WHERE NOT (event_type = 'lead.created' AND payload = '{\"n\": 4}');
              INSERT INTO outbox.events (event_type, payload, created_at, deliver_after)
              VALUES ('lead.scheduled', '{}', now() - interval '2 days', now() + interval '1 day');",
         )
@@ -88,23 +89,55 @@ async fn finished_events_past_retention_are_purged_and_open_ones_kept() {
     .await;
     // The first purge runs at start; the relay also dispatches nothing new meanwhile.
     wait_until("finished old events purged", DEADLINE, || async {
-        count(&db, "SELECT count(*) FROM outbox.events WHERE event_type IN ('lead.created', 'noise.ignored')").await == 0
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.events
+              WHERE event_type IN ('lead.created', 'noise.ignored')
+                AND created_at < now() - interval '1 day'",
+        )
+        .await
+            == 0
     })
     .await;
     relay.shutdown().await;
 
-    let left: Vec<String> = client
-        .query("SELECT event_type FROM outbox.events ORDER BY id", &[])
+    let left: Vec<(String, String)> = client
+        .query(
+            "SELECT event_type, payload::text FROM outbox.events ORDER BY id",
+            &[],
+        )
         .await
         .expect("remaining events")
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(left, vec!["invoice.paid", "lead.scheduled"]);
     assert_eq!(
-        count(&db, "SELECT count(*) FROM outbox.deliveries").await,
-        1,
-        "only the failing delivery is left; the delivered ones went with their events"
+        left,
+        [
+            ("lead.created".to_string(), r#"{"n": 4}"#.to_string()),
+            ("invoice.paid".to_string(), r#"{"n": 99}"#.to_string()),
+            ("lead.scheduled".to_string(), "{}".to_string()),
+        ],
+        "the recent finished event, the open one and the scheduled one stay"
+    );
+    let deliveries_left: Vec<(String, String)> = client
+        .query(
+            "SELECT e.event_type, d.status FROM outbox.deliveries d
+               JOIN outbox.events e ON e.id = d.event_id ORDER BY d.id",
+            &[],
+        )
+        .await
+        .expect("remaining deliveries")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        deliveries_left,
+        [
+            ("lead.created".to_string(), "delivered".to_string()),
+            ("invoice.paid".to_string(), "failing".to_string()),
+        ],
+        "the old delivered ones went with their events; the recent and the open one stay"
     );
     assert_eq!(
         count(&db, "SELECT count(*) FROM outbox.delivery_attempts").await,

@@ -2,3 +2,4 @@ pub mod db;
 pub mod pgbouncer;
 pub mod raw_http;
 pub mod relay;
+pub mod tools;

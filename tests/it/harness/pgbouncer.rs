@@ -6,11 +6,11 @@
 //! connections, consecutive round trips of one client really land on different server
 //! connections, which is what breaks session state.
 //!
-//! When the binary is missing, tests print a loud `SKIPPED` line and return, unless
-//! `OUTBOX_REQUIRE_PGBOUNCER=1` (set by `.ci/run`), where a missing pgbouncer fails the test.
+//! When the binary is missing, the test fails, unless `OUTBOX_ALLOW_MISSING_TOOLS=1`: then
+//! it prints a loud `SKIPPED` line and returns (see [`super::tools`]).
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,6 @@ use tokio_postgres::config::Host;
 
 use super::db::TestDb;
 
-const REQUIRE_ENV: &str = "OUTBOX_REQUIRE_PGBOUNCER";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// The free port we pick can be taken before pgbouncer binds it.
 const BIND_ATTEMPTS: usize = 5;
@@ -40,22 +39,16 @@ pub struct PgBouncer {
 
 impl PgBouncer {
     /// A transaction-mode PgBouncer in front of `db` with at most `server_connections`
-    /// connections to PostgreSQL. `None` (after printing why) when pgbouncer is not installed
-    /// and `OUTBOX_REQUIRE_PGBOUNCER` is not `1`; the caller returns at once.
+    /// connections to PostgreSQL. Panics when pgbouncer is not installed, unless
+    /// `OUTBOX_ALLOW_MISSING_TOOLS=1`: then `None` (after printing why), and the caller
+    /// returns at once.
     pub fn start(db: &TestDb, server_connections: u32, test: &str) -> Option<PgBouncer> {
         let Some(binary) = find_binary() else {
-            if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
-                panic!(
-                    "{test}: pgbouncer is not installed but {REQUIRE_ENV}=1: \
-                     install it (`apt-get install -y pgbouncer`)"
-                );
-            }
-            // Straight to the process's stderr: libtest captures eprintln! of passing tests,
-            // and a skip must be seen.
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n*** SKIPPED: pgbouncer not installed; {test} did not run. Install it \
-                 (`apt-get install -y pgbouncer`) or set {REQUIRE_ENV}=1 to make this fail. ***\n"
+            super::tools::missing_tool(
+                "pgbouncer",
+                test,
+                "`apt-get install -y pgbouncer`",
+                "not found on PATH nor in /usr/sbin",
             );
             return None;
         };

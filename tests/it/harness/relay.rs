@@ -24,6 +24,30 @@ pub async fn spawn_relay(db: &TestDb, config: RelayConfig) -> RelayHandle {
         .expect("relay starts")
 }
 
+/// A relay connecting with its own URL (another user, a pooler) to the test database.
+pub async fn spawn_relay_at(database_url: &str, config: RelayConfig) -> RelayHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay HTTP listener");
+    outbox_relay::relay::start(config, database_url, listener)
+        .await
+        .expect("relay starts")
+}
+
+/// Database errors the relay counted (`outbox_db_errors_total`), all components together.
+pub fn db_errors(relay: &RelayHandle) -> u64 {
+    ["dispatcher", "deliverer", "completer", "maintenance"]
+        .iter()
+        .map(|component| {
+            relay
+                .metrics
+                .db_errors
+                .with_label_values(&[component])
+                .get()
+        })
+        .sum()
+}
+
 pub async fn spawn_default_relay(db: &TestDb) -> RelayHandle {
     spawn_relay(db, RelayConfig::for_tests()).await
 }
@@ -101,8 +125,63 @@ pub async fn publish(db: &TestDb, event_type: &str, payload: serde_json::Value) 
         .get(0)
 }
 
+/// `url` with extra connection parameters (`user`, `application_name`, ...), which
+/// override what the URL says; for URLs and key=value strings alike.
+pub fn with_params(url: &str, params: &[(&str, &str)]) -> String {
+    if !url.contains("://") {
+        let extra: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        return format!("{url} {}", extra.join(" "));
+    }
+    let extra: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let joiner = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{joiner}{}", extra.join("&"))
+}
+
+/// `application_name` of a [`RelayProcess`]'s pooled connections: `outbox-relay.<relay id>`,
+/// so a test can tell one relay's sessions from another's. (Its LISTEN connection is always
+/// `outbox-relay-listen`, one per relay.)
+pub fn process_application_name(relay_id: &str) -> String {
+    format!("outbox-relay.{relay_id}")
+}
+
+/// Waits until the relay process `relay_id` has at least one pooled connection open, and
+/// `listen_sessions` LISTEN connections are open (one per relay): after a cut, every relay
+/// has reconnected, not just any.
+#[allow(dead_code, reason = "used by tests/fault, which shares this harness")]
+pub async fn wait_for_sessions_of(db: &TestDb, relay_ids: &[&str]) {
+    for relay_id in relay_ids {
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = '{}'",
+            process_application_name(relay_id)
+        );
+        wait_until(
+            &format!("relay {relay_id} has reconnected its pool"),
+            DEADLINE,
+            || async { count(db, &sql).await >= 1 },
+        )
+        .await;
+    }
+    let wanted = relay_ids.len() as i64;
+    wait_until(
+        &format!("{wanted} LISTEN sessions (one per relay) are connected"),
+        DEADLINE,
+        || async {
+            count(
+                db,
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name = 'outbox-relay-listen'",
+            )
+            .await
+                >= wanted
+        },
+    )
+    .await;
+}
+
 /// Waits until at least `sessions` relay connections (pool or LISTEN) are open on the test
 /// database. Relays reconnect lazily after a cut, so a test cutting again must wait first.
+/// Counts the sessions of every relay: with several relays, use [`wait_for_sessions_of`].
 pub async fn wait_for_relay_sessions(db: &TestDb, sessions: i64) {
     wait_until(
         &format!("{sessions} relay sessions are connected"),
@@ -245,7 +324,16 @@ impl RelayProcessBuilder {
             .args(self.flags.iter().flat_map(|(flag, value)| [flag, value]))
             .args(["--relay-id", &self.relay_id])
             .args(&self.extra_args)
-            .env("DATABASE_URL", &db.url)
+            .env(
+                "DATABASE_URL",
+                with_params(
+                    &db.url,
+                    &[(
+                        "application_name",
+                        &process_application_name(&self.relay_id),
+                    )],
+                ),
+            )
             .env("RUST_LOG", "warn")
             .envs(self.envs.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
