@@ -109,18 +109,19 @@ GRANT EXECUTE ON FUNCTION outbox.replay(text[], text, text, text, timestamptz, t
 
 -- The relay: exactly the statements it runs (src/db/sql.rs, src/db/listen.rs,
 -- src/subscriptions.rs, src/maintenance.rs, src/admin.rs) and the functions they call
--- (migrations/V4, V5, V7), object by object, so nothing a later migration adds is granted
+-- (migrations/V4, V5, V7, V9), object by object, so nothing a later migration adds is granted
 -- without being listed here. Rows are deleted only by retention (events, whose deliveries
 -- and attempts go with them through ON DELETE CASCADE, which PostgreSQL runs with the
 -- table owner's rights) and by `subscription remove` (subscriptions).
 --
---   events             SELECT (dispatch, claim join, retention, gauges, admin reads),
+--   events             SELECT (dispatch, claim, retention, gauges, admin reads),
 --                      INSERT (admin publish), UPDATE (dispatched_at) (fan-out marks it;
 --                      FOR UPDATE SKIP LOCKED needs some UPDATE), DELETE (retention).
 --   deliveries         SELECT, INSERT (fan-out, unordered and ordered), UPDATE of the
 --                      state columns only (claim, heartbeat, reclaim, results, release on
 --                      shutdown, ordered key advance, ending deliveries of a removed
---                      subscription). No DELETE: deliveries go only with their event.
+--                      subscription, switching a subscription between ordered and
+--                      unordered). No DELETE: deliveries go only with their event.
 --   delivery_attempts  SELECT (admin reads), INSERT (results). History is never rewritten.
 --   subscriptions      SELECT, INSERT, UPDATE, DELETE (loading, claim locks, 410 disables,
 --                      the admin API and `subscription` CLI).
@@ -135,7 +136,7 @@ GRANT SELECT, INSERT, DELETE ON outbox.events TO outbox_relay;
 GRANT UPDATE (dispatched_at) ON outbox.events TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.deliveries TO outbox_relay;
 GRANT UPDATE (status, attempts, next_attempt_at, last_status_code, last_error, delivered_at,
-              lease_owner, lease_expires_at, blocked, updated_at)
+              lease_owner, lease_expires_at, lease_token, blocked, updated_at)
    ON outbox.deliveries TO outbox_relay;
 GRANT SELECT, INSERT ON outbox.delivery_attempts TO outbox_relay;
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.subscriptions TO outbox_relay;
@@ -144,7 +145,8 @@ GRANT UPDATE (last_event_id, probe_xid, probe_last_id, updated_at) ON outbox.ord
 GRANT SELECT ON SEQUENCE outbox.events_id_seq TO outbox_relay;
 GRANT SELECT ON outbox.replays, outbox.schema_history TO outbox_relay;
 GRANT EXECUTE ON FUNCTION
-    outbox.claim_deliveries(bigint[], integer[], integer, text, interval),
+    outbox.claim_deliveries(bigint[], integer[], integer, text, interval, bigint),
+    outbox.dispatch_events(integer),
     outbox.dispatch_ordered(integer),
     outbox.start_ordered_probe(),
     outbox.lock_ordered_subscriptions(bigint[]),
