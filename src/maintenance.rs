@@ -203,23 +203,15 @@ impl Maintenance {
     pub async fn run_heartbeat(self: Arc<Self>, interval: Duration, cancel: CancellationToken) {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
+        while tick_or_stop(&mut ticks, &cancel).await {
             let result = match self.heartbeat().await {
                 Ok(_) => self.reclaim_expired().await.map(|_| ()),
                 Err(error) => Err(error),
             };
             if let Err(error) = result {
-                self.metrics
-                    .db_errors
-                    .with_label_values(&["maintenance"])
-                    .inc();
-                tracing::warn!(
-                    error = format!("{:#}", anyhow::Error::from(error)),
-                    "lease heartbeat failed; leases expire unless renewed in time"
+                self.report(
+                    error,
+                    "lease heartbeat failed; leases expire unless renewed in time",
                 );
             }
         }
@@ -229,20 +221,9 @@ impl Maintenance {
     pub async fn run_gauges(self: Arc<Self>, cancel: CancellationToken) {
         let mut ticks = tokio::time::interval(GAUGE_REFRESH_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
+        while tick_or_stop(&mut ticks, &cancel).await {
             if let Err(error) = self.refresh_gauges().await {
-                self.metrics
-                    .db_errors
-                    .with_label_values(&["maintenance"])
-                    .inc();
-                tracing::warn!(
-                    error = format!("{:#}", anyhow::Error::from(error)),
-                    "refreshing gauges failed"
-                );
+                self.report(error, "refreshing gauges failed");
             }
         }
     }
@@ -255,14 +236,7 @@ impl Maintenance {
                 Ok(purged) if purged >= PURGE_BATCH as u64 => PURGE_BATCH_PAUSE,
                 Ok(_) => PURGE_INTERVAL,
                 Err(error) => {
-                    self.metrics
-                        .db_errors
-                        .with_label_values(&["maintenance"])
-                        .inc();
-                    tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::from(error)),
-                        "retention purge failed"
-                    );
+                    self.report(error, "retention purge failed");
                     PURGE_INTERVAL
                 }
             };
@@ -271,5 +245,25 @@ impl Maintenance {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+    }
+
+    /// Counts and logs a failed round; the task carries on at its next turn.
+    fn report(&self, error: DbError, what_failed: &'static str) {
+        self.metrics
+            .db_errors
+            .with_label_values(&["maintenance"])
+            .inc();
+        tracing::warn!(
+            error = format!("{:#}", anyhow::Error::from(error)),
+            "{what_failed}"
+        );
+    }
+}
+
+/// Waits for the next tick; false once `cancel` fires.
+async fn tick_or_stop(ticks: &mut tokio::time::Interval, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = ticks.tick() => true,
     }
 }

@@ -49,20 +49,23 @@ fn arrivals(server: &RawServer) -> Vec<(String, i64)> {
         .collect()
 }
 
-async fn wait_for_delivered(db: &TestDb, wanted: i64) {
-    wait_until(
-        &format!("{wanted} deliveries are delivered"),
-        DEADLINE,
-        || async {
-            count(
-                db,
-                "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'",
-            )
-            .await
-                == wanted
-        },
-    )
-    .await;
+/// Waits until events 1..=`events` are delivered, checks each arrived exactly once, and
+/// returns the arrivals.
+async fn wait_for_each_event_once(
+    db: &TestDb,
+    server: &RawServer,
+    events: i64,
+) -> Vec<(String, i64)> {
+    wait_for_statuses(db, "delivered", events).await;
+    let arrived = arrivals(server);
+    let mut seqs: Vec<i64> = arrived.iter().map(|(_, seq)| *seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=events).collect::<Vec<_>>(),
+        "each event exactly once: {arrived:?}"
+    );
+    arrived
 }
 
 /// Unordered → ordered. Event 1 is in flight; event 2 is scheduled for later and the
@@ -111,15 +114,7 @@ async fn switching_to_ordered_keeps_scheduled_and_in_flight_events() {
     publish_keyed(&client, "lead:2", 5, 0.0).await;
     server.release(100);
 
-    wait_for_delivered(&db, 5).await;
-    let arrived = arrivals(&server);
-    let mut seqs: Vec<i64> = arrived.iter().map(|(_, seq)| *seq).collect();
-    seqs.sort_unstable();
-    assert_eq!(
-        seqs,
-        vec![1, 2, 3, 4, 5],
-        "each event exactly once: {arrived:?}"
-    );
+    let arrived = wait_for_each_event_once(&db, &server, 5).await;
     let lead_1_after_switch: Vec<i64> = arrived
         .iter()
         .filter(|(key, seq)| key == "lead:1" && *seq >= 2)
@@ -213,14 +208,6 @@ async fn switching_to_unordered_keeps_events_the_ordered_pass_had_not_reached() 
     open.rollback().await.expect("end the open transaction");
     server.release(100);
 
-    wait_for_delivered(&db, 5).await;
-    let arrived = arrivals(&server);
-    let mut seqs: Vec<i64> = arrived.iter().map(|(_, seq)| *seq).collect();
-    seqs.sort_unstable();
-    assert_eq!(
-        seqs,
-        vec![1, 2, 3, 4, 5],
-        "each event exactly once: {arrived:?}"
-    );
+    wait_for_each_event_once(&db, &server, 5).await;
     relay.shutdown().await;
 }
