@@ -162,7 +162,7 @@ struct Args {
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
     /// Relay: result flush interval (OUTBOX_FLUSH_INTERVAL).
-    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     flush_interval: Duration,
     /// Relay: results per write (OUTBOX_FLUSH_BATCH_SIZE).
     #[arg(long, default_value_t = 500)]

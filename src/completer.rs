@@ -72,12 +72,24 @@ impl Completer {
                 return;
             };
             batch.push(first);
-            // Wait a little for more, so a burst becomes one statement.
-            let deadline = tokio::time::Instant::now() + self.flush_interval;
+            // Take what is already waiting: while the previous write ran, results queued up,
+            // so under load batches grow by themselves and an idle relay writes at once. A
+            // request slot stays taken until its result is written, so a fixed wait here
+            // would cap throughput at max_in_flight per wait.
             while batch.len() < self.batch_size {
-                match tokio::time::timeout_at(deadline, results.recv()).await {
-                    Ok(Some(completion)) => batch.push(completion),
-                    Ok(None) | Err(_) => break,
+                match results.try_recv() {
+                    Ok(completion) => batch.push(completion),
+                    Err(_) => break,
+                }
+            }
+            // Optionally linger for more (OUTBOX_FLUSH_INTERVAL): fewer, larger writes.
+            if !self.flush_interval.is_zero() {
+                let deadline = tokio::time::Instant::now() + self.flush_interval;
+                while batch.len() < self.batch_size {
+                    match tokio::time::timeout_at(deadline, results.recv()).await {
+                        Ok(Some(completion)) => batch.push(completion),
+                        Ok(None) | Err(_) => break,
+                    }
                 }
             }
             self.flush_with_retries(&mut batch, &shutdown).await;

@@ -56,9 +56,11 @@ pub struct RelayConfig {
     #[arg(long, env = "OUTBOX_HEARTBEAT_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
 
-    /// Results are written back at least this often (or when a batch fills). A longer
-    /// interval means fewer writes but a wider window of re-sent requests after a crash.
-    #[arg(long, env = "OUTBOX_FLUSH_INTERVAL", default_value = "50ms", value_parser = humantime::parse_duration)]
+    /// How long the result writer lingers for more results before a write. `0ms` (the
+    /// default): write what is waiting as soon as the previous write is done, so batches
+    /// grow with load. A longer linger means fewer, larger writes, but request slots stay
+    /// taken (and a crash re-sends more) for that long.
+    #[arg(long, env = "OUTBOX_FLUSH_INTERVAL", default_value = "0ms", value_parser = humantime::parse_duration)]
     pub flush_interval: Duration,
 
     /// Largest number of results written in one statement.
@@ -262,7 +264,7 @@ impl RelayConfig {
             max_concurrency: 64,
             lease_duration: Duration::from_secs(3),
             heartbeat_interval: Duration::from_millis(500),
-            flush_interval: Duration::from_millis(20),
+            flush_interval: Duration::ZERO,
             flush_batch_size: 200,
             shutdown_grace: Duration::from_secs(5),
             db_pool_size: 6,
