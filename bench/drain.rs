@@ -164,6 +164,9 @@ struct Args {
     /// Relay: result flush interval (OUTBOX_FLUSH_INTERVAL).
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     flush_interval: Duration,
+    /// Relay: bookkeeping commits without waiting for WAL flush (OUTBOX_ASYNC_COMMIT).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    async_commit: bool,
     /// Relay: results per write (OUTBOX_FLUSH_BATCH_SIZE).
     #[arg(long, default_value_t = 500)]
     flush_batch_size: u32,
@@ -377,6 +380,7 @@ fn relay_config(args: &Args) -> RelayConfig {
     config.heartbeat_interval = args.heartbeat_interval;
     config.flush_interval = args.flush_interval;
     config.flush_batch_size = args.flush_batch_size;
+    config.async_commit = args.async_commit;
     config.dispatch_batch_size = args.dispatch_batch_size;
     config.delivery_batch_size = args.delivery_batch_size;
     config.max_concurrency = args.max_concurrency;
@@ -1331,13 +1335,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let config = relay_config(&args);
     println!(
-        "  relay config       poll {:?}, lease {:?}, heartbeat {:?}, flush {:?}/{}, dispatch batch {}, \
-         delivery batch {}, max concurrency {}, pool {}; subscriptions max_in_flight {}",
+        "  relay config       poll {:?}, lease {:?}, heartbeat {:?}, flush {:?}/{}, async commit {}, \
+         dispatch batch {}, delivery batch {}, max concurrency {}, pool {}; subscriptions max_in_flight {}",
         config.poll_interval,
         config.lease_duration,
         config.heartbeat_interval,
         config.flush_interval,
         config.flush_batch_size,
+        config.async_commit,
         config.dispatch_batch_size,
         config.delivery_batch_size,
         config.max_concurrency,

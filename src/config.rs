@@ -121,13 +121,24 @@ pub struct RelayConfig {
     /// `transaction-pooler` (set it on the role).
     #[arg(long, env = "OUTBOX_LOCK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub lock_timeout: Duration,
+
+    /// Whether the relay's own bookkeeping (fan-out, claims, results, heartbeats, retention)
+    /// commits without waiting for its WAL to reach disk (`synchronous_commit = off` on the
+    /// relay's pooled connections). A PostgreSQL crash may then undo the last fraction of a
+    /// second of that bookkeeping, never a producer's event: undone fan-out is done again and
+    /// a request whose recorded result was undone is sent again (at least once). The admin
+    /// API commits durably either way. Not applied with `transaction-pooler`.
+    #[arg(long, env = "OUTBOX_ASYNC_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub async_commit: bool,
 }
 
-/// Server-side limits the relay puts on its own pooled connections.
+/// Server-side settings the relay puts on its own pooled connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionLimits {
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
+    /// `synchronous_commit = off`: for bookkeeping that is redone if a crash undoes it.
+    pub async_commit: bool,
 }
 
 /// How pooled connections reach the database (`OUTBOX_DB_POOL_MODE`).
@@ -163,6 +174,16 @@ impl RelayConfig {
         (self.db_pool_mode == PoolMode::Direct).then_some(SessionLimits {
             statement_timeout: self.statement_timeout,
             lock_timeout: self.lock_timeout,
+            async_commit: self.async_commit,
+        })
+    }
+
+    /// The same for the admin API's connections, which always commit durably: what an
+    /// admin was told is done (a new subscription, a replay) must survive a crash.
+    pub fn admin_session_limits(&self) -> Option<SessionLimits> {
+        self.session_limits().map(|limits| SessionLimits {
+            async_commit: false,
+            ..limits
         })
     }
 
@@ -272,6 +293,7 @@ impl RelayConfig {
             retention: None,
             statement_timeout: Duration::from_secs(30),
             lock_timeout: Duration::from_secs(5),
+            async_commit: true,
             admin_token: None,
             db_pool_mode: PoolMode::Direct,
             listen_database_url: None,

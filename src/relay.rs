@@ -52,6 +52,9 @@ pub enum StartError {
     },
 }
 
+/// Connections the admin API and compatibility endpoints may hold at once.
+const ADMIN_POOL_SIZE: usize = 4;
+
 /// A running relay. Dropping it does not stop it: call [`RelayHandle::shutdown`].
 pub struct RelayHandle {
     pub relay_id: String,
@@ -244,10 +247,14 @@ pub async fn start(
         .admin_token
         .as_ref()
         .and_then(|token| crate::api::AdminToken::new(token.expose_secret()));
+    // The admin API gets connections of its own that commit durably (the relay's own
+    // bookkeeping may not, see OUTBOX_ASYNC_COMMIT). Made on first use only.
+    let admin_pool =
+        db::connect_pool(database_url, ADMIN_POOL_SIZE, config.admin_session_limits())?;
     let http_state = crate::http::HttpState {
         health: health.clone(),
         metrics: metrics.clone(),
-        pool: pool.clone(),
+        pool: admin_pool.clone(),
         admin_token,
     };
     let http_cancel = cancel.clone();
@@ -308,6 +315,7 @@ pub async fn start(
             }
             let _ = http_task.await;
             pool.close();
+            admin_pool.close();
             tracing::info!("relay stopped");
         })
     };

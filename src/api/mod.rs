@@ -72,8 +72,9 @@ impl fmt::Debug for AdminToken {
     }
 }
 
-/// What the handlers share: the relay's pool (API requests take connections from it like
-/// any other component, so they are bounded by `OUTBOX_DB_POOL_SIZE`) and the token.
+/// What the handlers share: the admin pool (a few connections of its own, apart from the
+/// relay's, so API requests never take the hot path's connections and always commit
+/// durably) and the token.
 #[derive(Clone)]
 pub struct ApiState {
     pub pool: Pool,

@@ -111,9 +111,9 @@ pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, DbError> 
 /// made while the database is down, gives up after a few seconds so callers can report
 /// not-ready and retry with backoff.
 ///
-/// `limits`, when given, become `statement_timeout` and `lock_timeout` through the startup
-/// `options`, so they hold from the first statement of every connection at no extra round
-/// trip. Pass `None` through a transaction-mode pooler (which refuses startup options);
+/// `limits`, when given, become `statement_timeout`, `lock_timeout` and (if asked)
+/// `synchronous_commit = off` through the startup `options`, so they hold from the first
+/// statement of every connection at no extra round trip. Pass `None` through a transaction-mode pooler (which refuses startup options);
 /// nothing else here sets session state, and whether statements may be prepared is the
 /// caller's [`crate::config::PoolMode`], applied by [`query`].
 pub fn connect_pool(
@@ -132,6 +132,9 @@ pub fn connect_pool(
                 options.push(' ');
             }
             options.push_str(&format!("-c {name}={}", value.as_millis().max(1)));
+        }
+        if limits.async_commit {
+            options.push_str(" -c synchronous_commit=off");
         }
         config.options(&options);
     }

@@ -320,3 +320,41 @@ async fn a_410_result_and_a_subscription_delete_do_not_deadlock() {
     );
     relay.shutdown().await;
 }
+
+/// The relay's pooled connections carry its timeouts and asynchronous commit from their
+/// first statement; the admin API's connections carry the timeouts but commit durably.
+#[tokio::test]
+async fn relay_connections_carry_their_session_settings_and_admin_ones_commit_durably() {
+    let db = TestDb::new().await;
+    let config = RelayConfig {
+        statement_timeout: Duration::from_secs(42),
+        lock_timeout: Duration::from_millis(1500),
+        ..RelayConfig::for_tests()
+    };
+    for (limits, synchronous_commit) in [
+        (config.session_limits(), "off"),
+        (config.admin_session_limits(), "on"),
+    ] {
+        let pool = outbox_relay::db::connect_pool(&db.url, 1, limits).expect("pool");
+        let client = pool.get().await.expect("connection");
+        let mut shown = Vec::new();
+        for setting in ["statement_timeout", "lock_timeout", "synchronous_commit"] {
+            let value: String = client
+                .query_one(&format!("SHOW {setting}"), &[])
+                .await
+                .expect("SHOW")
+                .get(0);
+            shown.push(value);
+        }
+        assert_eq!(shown, ["42s", "1500ms", synchronous_commit]);
+    }
+    let pooled = RelayConfig {
+        db_pool_mode: outbox_relay::config::PoolMode::TransactionPooler,
+        ..config
+    };
+    assert_eq!(
+        pooled.session_limits(),
+        None,
+        "a transaction pooler refuses startup options"
+    );
+}
