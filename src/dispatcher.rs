@@ -60,6 +60,11 @@ impl Dispatcher {
             ordered_events: 0,
             ordered_probe_pending: false,
         };
+        // Wake the deliverer now, not after the ordered pass's two round trips: those
+        // deliveries are committed and due, and every event would otherwise wait for them.
+        if batch.deliveries > 0 {
+            self.deliveries_created.notify_one();
+        }
         // Ordered subscriptions get their deliveries from a second, commit-order-safe pass.
         let ordered_row = query::query_one(
             &client,
@@ -80,14 +85,15 @@ impl Dispatcher {
                     .context("starting an ordered-dispatch probe")?
                     .get(0);
         }
+        let ordered_deliveries = u64::try_from(ordered_row.get::<_, i64>(1)).unwrap_or(0);
         let batch = DispatchedBatch {
             ordered_events: u64::try_from(ordered_row.get::<_, i64>(0)).unwrap_or(0),
             ordered_probe_pending: probe_pending,
-            deliveries: batch.deliveries + u64::try_from(ordered_row.get::<_, i64>(1)).unwrap_or(0),
+            deliveries: batch.deliveries + ordered_deliveries,
             ..batch
         };
         self.metrics.events_dispatched.inc_by(batch.events);
-        if batch.deliveries > 0 {
+        if ordered_deliveries > 0 {
             self.deliveries_created.notify_one();
         }
         Ok(batch)
