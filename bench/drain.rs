@@ -9,7 +9,8 @@
 //! Each scenario gets a fresh, migrated database: on a throwaway cluster (`TempPostgres`, the
 //! default; it runs with fsync=off and synchronous_commit=off) or, with `--database-url`, as
 //! `outbox_bench_<random>` created and dropped on that server. The relay runs in this process
-//! (`relay::start`) against a real receiver on 127.0.0.1 (`devkit::receiver`); all traffic
+//! (`relay::start`) against a real receiver on 127.0.0.1 (`devkit::receiver`) in a process of
+//! its own (`remote_receiver`, the bench binary started again); all traffic
 //! stays on loopback. Every wait has a deadline (`--scenario-timeout`).
 //!
 //! Scenarios:
@@ -34,9 +35,11 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, ValueEnum};
 use outbox_relay::config::{CidrList, RelayConfig};
 use outbox_relay::devkit::postgres::TempPostgres;
-use outbox_relay::devkit::receiver::{Receiver, Reply};
 use outbox_relay::relay::RelayHandle;
 use tokio_postgres::NoTls;
+
+mod remote_receiver;
+use remote_receiver::RemoteReceiver;
 
 /// How often the database is asked whether the work is done.
 const DB_POLL: Duration = Duration::from_millis(50);
@@ -54,6 +57,10 @@ struct Args {
     /// Passed by `cargo bench` to every bench target; accepted and ignored.
     #[arg(long, hide = true)]
     bench: bool,
+
+    /// Internal: run as the receiver process (see `remote_receiver`).
+    #[arg(long, hide = true)]
+    serve_receiver: bool,
 
     /// Which scenario to run; `all` runs each in turn.
     #[arg(long, value_enum, default_value_t = Scenario::All)]
@@ -621,11 +628,15 @@ struct Arrivals {
     last_after_start: Duration,
 }
 
-fn arrivals(receiver: &Receiver, path: &str, start: Instant) -> Arrivals {
-    let received = receiver.received(path);
+async fn arrivals(
+    receiver: &RemoteReceiver,
+    path: &str,
+    start: Instant,
+) -> anyhow::Result<Arrivals> {
+    let received = receiver.received(path).await?;
     let distinct: HashSet<String> = received
         .iter()
-        .filter_map(|r| r.header("webhook-id").map(str::to_owned))
+        .filter_map(|r| r.webhook_id.clone())
         .collect();
     let last = received
         .iter()
@@ -633,11 +644,11 @@ fn arrivals(receiver: &Receiver, path: &str, start: Instant) -> Arrivals {
         .max()
         .map(|at| at.saturating_duration_since(start))
         .unwrap_or_default();
-    Arrivals {
+    Ok(Arrivals {
         requests: received.len(),
         distinct: distinct.len(),
         last_after_start: last,
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,7 +667,7 @@ async fn backlog_scenario(
     let db = server.fresh_db().await?;
     let result = async {
         let client = connect(&db.url).await?;
-        let receiver = Receiver::start().await.context("starting the receiver")?;
+        let receiver = RemoteReceiver::start().await?;
         let mut paths = Vec::new();
         for i in 0..subscriptions {
             let path = format!("/{scenario}/{i}");
@@ -703,7 +714,7 @@ async fn backlog_scenario(
         let mut distinct = 0;
         let mut last_arrival = Duration::ZERO;
         for path in &paths {
-            let a = arrivals(&receiver, path, start);
+            let a = arrivals(&receiver, path, start).await?;
             requests += a.requests;
             distinct += a.distinct;
             last_arrival = last_arrival.max(a.last_after_start);
@@ -759,7 +770,7 @@ async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Result<Vec<Ro
     let db = server.fresh_db().await?;
     let result = async {
         let client = connect(&db.url).await?;
-        let receiver = Receiver::start().await.context("starting the receiver")?;
+        let receiver = RemoteReceiver::start().await?;
         add_subscription(
             &client,
             "bench-latency",
@@ -798,14 +809,14 @@ async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Result<Vec<Ro
                 .map_err(|_| anyhow!("the producer thread panicked"))??;
 
             loop {
-                if receiver.received(PATH).len() as u64 >= count {
+                if receiver.received(PATH).await?.len() as u64 >= count {
                     break;
                 }
                 if tokio::time::Instant::now() >= deadline {
                     bail!(
                         "gave up after {:?}: {} of {count} events arrived",
                         args.scenario_timeout,
-                        receiver.received(PATH).len()
+                        receiver.received(PATH).await?.len()
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -819,8 +830,8 @@ async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Result<Vec<Ro
         let (commits, before, after) = outcome?;
 
         let mut first_arrival: HashMap<i64, Instant> = HashMap::new();
-        for r in receiver.received(PATH) {
-            let Some(seq) = r.json()["data"]["seq"].as_i64() else {
+        for r in receiver.received(PATH).await? {
+            let Some(seq) = r.seq else {
                 bail!("a request without data.seq reached the receiver");
             };
             first_arrival
@@ -933,8 +944,8 @@ async fn slow_subscriber_scenario(args: &Args, server: &Server) -> anyhow::Resul
     let db = server.fresh_db().await?;
     let result = async {
         let client = connect(&db.url).await?;
-        let receiver = Receiver::start().await.context("starting the receiver")?;
-        receiver.set_default("/slow", Reply::Delay(args.slow_delay, 200));
+        let receiver = RemoteReceiver::start().await?;
+        receiver.set_delay("/slow", args.slow_delay, 200).await?;
         let slow = add_subscription(
             &client,
             "bench-slow",
@@ -980,8 +991,8 @@ async fn slow_subscriber_scenario(args: &Args, server: &Server) -> anyhow::Resul
         };
         let fast_s = time_of(fast)?;
         let slow_s = time_of(slow)?;
-        let fast_arrival = arrivals(&receiver, "/fast", start);
-        let slow_arrival = arrivals(&receiver, "/slow", start);
+        let fast_arrival = arrivals(&receiver, "/fast", start).await?;
+        let slow_arrival = arrivals(&receiver, "/slow", start).await?;
         let floor = args.slow_events as f64 * args.slow_delay.as_secs_f64()
             / f64::from(args.slow_max_in_flight);
         let mut rows = vec![
@@ -1311,6 +1322,9 @@ async fn run_scenario(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.serve_receiver {
+        return remote_receiver::serve().await;
+    }
     outbox_relay::telemetry::init(outbox_relay::telemetry::LogFormat::Text, "warn");
     relay_config(&args)
         .validate()
