@@ -159,7 +159,6 @@ pub async fn serve() -> anyhow::Result<()> {
         }
     };
     let received = {
-        let to_wall = to_wall.clone();
         move |State(receiver): State<Arc<Receiver>>, Query(q): Query<PathQuery>| async move {
             let list: Vec<WireArrival> = receiver
                 .received(&q.path)
