@@ -158,19 +158,17 @@ pub async fn serve() -> anyhow::Result<()> {
             wall.saturating_sub(mono.duration_since(at).as_nanos())
         }
     };
-    let received = {
-        move |State(receiver): State<Arc<Receiver>>, Query(q): Query<PathQuery>| async move {
-            let list: Vec<WireArrival> = receiver
-                .received(&q.path)
-                .iter()
-                .map(|r| WireArrival {
-                    webhook_id: r.header("webhook-id").map(str::to_owned),
-                    seq: r.json()["data"]["seq"].as_i64(),
-                    at_unix_ns: to_wall(r.at),
-                })
-                .collect();
-            Json(list)
-        }
+    let received = move |State(receiver): State<Arc<Receiver>>, Query(q): Query<PathQuery>| async move {
+        let list: Vec<WireArrival> = receiver
+            .received(&q.path)
+            .iter()
+            .map(|r| WireArrival {
+                webhook_id: r.header("webhook-id").map(str::to_owned),
+                seq: r.json()["data"]["seq"].as_i64(),
+                at_unix_ns: to_wall(r.at),
+            })
+            .collect();
+        Json(list)
     };
     let delay = |State(receiver): State<Arc<Receiver>>, Query(q): Query<DelayQuery>| async move {
         receiver.set_default(&q.path, Reply::Delay(Duration::from_millis(q.ms), q.status));
