@@ -35,6 +35,7 @@ RETURNS TABLE (events bigint, deliveries bigint)
         WITH due_at_insert AS (
             SELECT e.id FROM outbox.events e
              WHERE e.dispatched_at IS NULL AND e.deliver_after <= e.created_at
+               AND e.deliver_after <= now()  -- created_at may be set in the future by the producer
              ORDER BY e.priority DESC, e.id
              LIMIT batch_size
                FOR UPDATE SKIP LOCKED
@@ -162,15 +163,15 @@ COMMENT ON FUNCTION outbox.claim_deliveries(bigint[], integer[], integer, text, 
 -- The contract, stated in the README: events fanned out after the switch follow the new
 -- mode; deliveries created before it keep going as they were, except that an ordered
 -- subscription switched to unordered releases its waiting (blocked) deliveries at once.
+-- The switch holds the fan-out lock until its transaction ends: switch in a short one.
 CREATE FUNCTION outbox.switch_ordering() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
     DECLARE
         cursor_at bigint;
     BEGIN
-        IF NOT NEW.enabled THEN
-            RETURN NULL;  -- neither pass fans out to a disabled subscription
-        END IF;
+        -- Also while disabled: the gap would otherwise be lost for good once it is enabled
+        -- again (claims skip a disabled subscription's deliveries until then).
         PERFORM pg_advisory_xact_lock(1869575539, 0);  -- no unordered fan-out in progress
         PERFORM pg_advisory_xact_lock(1869575538, 0);  -- no ordered fan-out in progress
         SELECT c.last_event_id INTO cursor_at FROM outbox.ordered_dispatch_cursor c;
@@ -180,7 +181,13 @@ CREATE FUNCTION outbox.switch_ordering() RETURNS trigger
                        greatest(now(), e.deliver_after) AS due,
                        row_number() OVER (PARTITION BY e.ordering_key ORDER BY e.id) AS position
                   FROM outbox.events e
-                 WHERE e.id <= cursor_at AND e.dispatched_at IS NULL
+                 -- Undispatched events, through the dispatcher's two partial indexes.
+                 WHERE e.id IN (SELECT u.id FROM outbox.events u
+                                 WHERE u.dispatched_at IS NULL AND u.deliver_after <= u.created_at
+                                UNION ALL
+                                SELECT u.id FROM outbox.events u
+                                 WHERE u.dispatched_at IS NULL AND u.deliver_after > u.created_at)
+                   AND e.id <= cursor_at
                    AND outbox.event_type_matches(NEW.event_types, e.event_type)
                    AND (NEW.tenant_id IS NULL OR NEW.tenant_id = e.tenant_id)
                    AND (NEW.filter IS NULL OR e.payload @> NEW.filter)

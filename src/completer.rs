@@ -31,6 +31,8 @@ const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// After shutdown began, a flush that keeps failing is abandoned after this many tries: the
 /// leases then expire and another relay re-sends those deliveries (at least once).
 const SHUTDOWN_FLUSH_TRIES: u32 = 5;
+/// Longest pause between tries of a result whose row another session holds locked.
+const DEFERRED_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// One finished attempt.
 #[derive(Debug)]
@@ -50,6 +52,7 @@ pub struct Completion {
     pub slot: crate::deliverer::DeliverySlot,
 }
 
+#[derive(Clone)]
 pub struct Completer {
     pub pool: Pool,
     /// Whether pooled connections may hold prepared statements.
@@ -97,8 +100,10 @@ impl Completer {
     }
 
     /// Writes `batch`, retrying while the database is unreachable. A batch the server
-    /// refuses because of its data is split in halves until each refused row stands alone,
-    /// so one poisonous result never holds back the others (see [`Completer::write_alone`]).
+    /// refuses because of one row (its data, or a lock on it that is not granted in time) is
+    /// split in halves until that row stands alone, so the others are written at once; the
+    /// row is then stored without the subscriber's text ([`Completer::write_alone`]) or, if it
+    /// waits on a lock, retried on the side ([`Completer::retry_later`]).
     async fn flush_with_retries(&self, batch: &mut Vec<Completion>, shutdown: &CancellationToken) {
         let mut parts = vec![std::mem::take(batch)];
         let mut backoff = RETRY_BACKOFF_START;
@@ -116,7 +121,7 @@ impl Completer {
                 .db_errors
                 .with_label_values(&["completer"])
                 .inc();
-            if error.is_caused_by_statement_data() {
+            if error.is_refused_data() || error.is_wait_timeout() {
                 if part.len() > 1 {
                     tracing::warn!(
                         error = format!("{:#}", anyhow::Error::from(error)),
@@ -127,7 +132,11 @@ impl Completer {
                     parts.push(second);
                     parts.push(part);
                 } else if let Some(completion) = part.pop() {
-                    self.write_alone(completion, &error).await;
+                    if error.is_refused_data() {
+                        self.write_alone(completion, &error).await;
+                    } else {
+                        self.retry_later(completion, shutdown.clone());
+                    }
                 }
                 continue;
             }
@@ -149,10 +158,53 @@ impl Completer {
         }
     }
 
-    /// One result the database refused on its own: it is recorded again with the
+    /// One result whose row stayed locked past `lock_timeout`: written again on the side,
+    /// with a growing pause, so the completer's own writes never wait for it. It keeps its
+    /// request slot meanwhile (memory stays bounded by OUTBOX_MAX_CONCURRENCY). Once the
+    /// lock is gone the result is written, unless the lease ran out and the delivery was
+    /// claimed again meanwhile (then the token no longer matches and it is sent again).
+    fn retry_later(&self, completion: Completion, shutdown: CancellationToken) {
+        tracing::warn!(
+            delivery_id = completion.delivery_id,
+            subscription = %completion.subscription_name,
+            "a delivery's row is locked by another session; retrying its result on the side"
+        );
+        let completer = self.clone();
+        tokio::spawn(async move {
+            let mut pause = RETRY_BACKOFF_MAX.min(Duration::from_secs(1));
+            loop {
+                tokio::time::sleep(pause).await;
+                match completer.flush(std::slice::from_ref(&completion)).await {
+                    Ok(_) => return,
+                    Err(error) if error.is_refused_data() => {
+                        completer.write_alone(completion, &error).await;
+                        return;
+                    }
+                    Err(error) => {
+                        completer
+                            .metrics
+                            .db_errors
+                            .with_label_values(&["completer"])
+                            .inc();
+                        if shutdown.is_cancelled() {
+                            // Released on shutdown (or left to expire): sent again.
+                            return;
+                        }
+                        tracing::debug!(
+                            error = format!("{:#}", anyhow::Error::from(error)),
+                            delivery_id = completion.delivery_id,
+                            "still cannot write a held result; retrying"
+                        );
+                        pause = (pause * 2).min(DEFERRED_RETRY_MAX);
+                    }
+                }
+            }
+        });
+    }
+
+    /// One result the database refused for its data: it is recorded again with the
     /// subscriber's text (error and body) replaced by why it could not be stored, so the
-    /// attempt still counts and shows up in the history. Should that fail too (a row lock
-    /// that is not granted, say, held by a session idle in a transaction), the result is
+    /// attempt still counts and shows up in the history. Should that fail too, the result is
     /// given up: its lease is no longer renewed, runs out, and the delivery is sent again
     /// (at least once). Either way the rest of the relay's results keep flowing.
     async fn write_alone(&self, mut completion: Completion, refusal: &DbError) {
@@ -161,15 +213,19 @@ impl Completer {
             .map(|code| code.code().to_string())
             .unwrap_or_default();
         completion.verdict.response_body = None;
-        completion.verdict.error = Some(format!(
-            "{}; the result as received could not be stored (SQLSTATE {reason}), so it was recorded without the subscriber's text",
-            completion.verdict.status_code.map_or_else(
-                || "request failed".to_string(),
-                |code| format!("HTTP {code}")
-            ),
-        ));
+        // A success keeps no error text; only a failure says what was left out.
+        if completion.verdict.failed() {
+            completion.verdict.error = Some(format!(
+                "{}; the result as received could not be stored (SQLSTATE {reason}), so it was recorded without the subscriber's text",
+                completion.verdict.status_code.map_or_else(
+                    || "request failed".to_string(),
+                    |code| format!("HTTP {code}")
+                ),
+            ));
+        }
         if let Err(error) = self.flush(std::slice::from_ref(&completion)).await {
-            self.given_up.add(completion.delivery_id);
+            self.given_up
+                .add(completion.delivery_id, completion.lease_token);
             self.metrics
                 .db_errors
                 .with_label_values(&["completer"])
@@ -258,6 +314,9 @@ impl Completer {
             let mut subscriptions: Vec<i64> = ordered.iter().map(|c| c.subscription_id.0).collect();
             subscriptions.sort_unstable();
             subscriptions.dedup();
+            query::execute(&transaction, self.pool_mode, &sql::COMMIT_DURABLY, &[])
+                .await
+                .context("writing ordered delivery results")?;
             query::execute(
                 &transaction,
                 self.pool_mode,

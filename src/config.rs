@@ -150,6 +150,10 @@ pub enum PoolMode {
     TransactionPooler,
 }
 
+/// `statement_timeout` of the admin API's connections (unless OUTBOX_STATEMENT_TIMEOUT is
+/// longer): replays and backfills of many events take longer than the relay's own statements.
+pub const ADMIN_STATEMENT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Shortest `OUTBOX_RETENTION` accepted.
 pub const MIN_RETENTION: Duration = Duration::from_secs(3600);
 
@@ -179,10 +183,12 @@ impl RelayConfig {
     }
 
     /// The same for the admin API's connections, which always commit durably: what an
-    /// admin was told is done (a new subscription, a replay) must survive a crash.
+    /// admin was told is done (a new subscription, a replay) must survive a crash. Their
+    /// statements may run longer (a large backfill): [`ADMIN_STATEMENT_TIMEOUT`].
     pub fn admin_session_limits(&self) -> Option<SessionLimits> {
         self.session_limits().map(|limits| SessionLimits {
             async_commit: false,
+            statement_timeout: limits.statement_timeout.max(ADMIN_STATEMENT_TIMEOUT),
             ..limits
         })
     }

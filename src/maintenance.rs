@@ -35,26 +35,29 @@ const PURGE_BATCH_PAUSE: Duration = Duration::from_millis(200);
 /// Gauges are refreshed this often (one query), not per scrape.
 pub const GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Deliveries whose result the completer could not store and gave up on. The heartbeat
-/// stops renewing their leases, so they expire and are re-queued (sent again: at least once)
-/// instead of being renewed, in flight, until the lease age limit. Entries older than
-/// [`MAX_LEASE_AGE`] are dropped: by then the heartbeat skips the lease anyway.
+/// Claims whose result the completer could not store and gave up on, as (delivery id,
+/// lease token). The heartbeat stops renewing those leases, so they expire and the deliveries
+/// are re-queued (sent again: at least once) instead of being renewed, in flight, until the
+/// lease age limit. Keyed by the claim's token: a later claim of the same delivery is renewed
+/// as usual. Entries older than [`MAX_LEASE_AGE`] are dropped: by then the heartbeat skips
+/// the lease anyway.
 #[derive(Clone, Debug, Default)]
-pub struct GivenUpLeases(Arc<Mutex<HashMap<i64, Instant>>>);
+pub struct GivenUpLeases(Arc<Mutex<HashMap<(i64, i64), Instant>>>);
 
 impl GivenUpLeases {
-    pub fn add(&self, delivery_id: i64) {
-        self.entries().insert(delivery_id, Instant::now());
+    pub fn add(&self, delivery_id: i64, lease_token: i64) {
+        self.entries()
+            .insert((delivery_id, lease_token), Instant::now());
     }
 
-    /// The delivery ids still to leave unrenewed.
-    fn current(&self) -> Vec<i64> {
+    /// The (delivery ids, lease tokens) still to leave unrenewed, as two arrays.
+    fn current(&self) -> (Vec<i64>, Vec<i64>) {
         let mut entries = self.entries();
         entries.retain(|_, given_up_at| given_up_at.elapsed() < MAX_LEASE_AGE);
-        entries.keys().copied().collect()
+        entries.keys().copied().unzip()
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Instant>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<(i64, i64), Instant>> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -78,6 +81,7 @@ impl Maintenance {
     /// Extends every lease this relay holds. Returns how many.
     pub async fn heartbeat(&self) -> Result<u64, DbError> {
         let client = self.pool.get().await.context("renewing leases")?;
+        let (given_up_ids, given_up_tokens) = self.given_up.current();
         query::execute(
             &client,
             self.pool_mode,
@@ -86,7 +90,8 @@ impl Maintenance {
                 &&*self.relay_id,
                 &self.lease_duration.as_secs_f64(),
                 &MAX_LEASE_AGE.as_secs_f64(),
-                &self.given_up.current(),
+                &given_up_ids,
+                &given_up_tokens,
             ],
         )
         .await

@@ -60,21 +60,23 @@ impl DbError {
         }
     }
 
-    /// Whether the server refused the statement because of the values it was given (or one
-    /// row it touched), rather than because the database is unreachable, overloaded or
-    /// restarting: the same statement with other rows would likely succeed. Data exceptions
-    /// (class 22), integrity violations (23), program limits (54), a row lock not granted
-    /// within `lock_timeout` (55P03) and a statement cancelled by `statement_timeout` (57014).
-    pub fn is_caused_by_statement_data(&self) -> bool {
-        let Some(code) = self.sqlstate() else {
-            return false;
-        };
-        let code = code.code();
-        code.starts_with("22")
-            || code.starts_with("23")
-            || code.starts_with("54")
-            || code == "55P03"
-            || code == "57014"
+    /// Whether the server refused the statement because of the values it was given: the
+    /// same statement with other rows would succeed. Data exceptions (class 22), integrity
+    /// violations (23) and program limits (54).
+    pub fn is_refused_data(&self) -> bool {
+        self.sqlstate().is_some_and(|code| {
+            let code = code.code();
+            code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
+        })
+    }
+
+    /// Whether the statement gave up waiting: a lock not granted within `lock_timeout`
+    /// (55P03) or the statement cancelled by `statement_timeout` (57014). Often one row held
+    /// by another session (say, one left idle in a transaction); the same statement
+    /// without that row would go through.
+    pub fn is_wait_timeout(&self) -> bool {
+        self.sqlstate()
+            .is_some_and(|code| matches!(code.code(), "55P03" | "57014"))
     }
 }
 

@@ -73,6 +73,14 @@ pub const LOCK_ORDERED_SUBSCRIPTIONS: Query = Query {
     param_types: &[Type::INT8_ARRAY],
 };
 
+/// Makes this transaction commit durably although the relay's connections commit
+/// asynchronously: an ordered key's results must never be undone by a crash once the next
+/// delivery of the key was sent (that would send them out of order).
+pub const COMMIT_DURABLY: Query = Query {
+    sql: "SET LOCAL synchronous_commit = on",
+    param_types: &[],
+};
+
 /// Unblocks the next delivery of each ordered key whose head this transaction finished.
 pub const ADVANCE_ORDERING_KEYS: Query = Query {
     sql: "SELECT outbox.advance_ordering_keys($1::bigint[], $2::text[], $3::bigint[])",
@@ -157,8 +165,9 @@ UPDATE outbox.subscriptions s
 /// Leases claimed (`updated_at`) more than $3 seconds ago are not renewed: no request lives
 /// that long (timeouts are capped at 5 minutes), so such a lease was leaked by a bug, and
 /// letting it expire gets the delivery re-queued instead of stuck in flight forever.
-/// Deliveries in `$4` are not renewed either: their results were given up by the completer
-/// (see `completer::Completer::write_alone`), so their leases must run out for a retry.
+/// Claims in (`$4`, `$5`) (delivery id, lease token) are not renewed either: their results
+/// were given up by the completer (see `completer::Completer::write_alone`), so their leases
+/// must run out for a retry; a later claim of the same delivery has another token.
 pub const HEARTBEAT_LEASES: Query = Query {
     sql: "
 UPDATE outbox.deliveries d
@@ -166,10 +175,17 @@ UPDATE outbox.deliveries d
   FROM (SELECT id FROM outbox.deliveries
          WHERE status = 'in_flight' AND lease_owner = $1
            AND updated_at > now() - make_interval(secs => $3::float8)
-           AND id <> ALL ($4::bigint[])
+           AND NOT EXISTS (SELECT 1 FROM unnest($4::bigint[], $5::bigint[]) AS g(id, token)
+                            WHERE g.id = deliveries.id AND g.token = deliveries.lease_token)
            FOR UPDATE SKIP LOCKED) held
  WHERE d.id = held.id",
-    param_types: &[Type::TEXT, Type::FLOAT8, Type::FLOAT8, Type::INT8_ARRAY],
+    param_types: &[
+        Type::TEXT,
+        Type::FLOAT8,
+        Type::FLOAT8,
+        Type::INT8_ARRAY,
+        Type::INT8_ARRAY,
+    ],
 };
 
 /// Re-queues deliveries whose lease expired (their relay died or lost the database), due now.
@@ -270,7 +286,8 @@ pub const OLDEST_PENDING_SECONDS: Query = Query {
     sql: "
 SELECT coalesce(extract(epoch FROM now() - least(
            (SELECT min(created_at) FROM outbox.events
-             WHERE dispatched_at IS NULL AND deliver_after <= created_at),
+             WHERE dispatched_at IS NULL AND deliver_after <= created_at
+               AND deliver_after <= now()),
            (SELECT min(created_at) FROM outbox.events
              WHERE dispatched_at IS NULL AND deliver_after > created_at
                AND deliver_after <= now()),
@@ -318,6 +335,7 @@ mod tests {
             ("START_ORDERED_PROBE", &START_ORDERED_PROBE),
             ("LOCK_ORDERED_SUBSCRIPTIONS", &LOCK_ORDERED_SUBSCRIPTIONS),
             ("ADVANCE_ORDERING_KEYS", &ADVANCE_ORDERING_KEYS),
+            ("COMMIT_DURABLY", &COMMIT_DURABLY),
             ("COMPLETE_DELIVERIES", &COMPLETE_DELIVERIES),
             ("DISABLE_SUBSCRIPTIONS", &DISABLE_SUBSCRIPTIONS),
             ("HEARTBEAT_LEASES", &HEARTBEAT_LEASES),

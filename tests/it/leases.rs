@@ -214,3 +214,65 @@ async fn a_result_from_an_older_claim_cannot_overwrite_the_newer_one() {
         0
     );
 }
+
+/// A claim whose result the completer gave up on is left to expire, but only that claim:
+/// the heartbeat renews a later claim of the same delivery (another token) as usual.
+#[tokio::test]
+async fn a_given_up_claim_is_not_renewed_but_a_later_claim_of_the_delivery_is() {
+    let db = TestDb::new().await;
+    let (subscription, _) = add_subscription(&db, "crm", "http://127.0.0.1:9/hook", &[]).await;
+    let client = db.client().await;
+    client
+        .batch_execute(&format!(
+            "WITH e AS (INSERT INTO outbox.events (event_type, payload, dispatched_at)
+                        VALUES ('lead.created', '{{}}', now()) RETURNING id)
+             INSERT INTO outbox.deliveries (event_id, subscription_id) SELECT id, {subscription} FROM e"
+        ))
+        .await
+        .expect("event and delivery");
+    let heartbeat = |given_up_token: i64| {
+        let client = &client;
+        async move {
+            client
+                .execute(
+                    sql::HEARTBEAT_LEASES.sql,
+                    &[
+                        &OWNER,
+                        &60.0f64,
+                        &900.0f64,
+                        &vec![delivery_of(client).await],
+                        &vec![given_up_token],
+                    ],
+                )
+                .await
+                .expect("heartbeat")
+        }
+    };
+    assert_eq!(claim(&client, subscription, 1).await.len(), 1);
+    assert_eq!(heartbeat(1).await, 0, "the given-up claim is not renewed");
+    client
+        .execute(
+            "UPDATE outbox.deliveries SET lease_expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .expect("expire the lease");
+    client
+        .query(sql::RECLAIM_EXPIRED_LEASES.sql, &[&100i64])
+        .await
+        .expect("reclaim");
+    assert_eq!(claim(&client, subscription, 2).await.len(), 1);
+    assert_eq!(
+        heartbeat(1).await,
+        1,
+        "the later claim of the same delivery is renewed"
+    );
+}
+
+async fn delivery_of(client: &deadpool_postgres::Object) -> i64 {
+    client
+        .query_one("SELECT id FROM outbox.deliveries", &[])
+        .await
+        .expect("one delivery")
+        .get(0)
+}

@@ -154,7 +154,9 @@ async fn the_heartbeat_renews_leases_while_retention_waits_on_a_lock() {
 
 /// A session idle in a transaction that holds a delivery's row lock cannot stall the
 /// completer: its statement gives up after `lock_timeout`, the other results of the batch and
-/// those that follow are written, and the held delivery is sent again once the lock is gone.
+/// those that follow are written, and once the lock is gone the held delivery ends delivered:
+/// its result is written from the side retry, or, if its lease ran out meanwhile (the locked
+/// row cannot be renewed), it is claimed and sent again.
 #[tokio::test]
 async fn a_row_locked_by_an_idle_transaction_does_not_stall_other_results() {
     let db = TestDb::new().await;
@@ -226,7 +228,7 @@ async fn a_row_locked_by_an_idle_transaction_does_not_stall_other_results() {
 
     holding.commit().await.expect("release the lock");
     wait_until(
-        "the held delivery is sent again and recorded",
+        "the held delivery is recorded once the lock is gone",
         DEADLINE,
         || async {
             count(
@@ -238,10 +240,10 @@ async fn a_row_locked_by_an_idle_transaction_does_not_stall_other_results() {
         },
     )
     .await;
-    assert_eq!(
-        gated.requests(),
-        2,
-        "sent once more after its result was given up"
+    let sent = gated.requests();
+    assert!(
+        (1..=2).contains(&sent),
+        "at most one more send after the lock ({sent} requests)"
     );
     relay.shutdown().await;
 }
@@ -331,9 +333,9 @@ async fn relay_connections_carry_their_session_settings_and_admin_ones_commit_du
         lock_timeout: Duration::from_millis(1500),
         ..RelayConfig::for_tests()
     };
-    for (limits, synchronous_commit) in [
-        (config.session_limits(), "off"),
-        (config.admin_session_limits(), "on"),
+    for (limits, statement_timeout, synchronous_commit) in [
+        (config.session_limits(), "42s", "off"),
+        (config.admin_session_limits(), "10min", "on"),
     ] {
         let pool = outbox_relay::db::connect_pool(&db.url, 1, limits).expect("pool");
         let client = pool.get().await.expect("connection");
@@ -346,7 +348,7 @@ async fn relay_connections_carry_their_session_settings_and_admin_ones_commit_du
                 .get(0);
             shown.push(value);
         }
-        assert_eq!(shown, ["42s", "1500ms", synchronous_commit]);
+        assert_eq!(shown, [statement_timeout, "1500ms", synchronous_commit]);
     }
     let pooled = RelayConfig {
         db_pool_mode: outbox_relay::config::PoolMode::TransactionPooler,

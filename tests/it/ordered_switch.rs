@@ -211,3 +211,32 @@ async fn switching_to_unordered_keeps_events_the_ordered_pass_had_not_reached() 
     wait_for_each_event_once(&db, &server, 5).await;
     relay.shutdown().await;
 }
+
+/// A switch made while the subscription is disabled still fans out its gap: a scheduled event
+/// the ordered cursor already passed arrives once the subscription is enabled again.
+#[tokio::test]
+async fn switching_while_disabled_loses_nothing_once_enabled_again() {
+    let db = TestDb::new().await;
+    let server = RawServer::start(Answer::status_with_body(200, b"ok")).await;
+    add_subscription(&db, "crm", &server.url("/hook"), &[]).await;
+    let relay = spawn_default_relay(&db).await;
+    let client = db.client().await;
+
+    let scheduled = publish_keyed(&client, "lead:1", 1, 3.0).await;
+    wait_until(
+        "the ordered cursor passed the scheduled event",
+        DEADLINE,
+        || async { ordered_cursor(&db).await >= scheduled },
+    )
+    .await;
+    client
+        .batch_execute(
+            "UPDATE outbox.subscriptions SET enabled = false WHERE name = 'crm';
+             UPDATE outbox.subscriptions SET ordered = true WHERE name = 'crm';
+             UPDATE outbox.subscriptions SET enabled = true WHERE name = 'crm';",
+        )
+        .await
+        .expect("disable, switch, enable");
+    wait_for_each_event_once(&db, &server, 1).await;
+    relay.shutdown().await;
+}

@@ -89,3 +89,25 @@ async fn a_dispatch_round_does_not_walk_events_scheduled_for_later() {
         }
     }
 }
+
+/// An event whose producer set `created_at` in the future too (an import, say) is still held
+/// until its `deliver_after`: it sits in the due-at-insert index, which alone would not say
+/// it is not yet due.
+#[tokio::test]
+async fn an_event_with_a_future_created_at_waits_for_its_deliver_after() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox.events (event_type, payload, created_at, deliver_after)
+             VALUES ('import.row', '{}', now() + interval '1 hour', now() + interval '1 hour')",
+        )
+        .await
+        .expect("insert");
+    let dispatched: i64 = client
+        .query_one("SELECT events FROM outbox.dispatch_events(500)", &[])
+        .await
+        .expect("dispatch")
+        .get(0);
+    assert_eq!(dispatched, 0, "not due for an hour");
+}
