@@ -9,6 +9,26 @@ use crate::harness::relay::*;
 
 const OWNER: &str = "relay-under-test";
 
+/// Inserts a dispatched event with one pending delivery to subscription `$1`; returns the
+/// event's `event_id`.
+const EVENT_WITH_DELIVERY: &str =
+    "WITH e AS (INSERT INTO outbox.events (event_type, payload, dispatched_at)
+                VALUES ('lead.created', '{}', now()) RETURNING id, event_id),
+          d AS (INSERT INTO outbox.deliveries (event_id, subscription_id) SELECT id, $1 FROM e)
+     SELECT event_id FROM e";
+
+/// A subscription (to a port nothing listens on) with one pending delivery; returns the
+/// subscription id and a connection.
+async fn one_pending_delivery(db: &TestDb) -> (i64, deadpool_postgres::Object) {
+    let (subscription, _) = add_subscription(db, "crm", "http://127.0.0.1:9/hook", &[]).await;
+    let client = db.client().await;
+    client
+        .query_one(EVENT_WITH_DELIVERY, &[&subscription])
+        .await
+        .expect("event and delivery");
+    (subscription, client)
+}
+
 /// Runs the relay's claim for subscription `subscription` as `OWNER` with `token`; returns
 /// (delivery id, event_id as text) of what it leased.
 async fn claim(
@@ -108,14 +128,7 @@ async fn a_delivery_committed_during_a_claim_is_returned_with_its_event() {
     .await;
 
     let event_id: uuid::Uuid = blocker
-        .query_one(
-            "WITH e AS (INSERT INTO outbox.events (event_type, payload, dispatched_at)
-                        VALUES ('lead.created', '{\"n\": 1}', now()) RETURNING id, event_id),
-                  d AS (INSERT INTO outbox.deliveries (event_id, subscription_id)
-                        SELECT id, $1 FROM e)
-             SELECT event_id FROM e",
-            &[&subscription],
-        )
+        .query_one(EVENT_WITH_DELIVERY, &[&subscription])
         .await
         .expect("insert event and delivery")
         .get(0);
@@ -147,16 +160,7 @@ async fn a_delivery_committed_during_a_claim_is_returned_with_its_event() {
 #[tokio::test]
 async fn a_result_from_an_older_claim_cannot_overwrite_the_newer_one() {
     let db = TestDb::new().await;
-    let (subscription, _) = add_subscription(&db, "crm", "http://127.0.0.1:9/hook", &[]).await;
-    let client = db.client().await;
-    client
-        .batch_execute(&format!(
-            "WITH e AS (INSERT INTO outbox.events (event_type, payload, dispatched_at)
-                        VALUES ('lead.created', '{{}}', now()) RETURNING id)
-             INSERT INTO outbox.deliveries (event_id, subscription_id) SELECT id, {subscription} FROM e"
-        ))
-        .await
-        .expect("event and delivery");
+    let (subscription, client) = one_pending_delivery(&db).await;
 
     let first = claim(&client, subscription, 1).await;
     assert_eq!(first.len(), 1);
@@ -220,16 +224,7 @@ async fn a_result_from_an_older_claim_cannot_overwrite_the_newer_one() {
 #[tokio::test]
 async fn a_given_up_claim_is_not_renewed_but_a_later_claim_of_the_delivery_is() {
     let db = TestDb::new().await;
-    let (subscription, _) = add_subscription(&db, "crm", "http://127.0.0.1:9/hook", &[]).await;
-    let client = db.client().await;
-    client
-        .batch_execute(&format!(
-            "WITH e AS (INSERT INTO outbox.events (event_type, payload, dispatched_at)
-                        VALUES ('lead.created', '{{}}', now()) RETURNING id)
-             INSERT INTO outbox.deliveries (event_id, subscription_id) SELECT id, {subscription} FROM e"
-        ))
-        .await
-        .expect("event and delivery");
+    let (subscription, client) = one_pending_delivery(&db).await;
     let heartbeat = |given_up_token: i64| {
         let client = &client;
         async move {
