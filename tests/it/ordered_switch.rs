@@ -2,6 +2,7 @@
 //! direction, with deliveries in flight and events scheduled for later (see
 //! `outbox.switch_ordering` in migrations/V9__hardening.sql for the rule).
 
+use outbox_relay::relay::RelayHandle;
 use serde_json::json;
 
 use crate::harness::db::TestDb;
@@ -68,6 +69,24 @@ async fn wait_for_each_event_once(
     arrived
 }
 
+/// A subscription `crm` with these columns at a gated subscriber, a relay, and event 1
+/// (key lead:1) in flight, held there until the test releases the subscriber.
+async fn event_1_in_flight(
+    db: &TestDb,
+    columns: &[(&str, &str)],
+) -> (RawServer, RelayHandle, deadpool_postgres::Object) {
+    let server = RawServer::start_gated(Answer::status_with_body(200, b"ok")).await;
+    add_subscription(db, "crm", &server.url("/hook"), columns).await;
+    let relay = spawn_default_relay(db).await;
+    let client = db.client().await;
+    publish_keyed(&client, "lead:1", 1, 0.0).await;
+    wait_until("event 1 is in flight", DEADLINE, || async {
+        server.requests() == 1
+    })
+    .await;
+    (server, relay, client)
+}
+
 /// Unordered → ordered. Event 1 is in flight; event 2 is scheduled for later and the
 /// ordered cursor has already passed it (so only the unordered pass could have taken it, and
 /// after the switch it skips the subscription); events 3–5 come after the switch. All five
@@ -75,16 +94,7 @@ async fn wait_for_each_event_once(
 #[tokio::test]
 async fn switching_to_ordered_keeps_scheduled_and_in_flight_events() {
     let db = TestDb::new().await;
-    let server = RawServer::start_gated(Answer::status_with_body(200, b"ok")).await;
-    add_subscription(&db, "crm", &server.url("/hook"), &[("max_in_flight", "10")]).await;
-    let relay = spawn_default_relay(&db).await;
-    let client = db.client().await;
-
-    publish_keyed(&client, "lead:1", 1, 0.0).await;
-    wait_until("event 1 is in flight", DEADLINE, || async {
-        server.requests() == 1
-    })
-    .await;
+    let (server, relay, client) = event_1_in_flight(&db, &[("max_in_flight", "10")]).await;
     let scheduled = publish_keyed(&client, "lead:1", 2, 5.0).await;
     wait_until(
         "the ordered cursor passed the scheduled event",
@@ -135,25 +145,14 @@ async fn switching_to_ordered_keeps_scheduled_and_in_flight_events() {
 #[tokio::test]
 async fn switching_to_unordered_keeps_events_the_ordered_pass_had_not_reached() {
     let db = TestDb::new().await;
-    let server = RawServer::start_gated(Answer::status_with_body(200, b"ok")).await;
-    add_subscription(
+    let (server, relay, client) = event_1_in_flight(
         &db,
-        "crm",
-        &server.url("/hook"),
         &[
             ("ordered", "true"),
             ("max_in_flight", "10"),
             ("event_types", "'{lead.*}'"),
         ],
     )
-    .await;
-    let relay = spawn_default_relay(&db).await;
-    let client = db.client().await;
-
-    publish_keyed(&client, "lead:1", 1, 0.0).await;
-    wait_until("event 1 is in flight", DEADLINE, || async {
-        server.requests() == 1
-    })
     .await;
     let second = publish_keyed(&client, "lead:1", 2, 0.0).await;
     wait_until("event 2 waits behind event 1", DEADLINE, || async {
