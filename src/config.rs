@@ -127,7 +127,7 @@ pub struct RelayConfig {
     /// relay's pooled connections). A PostgreSQL crash may then undo the last fraction of a
     /// second of that bookkeeping, never a producer's event: undone fan-out is done again and
     /// a request whose recorded result was undone is sent again (at least once). The admin
-    /// API commits durably either way. Not applied with `transaction-pooler`.
+    /// API keeps the server's setting (durable by default) either way. Not applied with `transaction-pooler`.
     #[arg(long, env = "OUTBOX_ASYNC_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
     pub async_commit: bool,
 }
@@ -182,8 +182,9 @@ impl RelayConfig {
         })
     }
 
-    /// The same for the admin API's connections, which always commit durably: what an
-    /// admin was told is done (a new subscription, a replay) must survive a crash. Their
+    /// The same for the admin API's connections, which keep the server's commit setting
+    /// (durable by default): what an admin was told is done (a new subscription, a replay)
+    /// must survive a crash. Their
     /// statements may run longer (a large backfill): [`ADMIN_STATEMENT_TIMEOUT`].
     pub fn admin_session_limits(&self) -> Option<SessionLimits> {
         self.session_limits().map(|limits| SessionLimits {

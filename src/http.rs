@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 pub struct HttpState {
     pub health: Health,
     pub metrics: Metrics,
-    /// The admin API's own pool (durable commits), apart from the relay's.
+    /// The admin API's own pool (the server's commit setting), apart from the relay's.
     pub pool: deadpool_postgres::Pool,
     /// `None`: the admin API and compatibility endpoints are not mounted at all (404).
     pub admin_token: Option<AdminToken>,

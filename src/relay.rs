@@ -247,8 +247,8 @@ pub async fn start(
         .admin_token
         .as_ref()
         .and_then(|token| crate::api::AdminToken::new(token.expose_secret()));
-    // The admin API gets connections of its own that commit durably (the relay's own
-    // bookkeeping may not, see OUTBOX_ASYNC_COMMIT). Made on first use only.
+    // The admin API gets connections of its own that keep the server's commit setting
+    // (the relay's own bookkeeping may not, see OUTBOX_ASYNC_COMMIT). Made on first use.
     let admin_pool =
         db::connect_pool(database_url, ADMIN_POOL_SIZE, config.admin_session_limits())?;
     let http_state = crate::http::HttpState {

@@ -73,8 +73,8 @@ impl fmt::Debug for AdminToken {
 }
 
 /// What the handlers share: the admin pool (a few connections of its own, apart from the
-/// relay's, so API requests never take the hot path's connections and always commit
-/// durably) and the token.
+/// relay's, so API requests never take the hot path's connections, and commit as the
+/// server is configured: durably by default) and the token.
 #[derive(Clone)]
 pub struct ApiState {
     pub pool: Pool,

@@ -324,7 +324,8 @@ async fn a_410_result_and_a_subscription_delete_do_not_deadlock() {
 }
 
 /// The relay's pooled connections carry its timeouts and asynchronous commit from their
-/// first statement; the admin API's connections carry the timeouts but commit durably.
+/// first statement; the admin API's connections carry the timeouts (a longer statement one)
+/// and commit as the server is configured (durably by default).
 #[tokio::test]
 async fn relay_connections_carry_their_session_settings_and_admin_ones_commit_durably() {
     let db = TestDb::new().await;
@@ -333,9 +334,22 @@ async fn relay_connections_carry_their_session_settings_and_admin_ones_commit_du
         lock_timeout: Duration::from_millis(1500),
         ..RelayConfig::for_tests()
     };
+    // The admin pool leaves commits as the server has them (the throwaway test cluster runs
+    // with synchronous_commit off, the local server with it on).
+    let server_default: String = db
+        .client()
+        .await
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .expect("SHOW")
+        .get(0);
     for (limits, statement_timeout, synchronous_commit) in [
         (config.session_limits(), "42s", "off"),
-        (config.admin_session_limits(), "10min", "on"),
+        (
+            config.admin_session_limits(),
+            "10min",
+            server_default.as_str(),
+        ),
     ] {
         let pool = outbox_relay::db::connect_pool(&db.url, 1, limits).expect("pool");
         let client = pool.get().await.expect("connection");
