@@ -16,6 +16,7 @@ use crate::config::PoolMode;
 use crate::db::{DbContext, DbError, query, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::subscriptions::SubscriptionCache;
 
 /// After a database error, wait this long before the next try (doubling up to the max).
 const ERROR_BACKOFF_START: Duration = Duration::from_millis(250);
@@ -44,11 +45,21 @@ pub struct Dispatcher {
     pub health: Health,
     /// Notified when new deliveries exist, so the deliverer claims them at once.
     pub deliveries_created: Arc<Notify>,
+    /// Tells whether any subscription is ordered: without one, the ordered pass (two more
+    /// round trips, one of them a write) runs once per poll interval instead of every round,
+    /// only to keep its cursor moving (retention and a future ordered subscription use it).
+    pub subscriptions: SubscriptionCache,
 }
 
 impl Dispatcher {
-    /// Dispatches one batch. The seam tests step instead of waiting for timers.
+    /// Dispatches one batch, with the ordered pass. The seam tests step instead of waiting
+    /// for timers.
     pub async fn run_once(&self) -> Result<DispatchedBatch, DbError> {
+        self.run_round(true).await
+    }
+
+    /// One batch of unordered fan-out, and of ordered fan-out when `with_ordered`.
+    async fn run_round(&self, with_ordered: bool) -> Result<DispatchedBatch, DbError> {
         let client = self.pool.get().await.context("dispatching events")?;
         let limit = i32::try_from(self.batch_size).unwrap_or(i32::MAX);
         let row = query::query_one(&client, self.pool_mode, &sql::DISPATCH_EVENTS, &[&limit])
@@ -64,6 +75,10 @@ impl Dispatcher {
         // deliveries are committed and due, and every event would otherwise wait for them.
         if batch.deliveries > 0 {
             self.deliveries_created.notify_one();
+        }
+        if !with_ordered {
+            self.metrics.events_dispatched.inc_by(batch.events);
+            return Ok(batch);
         }
         // Ordered subscriptions get their deliveries from a second, commit-order-safe pass.
         let ordered_row = query::query_one(
@@ -102,9 +117,13 @@ impl Dispatcher {
     /// Dispatches until nothing is due. Returns how many events went out, and whether
     /// ordered fan-out has a probe waiting.
     pub async fn drain(&self) -> Result<(u64, bool), DbError> {
+        self.drain_rounds(true).await
+    }
+
+    async fn drain_rounds(&self, with_ordered: bool) -> Result<(u64, bool), DbError> {
         let mut total = 0;
         loop {
-            let batch = self.run_once().await?;
+            let batch = self.run_round(with_ordered).await?;
             total += batch.events;
             let full = u64::from(self.batch_size);
             if batch.events < full && batch.ordered_events < full {
@@ -116,10 +135,19 @@ impl Dispatcher {
     pub async fn run(self, wake: Arc<Notify>, poll_interval: Duration, cancel: CancellationToken) {
         let mut backoff = ERROR_BACKOFF_START;
         let mut follow_up = ORDERED_FOLLOW_UP_START;
+        let mut probe_was_pending = false;
+        let mut ordered_pass_at: Option<tokio::time::Instant> = None;
         loop {
             let mut wait = poll_interval;
-            match self.drain().await {
+            let with_ordered = probe_was_pending
+                || self.subscriptions.any_enabled_ordered()
+                || ordered_pass_at.is_none_or(|at| at.elapsed() >= poll_interval);
+            if with_ordered {
+                ordered_pass_at = Some(tokio::time::Instant::now());
+            }
+            match self.drain_rounds(with_ordered).await {
                 Ok((events, probe_pending)) => {
+                    probe_was_pending = probe_pending;
                     // A pending probe usually completes as soon as the producers that were
                     // mid-transaction commit: look again shortly, backing off towards the
                     // poll interval while an old transaction holds it.

@@ -168,6 +168,7 @@ pub async fn start(
         metrics: metrics.clone(),
         health: health.clone(),
         deliveries_created: deliveries_wake.clone(),
+        subscriptions: subscriptions.clone(),
     };
     let given_up = GivenUpLeases::default();
     let maintenance = Maintenance {

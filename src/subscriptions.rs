@@ -41,6 +41,8 @@ pub struct Subscription {
     pub rate_limit_per_second: Option<f64>,
     pub headers: Vec<(String, String)>,
     pub retry_schedule: Vec<Duration>,
+    /// Fanned out by the ordered pass (per-key order) rather than the unordered one.
+    pub ordered: bool,
 }
 
 #[derive(Clone, Default)]
@@ -63,6 +65,11 @@ impl SubscriptionCache {
             .collect();
         enabled.sort_by_key(|s| s.id);
         enabled
+    }
+
+    /// Whether any enabled subscription is ordered, as of the last reload.
+    pub fn any_enabled_ordered(&self) -> bool {
+        self.read().values().any(|s| s.enabled && s.ordered)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<SubscriptionId, Arc<Subscription>>> {
@@ -123,6 +130,7 @@ impl SubscriptionCache {
                 rate_limit_per_second: row.get(7),
                 headers,
                 retry_schedule: schedule.into_iter().map(seconds).collect(),
+                ordered: row.get(11),
             };
             fresh.insert(subscription.id, Arc::new(subscription));
         }

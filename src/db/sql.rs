@@ -258,7 +258,7 @@ pub const LOAD_SUBSCRIPTIONS: Query = Query {
 SELECT id, name, url, secret, enabled, extract(epoch FROM timeout)::float8,
        max_in_flight, rate_limit_per_second::float8, headers,
        ARRAY(SELECT extract(epoch FROM w)::float8 FROM unnest(retry_schedule) w),
-       CASE WHEN previous_secret_expires_at > now() THEN previous_secret END
+       CASE WHEN previous_secret_expires_at > now() THEN previous_secret END, ordered
   FROM outbox.subscriptions
  ORDER BY id",
     param_types: &[],
