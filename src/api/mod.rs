@@ -343,34 +343,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 /// the bytes must be UTF-8.
 fn decode_query_part(field: &str, raw: &str) -> Result<String, ApiError> {
     let raw = raw.replace('+', " ");
-    let bytes: Vec<u8> = percent_decode(raw.as_bytes());
+    let bytes: Vec<u8> = percent_encoding::percent_decode(raw.as_bytes()).collect();
     String::from_utf8(bytes).map_err(|_| {
         ApiError::invalid(
             field,
             format!("{field} is not UTF-8 once percent-decoded; send UTF-8 text"),
         )
     })
-}
-
-fn percent_decode(raw: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        if raw[i] == b'%'
-            && let (Some(high), Some(low)) = (
-                raw.get(i + 1).copied().and_then(hex),
-                raw.get(i + 2).copied().and_then(hex),
-            )
-        {
-            out.push(high << 4 | low);
-            i += 3;
-        } else {
-            out.push(raw[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 /// The one path parameter of a route (`{name}`, `{event_id}`, `{id}`), as text. Text that
