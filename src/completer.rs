@@ -117,10 +117,7 @@ impl Completer {
                 }
                 Err(error) => error,
             };
-            self.metrics
-                .db_errors
-                .with_label_values(&["completer"])
-                .inc();
+            self.metrics.count_db_error("completer");
             if error.is_refused_data() || error.is_wait_timeout() {
                 if part.len() > 1 {
                     tracing::warn!(
@@ -181,11 +178,7 @@ impl Completer {
                         return;
                     }
                     Err(error) => {
-                        completer
-                            .metrics
-                            .db_errors
-                            .with_label_values(&["completer"])
-                            .inc();
+                        completer.metrics.count_db_error("completer");
                         if shutdown.is_cancelled() {
                             // Released on shutdown (or left to expire): sent again.
                             return;
@@ -226,10 +219,7 @@ impl Completer {
         if let Err(error) = self.flush(std::slice::from_ref(&completion)).await {
             self.given_up
                 .add(completion.delivery_id, completion.lease_token);
-            self.metrics
-                .db_errors
-                .with_label_values(&["completer"])
-                .inc();
+            self.metrics.count_db_error("completer");
             tracing::error!(
                 error = format!("{:#}", anyhow::Error::from(error)),
                 delivery_id = completion.delivery_id,
@@ -314,9 +304,6 @@ impl Completer {
             let mut subscriptions: Vec<i64> = ordered.iter().map(|c| c.subscription_id.0).collect();
             subscriptions.sort_unstable();
             subscriptions.dedup();
-            query::execute(&transaction, self.pool_mode, &sql::COMMIT_DURABLY, &[])
-                .await
-                .context("writing ordered delivery results")?;
             query::execute(
                 &transaction,
                 self.pool_mode,
@@ -422,10 +409,7 @@ impl Completer {
         .await
         .context("disabling subscriptions that answered 410")
         {
-            self.metrics
-                .db_errors
-                .with_label_values(&["completer"])
-                .inc();
+            self.metrics.count_db_error("completer");
             tracing::warn!(
                 error = format!("{:#}", anyhow::Error::from(error)),
                 "could not disable subscriptions that answered 410; their next 410 tries again"

@@ -65,62 +65,61 @@ impl Dispatcher {
         let row = query::query_one(&client, self.pool_mode, &sql::DISPATCH_EVENTS, &[&limit])
             .await
             .context("dispatching events")?;
-        let batch = DispatchedBatch {
+        let mut batch = DispatchedBatch {
             events: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
             deliveries: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
             ordered_events: 0,
             ordered_probe_pending: false,
         };
+        self.metrics.events_dispatched.inc_by(batch.events);
         // Wake the deliverer now, not after the ordered pass's two round trips: those
         // deliveries are committed and due, and every event would otherwise wait for them.
         if batch.deliveries > 0 {
             self.deliveries_created.notify_one();
         }
-        if !with_ordered {
-            self.metrics.events_dispatched.inc_by(batch.events);
-            return Ok(batch);
+        if with_ordered {
+            let (events, deliveries, probe_pending) = self.ordered_pass(&client, limit).await?;
+            batch.ordered_events = events;
+            batch.ordered_probe_pending = probe_pending;
+            batch.deliveries += deliveries;
+            if deliveries > 0 {
+                self.deliveries_created.notify_one();
+            }
         }
-        // Ordered subscriptions get their deliveries from a second, commit-order-safe pass.
-        let ordered_row = query::query_one(
-            &client,
-            self.pool_mode,
-            &sql::DISPATCH_ORDERED,
-            &[&i32::try_from(self.batch_size).unwrap_or(i32::MAX)],
-        )
-        .await
-        .context("dispatching events to ordered subscriptions")?;
-        let mut probe_pending: bool = ordered_row.get(2);
+        Ok(batch)
+    }
+
+    /// Ordered subscriptions get their deliveries from a second, commit-order-safe pass.
+    /// Returns (events passed, deliveries created, probe pending).
+    async fn ordered_pass(
+        &self,
+        client: &deadpool_postgres::Object,
+        limit: i32,
+    ) -> Result<(u64, u64, bool), DbError> {
+        let row = query::query_one(client, self.pool_mode, &sql::DISPATCH_ORDERED, &[&limit])
+            .await
+            .context("dispatching events to ordered subscriptions")?;
+        let mut probe_pending: bool = row.get(2);
         if !probe_pending {
             // A statement of its own (autocommit): the probe's xid must be assigned after
             // it reads the sequence, in a transaction that had none before. Through a
             // transaction pooler an autocommit statement is a transaction of its own too.
             probe_pending =
-                query::query_one(&client, self.pool_mode, &sql::START_ORDERED_PROBE, &[])
+                query::query_one(client, self.pool_mode, &sql::START_ORDERED_PROBE, &[])
                     .await
                     .context("starting an ordered-dispatch probe")?
                     .get(0);
         }
-        let ordered_deliveries = u64::try_from(ordered_row.get::<_, i64>(1)).unwrap_or(0);
-        let batch = DispatchedBatch {
-            ordered_events: u64::try_from(ordered_row.get::<_, i64>(0)).unwrap_or(0),
-            ordered_probe_pending: probe_pending,
-            deliveries: batch.deliveries + ordered_deliveries,
-            ..batch
-        };
-        self.metrics.events_dispatched.inc_by(batch.events);
-        if ordered_deliveries > 0 {
-            self.deliveries_created.notify_one();
-        }
-        Ok(batch)
+        Ok((
+            u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+            u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+            probe_pending,
+        ))
     }
 
-    /// Dispatches until nothing is due. Returns how many events went out, and whether
-    /// ordered fan-out has a probe waiting.
-    pub async fn drain(&self) -> Result<(u64, bool), DbError> {
-        self.drain_rounds(true).await
-    }
-
-    async fn drain_rounds(&self, with_ordered: bool) -> Result<(u64, bool), DbError> {
+    /// Dispatches until nothing is due (with the ordered pass when `with_ordered`). Returns
+    /// how many events went out, and whether ordered fan-out has a probe waiting.
+    pub async fn drain(&self, with_ordered: bool) -> Result<(u64, bool), DbError> {
         let mut total = 0;
         loop {
             let batch = self.run_round(with_ordered).await?;
@@ -145,7 +144,7 @@ impl Dispatcher {
             if with_ordered {
                 ordered_pass_at = Some(tokio::time::Instant::now());
             }
-            match self.drain_rounds(with_ordered).await {
+            match self.drain(with_ordered).await {
                 Ok((events, probe_pending)) => {
                     probe_was_pending = probe_pending;
                     // A pending probe usually completes as soon as the producers that were
@@ -165,10 +164,7 @@ impl Dispatcher {
                 }
                 Err(error) => {
                     self.health.set_database_reachable(false);
-                    self.metrics
-                        .db_errors
-                        .with_label_values(&["dispatcher"])
-                        .inc();
+                    self.metrics.count_db_error("dispatcher");
                     tracing::warn!(
                         error = format!("{:#}", anyhow::Error::from(error)),
                         retry_in = ?backoff,

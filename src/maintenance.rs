@@ -254,10 +254,7 @@ impl Maintenance {
 
     /// Counts and logs a failed round; the task carries on at its next turn.
     fn report(&self, error: DbError, what_failed: &'static str) {
-        self.metrics
-            .db_errors
-            .with_label_values(&["maintenance"])
-            .inc();
+        self.metrics.count_db_error("maintenance");
         tracing::warn!(
             error = format!("{:#}", anyhow::Error::from(error)),
             "{what_failed}"

@@ -157,6 +157,11 @@ impl Metrics {
         })
     }
 
+    /// Counts one failed database statement of `component` (`outbox_db_errors_total`).
+    pub fn count_db_error(&self, component: &'static str) {
+        self.db_errors.with_label_values(&[component]).inc();
+    }
+
     /// Exposes the pool's connection counts (`outbox_db_pool_*`). Called once per relay.
     pub fn register_pool(&self, pool: Pool) -> Result<(), prometheus::Error> {
         self.registry.register(Box::new(PoolCollector::new(pool)?))

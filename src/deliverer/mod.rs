@@ -380,10 +380,7 @@ impl Deliverer {
                     }
                     Err(error) => {
                         self.health.set_database_reachable(false);
-                        self.metrics
-                            .db_errors
-                            .with_label_values(&["deliverer"])
-                            .inc();
+                        self.metrics.count_db_error("deliverer");
                         tracing::warn!(
                             error = format!("{:#}", anyhow::Error::from(error)),
                             retry_in = ?backoff,
