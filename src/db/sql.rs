@@ -67,18 +67,14 @@ pub const START_ORDERED_PROBE: Query = Query {
     param_types: &[],
 };
 
-/// Serialises key advancement with ordered fan-out, per subscription, for this transaction.
+/// Serialises key advancement with ordered fan-out, per subscription, for this transaction,
+/// and makes the transaction commit durably although the relay's connections commit
+/// asynchronously: a crash must never undo an ordered key's result once the next delivery of
+/// the key may have been sent (that would send them out of order). One round trip for both.
 pub const LOCK_ORDERED_SUBSCRIPTIONS: Query = Query {
-    sql: "SELECT outbox.lock_ordered_subscriptions($1::bigint[])",
+    sql: "SELECT outbox.lock_ordered_subscriptions($1::bigint[]),
+       set_config('synchronous_commit', 'on', true)",
     param_types: &[Type::INT8_ARRAY],
-};
-
-/// Makes this transaction commit durably although the relay's connections commit
-/// asynchronously: an ordered key's results must never be undone by a crash once the next
-/// delivery of the key was sent (that would send them out of order).
-pub const COMMIT_DURABLY: Query = Query {
-    sql: "SET LOCAL synchronous_commit = on",
-    param_types: &[],
 };
 
 /// Unblocks the next delivery of each ordered key whose head this transaction finished.
@@ -335,7 +331,6 @@ mod tests {
             ("START_ORDERED_PROBE", &START_ORDERED_PROBE),
             ("LOCK_ORDERED_SUBSCRIPTIONS", &LOCK_ORDERED_SUBSCRIPTIONS),
             ("ADVANCE_ORDERING_KEYS", &ADVANCE_ORDERING_KEYS),
-            ("COMMIT_DURABLY", &COMMIT_DURABLY),
             ("COMPLETE_DELIVERIES", &COMPLETE_DELIVERIES),
             ("DISABLE_SUBSCRIPTIONS", &DISABLE_SUBSCRIPTIONS),
             ("HEARTBEAT_LEASES", &HEARTBEAT_LEASES),
