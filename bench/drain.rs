@@ -21,12 +21,11 @@
 //!   request arrived at the receiver (the NOTIFY wake-up path), percentiles.
 //! - `slow_subscriber`: a subscriber answering after 200 ms (max_in_flight 64) next to a fast
 //!   one; the fast one's drain time must not follow the slow one's.
-//! - `producer_cost`: producer transactions/s with the NOTIFY trigger enabled vs disabled
-//!   (no relay; phases in ABBA order to cancel drift).
+//! - `producer_cost`: producer transactions/s and commit latency into `outbox.events` while the
+//!   relay delivers, against a plain table of the same shape (see `producer.rs`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -38,6 +37,7 @@ use outbox_relay::devkit::postgres::TempPostgres;
 use outbox_relay::relay::RelayHandle;
 use tokio_postgres::NoTls;
 
+mod producer;
 mod remote_receiver;
 use remote_receiver::RemoteReceiver;
 
@@ -118,32 +118,33 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     slow_max_in_flight: i32,
 
-    /// `producer_cost`: transactions per phase.
+    /// `producer_cost`: transactions per throughput phase.
     #[arg(long, default_value_t = 5_000)]
     producer_transactions: u64,
 
-    /// `producer_cost`: concurrent producer connections.
-    #[arg(long, default_value_t = 4)]
-    producer_connections: u64,
+    /// `producer_cost`: the producer connection counts measured for throughput.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    producer_connections: Vec<u64>,
 
-    /// `producer_cost`: rounds of (enabled, disabled) phases, alternating ABBA.
+    /// `producer_cost`: rounds of (outbox, plain) phases, alternating ABBA.
     #[arg(long, default_value_t = 2)]
     producer_rounds: u32,
 
-    /// `producer_cost`: warm-up transactions (trigger enabled) before the measured phases.
+    /// `producer_cost`: warm-up transactions into each table before the measured phases.
     #[arg(long, default_value_t = 500)]
     producer_warmup: u64,
 
-    /// `producer_cost`: synchronous_commit=on in the producer sessions, as production runs.
-    /// Only meaningful with `--database-url` to a server with fsync=on: the throwaway cluster
-    /// runs with fsync=off (set on its command line, so it cannot be turned on here).
-    #[arg(long)]
-    producer_durable: bool,
+    /// `producer_cost`: transactions/s, in total, of the steady commit-latency phases.
+    #[arg(long, default_value_t = 300.0)]
+    producer_steady_rate: f64,
 
-    /// `producer_cost`: keep no LISTEN session open (by default one passive session listens
-    /// on outbox_events, as a relay would).
-    #[arg(long)]
-    producer_no_listener: bool,
+    /// `producer_cost`: connections sharing the steady rate.
+    #[arg(long, default_value_t = 4)]
+    producer_steady_connections: u64,
+
+    /// `producer_cost`: length of each steady phase.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    producer_steady_duration: Duration,
 
     /// Keep each scenario's database instead of dropping it (with `--database-url`, for
     /// looking at what happened; a throwaway cluster is removed at exit regardless).
@@ -1038,177 +1039,6 @@ async fn slow_subscriber_scenario(args: &Args, server: &Server) -> anyhow::Resul
     result
 }
 
-async fn producer_cost_scenario(args: &Args, server: &Server) -> anyhow::Result<Vec<Row>> {
-    const SCENARIO: &str = "producer_cost";
-    let deadline = tokio::time::Instant::now() + args.scenario_timeout;
-    if args.producer_connections == 0 || args.producer_transactions == 0 {
-        bail!("--producer-connections and --producer-transactions must be at least 1");
-    }
-    let db = server.fresh_db().await?;
-    let result = async {
-        let admin = connect(&db.url).await?;
-        let fsync: String = admin.query_one("SHOW fsync", &[]).await?.get(0);
-        if args.producer_durable && fsync != "on" {
-            // The throwaway cluster sets fsync=off on its command line, which ALTER SYSTEM
-            // cannot override: durable numbers need --database-url to a server with fsync on.
-            eprintln!(
-                "  warning: --producer-durable with fsync={fsync}: commits wait for no disk flush; \
-                 use --database-url to a server with fsync=on for durable figures"
-            );
-        }
-        // A passive LISTEN session, as a running relay would hold. Its connection task reads
-        // and discards the notifications.
-        let listener = if args.producer_no_listener {
-            None
-        } else {
-            let listener = connect(&db.url).await?;
-            listener.batch_execute("LISTEN outbox_events").await?;
-            Some(listener)
-        };
-        let clients = {
-            let mut clients = Vec::new();
-            for _ in 0..args.producer_connections {
-                let client = connect(&db.url).await?;
-                if args.producer_durable {
-                    client.batch_execute("SET synchronous_commit = on").await?;
-                }
-                clients.push(client);
-            }
-            clients
-        };
-        let clients = Arc::new(clients);
-        eprintln!(
-            "  producer_cost: {} transactions × {} phases from {} connections (fsync={fsync}, durable={}, listener={})",
-            args.producer_transactions,
-            args.producer_rounds * 2,
-            args.producer_connections,
-            args.producer_durable,
-            listener.is_some()
-        );
-
-        let set_trigger = |on: bool| {
-            let admin = &admin;
-            async move {
-                admin
-                    .batch_execute(&format!(
-                        "ALTER TABLE outbox.events {} TRIGGER events_notify_relay",
-                        if on { "ENABLE" } else { "DISABLE" }
-                    ))
-                    .await
-                    .context("switching the NOTIFY trigger")
-            }
-        };
-        let reset = || {
-            let admin = &admin;
-            async move {
-                admin
-                    .batch_execute(
-                        "TRUNCATE outbox.delivery_attempts, outbox.deliveries, outbox.events; CHECKPOINT",
-                    )
-                    .await
-                    .context("emptying the events table")
-            }
-        };
-
-        set_trigger(true).await?;
-        if args.producer_warmup > 0 {
-            producer_phase(&clients, args.producer_warmup, args.payload_pad, deadline).await?;
-        }
-        let mut totals: BTreeMap<bool, (u64, Duration)> = BTreeMap::new();
-        let mut phase_rates: Vec<(bool, f64)> = Vec::new();
-        for round in 0..args.producer_rounds {
-            let order = if round % 2 == 0 { [true, false] } else { [false, true] };
-            for on in order {
-                reset().await?;
-                set_trigger(on).await?;
-                let elapsed =
-                    producer_phase(&clients, args.producer_transactions, args.payload_pad, deadline)
-                        .await?;
-                let entry = totals.entry(on).or_default();
-                entry.0 += args.producer_transactions;
-                entry.1 += elapsed;
-                phase_rates.push((on, args.producer_transactions as f64 / elapsed.as_secs_f64()));
-            }
-        }
-        set_trigger(true).await?;
-        drop(listener);
-        let rate = |on: bool| {
-            totals
-                .get(&on)
-                .map_or(f64::NAN, |(n, d)| *n as f64 / d.as_secs_f64())
-        };
-        let (with, without) = (rate(true), rate(false));
-        let mut rows = vec![
-            row(SCENARIO, "tx_per_s trigger_enabled", with, "1/s"),
-            row(SCENARIO, "tx_per_s trigger_disabled", without, "1/s"),
-            row(
-                SCENARIO,
-                "notify_overhead_pct (1 - enabled/disabled)",
-                (1.0 - with / without) * 100.0,
-                "%",
-            ),
-        ];
-        for (i, (on, r)) in phase_rates.iter().enumerate() {
-            rows.push(row(
-                SCENARIO,
-                &format!(
-                    "phase{} tx_per_s ({})",
-                    i + 1,
-                    if *on { "enabled" } else { "disabled" }
-                ),
-                *r,
-                "1/s",
-            ));
-        }
-        Ok(rows)
-    }
-    .await;
-    server.drop_db(db, args.keep_databases).await;
-    result
-}
-
-/// `total` single-insert transactions spread over the connections; returns the wall time.
-async fn producer_phase(
-    clients: &Arc<Vec<tokio_postgres::Client>>,
-    total: u64,
-    pad: i32,
-    deadline: tokio::time::Instant,
-) -> anyhow::Result<Duration> {
-    let n = clients.len() as u64;
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for (index, _) in clients.iter().enumerate() {
-        let clients = Arc::clone(clients);
-        let share = total / n + u64::from((index as u64) < total % n);
-        tasks.spawn(async move {
-            let client = &clients[index];
-            let insert = client
-                .prepare(
-                    "INSERT INTO outbox.events (event_type, payload)
-                     VALUES ('bench.producer', jsonb_build_object('seq', $1::bigint, 'pad', repeat('x', $2::int)))",
-                )
-                .await
-                .context("preparing the producer insert")?;
-            for seq in 0..share {
-                if tokio::time::Instant::now() >= deadline {
-                    bail!("gave up: the scenario deadline passed while producing");
-                }
-                client.batch_execute("BEGIN").await.context("BEGIN")?;
-                client
-                    .execute(&insert, &[&(seq as i64), &pad])
-                    .await
-                    .context("INSERT")?;
-                client.batch_execute("COMMIT").await.context("COMMIT")?;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(joined) = tasks.join_next().await {
-        joined.context("producer task panicked")??;
-    }
-    Ok(started.elapsed())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Machine facts, output, main
 // ---------------------------------------------------------------------------------------------
@@ -1314,7 +1144,7 @@ async fn run_scenario(
         }
         Scenario::Latency => latency_scenario(args, server).await,
         Scenario::SlowSubscriber => slow_subscriber_scenario(args, server).await,
-        Scenario::ProducerCost => producer_cost_scenario(args, server).await,
+        Scenario::ProducerCost => producer::producer_cost_scenario(args, server).await,
         Scenario::All => unreachable!("expanded by main"),
     }
 }

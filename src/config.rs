@@ -34,6 +34,18 @@ pub struct RelayConfig {
     #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
 
+    /// While events keep coming, the relay looks for more this often on its own and producers
+    /// send no NOTIFY (NOTIFY makes their commits queue one behind the other). `0ms`: producers
+    /// always NOTIFY while a relay runs, and the relay never polls this way.
+    #[arg(long, env = "OUTBOX_BUSY_POLL_INTERVAL", default_value = "2ms", value_parser = humantime::parse_duration)]
+    pub busy_poll_interval: Duration,
+
+    /// How long after the last event found (or after two wake-ups within this span) the relay
+    /// keeps polling every `OUTBOX_BUSY_POLL_INTERVAL` before it asks producers to NOTIFY it
+    /// again. Rarer events each wake the relay by NOTIFY and cost no polling.
+    #[arg(long, env = "OUTBOX_BUSY_LINGER", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub busy_linger: Duration,
+
     /// Events claimed per dispatch transaction.
     #[arg(long, env = "OUTBOX_DISPATCH_BATCH_SIZE", default_value_t = 500)]
     pub dispatch_batch_size: u32,
@@ -287,6 +299,8 @@ impl RelayConfig {
                 "127.0.0.0/8".parse().expect("literal CIDR is valid"),
             ]),
             poll_interval: Duration::from_millis(200),
+            busy_poll_interval: Duration::from_millis(2),
+            busy_linger: Duration::from_millis(200),
             dispatch_batch_size: 100,
             delivery_batch_size: 100,
             max_concurrency: 64,

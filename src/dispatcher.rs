@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PoolMode;
+use crate::db::wake_gate::WakeGate;
 use crate::db::{DbContext, DbError, query, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -49,6 +50,14 @@ pub struct Dispatcher {
     /// round trips, one of them a write) runs once per poll interval instead of every round,
     /// only to keep its cursor moving (retention and a future ordered subscription use it).
     pub subscriptions: SubscriptionCache,
+    /// How producers are asked to NOTIFY (see `db::wake_gate`); `None` in poll-only mode.
+    pub wake_gate: Option<WakeGate>,
+    /// While busy, look for new events this often instead of waiting for a NOTIFY; zero
+    /// keeps the gate always asked for (producers always NOTIFY).
+    pub busy_poll_interval: Duration,
+    /// Busy lasts this long after the last event found, and two wake-ups this close together
+    /// start it.
+    pub busy_linger: Duration,
 }
 
 impl Dispatcher {
@@ -136,6 +145,7 @@ impl Dispatcher {
         let mut follow_up = ORDERED_FOLLOW_UP_START;
         let mut probe_was_pending = false;
         let mut ordered_pass_at: Option<tokio::time::Instant> = None;
+        let mut busy = BusySpell::new(self.busy_poll_interval, self.busy_linger);
         loop {
             let mut wait = poll_interval;
             let with_ordered = probe_was_pending
@@ -160,6 +170,7 @@ impl Dispatcher {
                     backoff = ERROR_BACKOFF_START;
                     if events > 0 {
                         tracing::debug!(batch_size = events, "dispatched events");
+                        busy.found_work();
                     }
                 }
                 Err(error) => {
@@ -178,16 +189,89 @@ impl Dispatcher {
                     continue;
                 }
             }
+            let busy_poll = busy.is_on();
+            if let Some(gate) = &self.wake_gate {
+                // Busy: producers need not NOTIFY, the next look comes within the busy poll.
+                // Idle: ask for NOTIFYs; the grant (once producers that skipped theirs have
+                // ended) wakes this loop for the one more look that makes sleeping safe.
+                if busy_poll {
+                    gate.release();
+                } else {
+                    gate.request();
+                }
+            }
+            if busy_poll {
+                wait = wait.min(self.busy_poll_interval);
+            }
             let reason = tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = wake.notified() => Some("notify"),
-                // A short ordered-probe follow-up is not a wake-up from idle: counting it as
-                // a poll would hide how often the fallback poll really finds work.
+                _ = wake.notified() => {
+                    busy.woken();
+                    Some("notify")
+                }
+                _ = granted(self.wake_gate.as_ref()) => None,
+                // A short ordered-probe follow-up or busy poll is not a wake-up from idle:
+                // counting it as a poll would hide how often the fallback poll finds work.
                 _ = tokio::time::sleep(wait) => (wait == poll_interval).then_some("poll"),
             };
             if let Some(reason) = reason {
                 self.metrics.wakeups.with_label_values(&[reason]).inc();
             }
         }
+    }
+}
+
+/// Resolves when the gate is granted; never without a gate.
+async fn granted(gate: Option<&WakeGate>) {
+    match gate {
+        Some(gate) => gate.granted().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the dispatcher is in a busy spell: events keep coming, so it looks for them every
+/// busy poll interval and producers skip NOTIFY. A spell starts when two wake-ups come
+/// within `linger` of each other (one event now and then keeps the NOTIFY path, which costs
+/// no polling), lasts while looks keep finding events, and ends `linger` after the last.
+struct BusySpell {
+    enabled: bool,
+    linger: Duration,
+    until: Option<tokio::time::Instant>,
+    last_wake: Option<tokio::time::Instant>,
+}
+
+impl BusySpell {
+    fn new(busy_poll_interval: Duration, linger: Duration) -> BusySpell {
+        BusySpell {
+            enabled: !busy_poll_interval.is_zero() && !linger.is_zero(),
+            linger,
+            until: None,
+            last_wake: None,
+        }
+    }
+
+    fn is_on(&self) -> bool {
+        self.until
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+
+    /// A look found events: a spell under way goes on.
+    fn found_work(&mut self) {
+        if self.is_on() {
+            self.until = Some(tokio::time::Instant::now() + self.linger);
+        }
+    }
+
+    /// A NOTIFY woke the dispatcher.
+    fn woken(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.enabled
+            && self
+                .last_wake
+                .is_some_and(|last| now.duration_since(last) < self.linger)
+        {
+            self.until = Some(now + self.linger);
+        }
+        self.last_wake = Some(now);
     }
 }

@@ -169,6 +169,9 @@ pub async fn start(
         health: health.clone(),
         deliveries_created: deliveries_wake.clone(),
         subscriptions: subscriptions.clone(),
+        wake_gate: config.listen.then(db::wake_gate::WakeGate::new),
+        busy_poll_interval: config.busy_poll_interval,
+        busy_linger: config.busy_linger,
     };
     let given_up = GivenUpLeases::default();
     let maintenance = Maintenance {
@@ -209,6 +212,9 @@ pub async fn start(
             || database_url.to_owned(),
             |url| url.expose_secret().to_owned(),
         );
+        if let Some(gate) = &dispatcher.wake_gate {
+            background.spawn(gate.clone().run(listen_url.clone(), claiming.clone()));
+        }
         background.spawn(db::listen::run(
             listen_url,
             db::listen::WakeTargets {

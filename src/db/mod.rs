@@ -9,6 +9,7 @@ pub mod listen;
 pub mod query;
 pub mod sql;
 pub mod text;
+pub mod wake_gate;
 
 use std::time::Duration;
 

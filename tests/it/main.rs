@@ -23,3 +23,4 @@ mod retention;
 mod routing;
 mod scheduled;
 mod secrets;
+mod wake_gate;
