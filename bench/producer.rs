@@ -54,7 +54,7 @@ impl Table {
 
     /// ABBA over rounds: round 0 outbox first, round 1 plain first, …
     fn order(round: u32) -> [Table; 2] {
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             [Table::Outbox, Table::Plain]
         } else {
             [Table::Plain, Table::Outbox]
