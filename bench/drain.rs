@@ -1231,6 +1231,19 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// `MemTotal` of /proc/meminfo, e.g. `24105 MiB`.
+fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| format!("{} MiB", kib / 1024))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 async fn machine_facts(server: &Server) -> anyhow::Result<Vec<(String, String)>> {
     let admin = connect(&server.admin_url).await?;
     let mut facts = vec![
@@ -1241,6 +1254,13 @@ async fn machine_facts(server: &Server) -> anyhow::Result<Vec<(String, String)>>
                 .unwrap_or_else(|_| "unknown".into()),
         ),
         ("cpu".to_string(), cpu_model()),
+        ("memory".to_string(), mem_total()),
+        (
+            "kernel".to_string(),
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into()),
+        ),
         (
             "build profile".to_string(),
             if cfg!(debug_assertions) {
@@ -1265,6 +1285,15 @@ async fn machine_facts(server: &Server) -> anyhow::Result<Vec<(String, String)>>
         "fsync",
         "synchronous_commit",
         "shared_buffers",
+        // Durability and checkpoint pacing set what a write-heavy drain costs the server.
+        "wal_level",
+        "max_wal_size",
+        "checkpoint_timeout",
+        "full_page_writes",
+        // The sizes `footprint` reports depend on when autovacuum ran.
+        "autovacuum",
+        // Three relays hold about 3 × (pool + 1) sessions.
+        "max_connections",
     ] {
         let value: String = admin
             .query_one(&format!("SHOW {setting}"), &[])
