@@ -19,6 +19,9 @@
 //! - `fanout`: N/4 events to 4 matching subscriptions (N deliveries), measured the same way.
 //! - `latency`: idle relay; single-event transactions at a steady rate; COMMIT returned →
 //!   request arrived at the receiver (the NOTIFY wake-up path), percentiles.
+//! - `three_relays`: the `drain` backlog drained by 1 and by 3 relays at once, each a process
+//!   of the real binary (phases ABBA); deliveries/s, the ratio, duplicates. See `relays`.
+//!   Not part of `all`: it starts relay processes.
 //! - `slow_subscriber`: a subscriber answering after 200 ms (max_in_flight 64) next to a fast
 //!   one; the fast one's drain time must not follow the slow one's.
 //! - `producer_cost`: producer transactions/s with the NOTIFY trigger enabled vs disabled
@@ -38,6 +41,8 @@ use outbox_relay::devkit::postgres::TempPostgres;
 use outbox_relay::relay::RelayHandle;
 use tokio_postgres::NoTls;
 
+mod relay_process;
+mod relays;
 mod remote_receiver;
 use remote_receiver::RemoteReceiver;
 
@@ -97,6 +102,10 @@ struct Args {
     /// plans of the relay's statements depend on the table sizes.
     #[arg(long, default_value_t = 0)]
     history_events: u64,
+
+    /// `three_relays`: rounds of (1 relay, 3 relays) phases, alternating ABBA.
+    #[arg(long, default_value_t = 1)]
+    relay_rounds: u32,
 
     /// `latency`: events published per second, one transaction each.
     #[arg(long, default_value_t = 50.0)]
@@ -200,6 +209,7 @@ enum Scenario {
     Latency,
     SlowSubscriber,
     ProducerCost,
+    ThreeRelays,
 }
 
 impl Scenario {
@@ -211,6 +221,7 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::SlowSubscriber => "slow_subscriber",
             Scenario::ProducerCost => "producer_cost",
+            Scenario::ThreeRelays => "three_relays",
         }
     }
 }
@@ -1344,6 +1355,7 @@ async fn run_scenario(
         Scenario::Latency => latency_scenario(args, server).await,
         Scenario::SlowSubscriber => slow_subscriber_scenario(args, server).await,
         Scenario::ProducerCost => producer_cost_scenario(args, server).await,
+        Scenario::ThreeRelays => relays::three_relays_scenario(args, server).await,
         Scenario::All => unreachable!("expanded by main"),
     }
 }
