@@ -21,7 +21,9 @@
 //!   request arrived at the receiver (the NOTIFY wake-up path), percentiles.
 //! - `three_relays`: the `drain` backlog drained by 1 and by 3 relays at once, each a process
 //!   of the real binary (phases ABBA); deliveries/s, the ratio, duplicates. See `relays`.
-//!   Not part of `all`: it starts relay processes.
+//! - `footprint`: the relay process's RSS over a drain (and a soak), and the tables' and
+//!   indexes' sizes before and after retention. See `footprint`.
+//!   Neither is part of `all`: they start relay processes and take minutes at full size.
 //! - `slow_subscriber`: a subscriber answering after 200 ms (max_in_flight 64) next to a fast
 //!   one; the fast one's drain time must not follow the slow one's.
 //! - `producer_cost`: producer transactions/s with the NOTIFY trigger enabled vs disabled
@@ -41,6 +43,7 @@ use outbox_relay::devkit::postgres::TempPostgres;
 use outbox_relay::relay::RelayHandle;
 use tokio_postgres::NoTls;
 
+mod footprint;
 mod relay_process;
 mod relays;
 mod remote_receiver;
@@ -106,6 +109,16 @@ struct Args {
     /// `three_relays`: rounds of (1 relay, 3 relays) phases, alternating ABBA.
     #[arg(long, default_value_t = 1)]
     relay_rounds: u32,
+
+    /// `footprint`: after the drain, publish at `--latency-rate` for this long while the
+    /// relay's RSS is sampled (0 = no soak). Must fit in `--scenario-timeout`.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    soak_duration: Duration,
+
+    /// `footprint`: events inserted and delivered before the table and index sizes are
+    /// taken (0 = skip that part).
+    #[arg(long, default_value_t = 1_000_000)]
+    footprint_events: u64,
 
     /// `latency`: events published per second, one transaction each.
     #[arg(long, default_value_t = 50.0)]
@@ -210,6 +223,7 @@ enum Scenario {
     SlowSubscriber,
     ProducerCost,
     ThreeRelays,
+    Footprint,
 }
 
 impl Scenario {
@@ -222,6 +236,7 @@ impl Scenario {
             Scenario::SlowSubscriber => "slow_subscriber",
             Scenario::ProducerCost => "producer_cost",
             Scenario::ThreeRelays => "three_relays",
+            Scenario::Footprint => "footprint",
         }
     }
 }
@@ -1356,6 +1371,7 @@ async fn run_scenario(
         Scenario::SlowSubscriber => slow_subscriber_scenario(args, server).await,
         Scenario::ProducerCost => producer_cost_scenario(args, server).await,
         Scenario::ThreeRelays => relays::three_relays_scenario(args, server).await,
+        Scenario::Footprint => footprint::footprint_scenario(args, server).await,
         Scenario::All => unreachable!("expanded by main"),
     }
 }

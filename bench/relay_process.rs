@@ -120,6 +120,24 @@ impl RelayProcess {
         }
     }
 
+    /// `/proc/<pid>/status` memory figures, in KiB.
+    pub fn memory(&self) -> anyhow::Result<Memory> {
+        let path = format!("/proc/{}/status", self.pid);
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+                // A zombie has no memory lines: the relay exited.
+                .ok_or_else(|| anyhow!("no {name} in {path}: has relay {} exited?", self.relay_id))
+        };
+        Ok(Memory {
+            rss_kib: field("VmRSS:")?,
+            hwm_kib: field("VmHWM:")?,
+        })
+    }
+
     /// The relay's Prometheus text (`/metrics`).
     pub async fn metrics(&self, http: &reqwest::Client) -> anyhow::Result<Metrics> {
         let text = http
@@ -213,6 +231,18 @@ impl RelayGroup {
             bail!("{}", problems.join("; "))
         }
     }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    /// Resident set now.
+    pub rss_kib: u64,
+    /// The kernel's high-water mark of the resident set since the process started.
+    pub hwm_kib: u64,
+}
+
+pub fn kib_to_mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }
 
 /// The few series the scenarios read from a relay's `/metrics`.
