@@ -69,7 +69,7 @@ pub async fn three_relays_scenario(args: &Args, server: &Server) -> anyhow::Resu
             let number = phases.len() + 1;
             let phase = run_phase(args, server, relays, number, deadline)
                 .await
-                .with_context(|| format!("phase {number} ({relays} relay processes)"))?;
+                .with_context(|| format!("phase {number} ({relays} relay process(es))"))?;
             phases.push(phase);
         }
     }
