@@ -115,7 +115,13 @@ async fn relay_memory(
             )
             .await?;
             let drained = relay.memory()?;
-            let peak = drain.iter().map(|(_, kib)| *kib).max().unwrap_or(0);
+            // The reading at the end counts too: a short drain may end between samples.
+            let peak = drain
+                .iter()
+                .map(|(_, kib)| *kib)
+                .chain([drained.rss_kib])
+                .max()
+                .unwrap_or(drained.rss_kib);
             eprintln!(
                 "  footprint: drained in {:.2}s; {} RSS samples",
                 started.elapsed().as_secs_f64(),
