@@ -19,6 +19,11 @@
 //! - `fanout`: N/4 events to 4 matching subscriptions (N deliveries), measured the same way.
 //! - `latency`: idle relay; single-event transactions at a steady rate; COMMIT returned →
 //!   request arrived at the receiver (the NOTIFY wake-up path), percentiles.
+//! - `three_relays`: the `drain` backlog drained by 1 and by 3 relays at once, each a process
+//!   of the real binary (phases ABBA); deliveries/s, the ratio, duplicates. See `relays`.
+//! - `footprint`: the relay process's RSS over a drain (and a soak), and the tables' and
+//!   indexes' sizes before and after retention. See `footprint`.
+//!   Neither is part of `all`: they start relay processes and take minutes at full size.
 //! - `slow_subscriber`: a subscriber answering after 200 ms (max_in_flight 64) next to a fast
 //!   one; the fast one's drain time must not follow the slow one's.
 //! - `producer_cost`: producer transactions/s and commit latency into `outbox.events` while the
@@ -37,7 +42,10 @@ use outbox_relay::devkit::postgres::TempPostgres;
 use outbox_relay::relay::RelayHandle;
 use tokio_postgres::NoTls;
 
+mod footprint;
 mod producer;
+mod relay_process;
+mod relays;
 mod remote_receiver;
 use remote_receiver::RemoteReceiver;
 
@@ -97,6 +105,20 @@ struct Args {
     /// plans of the relay's statements depend on the table sizes.
     #[arg(long, default_value_t = 0)]
     history_events: u64,
+
+    /// `three_relays`: rounds of (1 relay, 3 relays) phases, alternating ABBA.
+    #[arg(long, default_value_t = 1)]
+    relay_rounds: u32,
+
+    /// `footprint`: after the drain, publish at `--latency-rate` for this long while the
+    /// relay's RSS is sampled (0 = no soak). Must fit in `--scenario-timeout`.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    soak_duration: Duration,
+
+    /// `footprint`: events inserted and delivered before the table and index sizes are
+    /// taken (0 = skip that part).
+    #[arg(long, default_value_t = 1_000_000)]
+    footprint_events: u64,
 
     /// `latency`: events published per second, one transaction each.
     #[arg(long, default_value_t = 50.0)]
@@ -201,6 +223,8 @@ enum Scenario {
     Latency,
     SlowSubscriber,
     ProducerCost,
+    ThreeRelays,
+    Footprint,
 }
 
 impl Scenario {
@@ -212,6 +236,8 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::SlowSubscriber => "slow_subscriber",
             Scenario::ProducerCost => "producer_cost",
+            Scenario::ThreeRelays => "three_relays",
+            Scenario::Footprint => "footprint",
         }
     }
 }
@@ -1061,6 +1087,19 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// `MemTotal` of /proc/meminfo, e.g. `24105 MiB`.
+fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| format!("{} MiB", kib / 1024))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 async fn machine_facts(server: &Server) -> anyhow::Result<Vec<(String, String)>> {
     let admin = connect(&server.admin_url).await?;
     let mut facts = vec![
@@ -1071,6 +1110,13 @@ async fn machine_facts(server: &Server) -> anyhow::Result<Vec<(String, String)>>
                 .unwrap_or_else(|_| "unknown".into()),
         ),
         ("cpu".to_string(), cpu_model()),
+        ("memory".to_string(), mem_total()),
+        (
+            "kernel".to_string(),
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into()),
+        ),
         (
             "build profile".to_string(),
             if cfg!(debug_assertions) {
@@ -1095,6 +1141,15 @@ async fn machine_facts(server: &Server) -> anyhow::Result<Vec<(String, String)>>
         "fsync",
         "synchronous_commit",
         "shared_buffers",
+        // Durability and checkpoint pacing set what a write-heavy drain costs the server.
+        "wal_level",
+        "max_wal_size",
+        "checkpoint_timeout",
+        "full_page_writes",
+        // The sizes `footprint` reports depend on when autovacuum ran.
+        "autovacuum",
+        // Three relays hold about 3 × (pool + 1) sessions.
+        "max_connections",
     ] {
         let value: String = admin
             .query_one(&format!("SHOW {setting}"), &[])
@@ -1145,6 +1200,8 @@ async fn run_scenario(
         Scenario::Latency => latency_scenario(args, server).await,
         Scenario::SlowSubscriber => slow_subscriber_scenario(args, server).await,
         Scenario::ProducerCost => producer::producer_cost_scenario(args, server).await,
+        Scenario::ThreeRelays => relays::three_relays_scenario(args, server).await,
+        Scenario::Footprint => footprint::footprint_scenario(args, server).await,
         Scenario::All => unreachable!("expanded by main"),
     }
 }
