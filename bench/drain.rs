@@ -185,6 +185,12 @@ struct Args {
     /// Relay: fallback poll interval (OUTBOX_POLL_INTERVAL).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
+    /// Relay: look for events this often while busy (OUTBOX_BUSY_POLL_INTERVAL).
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    busy_poll_interval: Duration,
+    /// Relay: how long a busy spell outlasts the last event (OUTBOX_BUSY_LINGER).
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    busy_linger: Duration,
     /// Relay: lease duration (OUTBOX_LEASE_DURATION).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     lease_duration: Duration,
@@ -410,6 +416,8 @@ fn relay_config(args: &Args) -> RelayConfig {
     config.allow_private_targets =
         CidrList(vec!["127.0.0.0/8".parse().expect("literal CIDR is valid")]);
     config.poll_interval = args.poll_interval;
+    config.busy_poll_interval = args.busy_poll_interval;
+    config.busy_linger = args.busy_linger;
     config.lease_duration = args.lease_duration;
     config.heartbeat_interval = args.heartbeat_interval;
     config.flush_interval = args.flush_interval;
@@ -1236,9 +1244,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let config = relay_config(&args);
     println!(
-        "  relay config       poll {:?}, lease {:?}, heartbeat {:?}, flush {:?}/{}, async commit {}, \
+        "  relay config       poll {:?} (busy {:?} for {:?}), lease {:?}, heartbeat {:?}, flush {:?}/{}, async commit {}, \
          dispatch batch {}, delivery batch {}, max concurrency {}, pool {}; subscriptions max_in_flight {}",
         config.poll_interval,
+        config.busy_poll_interval,
+        config.busy_linger,
         config.lease_duration,
         config.heartbeat_interval,
         config.flush_interval,

@@ -56,6 +56,11 @@ impl RelayProcess {
             .env("OUTBOX_HTTP_ADDR", http_addr.to_string())
             .env("OUTBOX_ALLOW_PRIVATE_TARGETS", "127.0.0.0/8")
             .env("OUTBOX_POLL_INTERVAL", duration_env(config.poll_interval))
+            .env(
+                "OUTBOX_BUSY_POLL_INTERVAL",
+                duration_env(config.busy_poll_interval),
+            )
+            .env("OUTBOX_BUSY_LINGER", duration_env(config.busy_linger))
             .env("OUTBOX_LEASE_DURATION", duration_env(config.lease_duration))
             .env(
                 "OUTBOX_HEARTBEAT_INTERVAL",

@@ -25,6 +25,11 @@ const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// First re-check of a pending ordered-dispatch probe. Short, because the probe normally
 /// completes once the transactions running at probe time commit (milliseconds).
 const ORDERED_FOLLOW_UP_START: Duration = Duration::from_millis(10);
+/// Look-again interval while the wake-up gate is asked for but not yet held: from the busy
+/// poll interval (at least this, so OUTBOX_BUSY_POLL_INTERVAL=0 does not spin) doubling to
+/// the max while a producer transaction keeps the gate taken.
+const GATE_PENDING_POLL_MIN: Duration = Duration::from_millis(1);
+const GATE_PENDING_POLL_MAX: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchedBatch {
@@ -146,6 +151,7 @@ impl Dispatcher {
         let mut probe_was_pending = false;
         let mut ordered_pass_at: Option<tokio::time::Instant> = None;
         let mut busy = BusySpell::new(self.busy_poll_interval, self.busy_linger);
+        let mut gate_pending_wait = GATE_PENDING_POLL_MIN.max(self.busy_poll_interval);
         loop {
             let mut wait = poll_interval;
             let with_ordered = probe_was_pending
@@ -202,6 +208,19 @@ impl Dispatcher {
             }
             if busy_poll {
                 wait = wait.min(self.busy_poll_interval);
+            }
+            // Asked for the gate but not yet holding it (nor covered by another relay's):
+            // producers may still be skipping their NOTIFY, so keep looking, less often the
+            // longer a producer transaction keeps the gate taken.
+            if self
+                .wake_gate
+                .as_ref()
+                .is_some_and(|gate| !gate.may_sleep())
+            {
+                wait = wait.min(gate_pending_wait);
+                gate_pending_wait = (gate_pending_wait * 2).min(GATE_PENDING_POLL_MAX);
+            } else {
+                gate_pending_wait = GATE_PENDING_POLL_MIN.max(self.busy_poll_interval);
             }
             let reason = tokio::select! {
                 _ = cancel.cancelled() => return,
