@@ -459,6 +459,37 @@ fn relay_counters(relay: &RelayHandle) -> RelayCounters {
     }
 }
 
+/// The dispatcher's wake-ups between two readings, and the relay's database errors if any.
+fn relay_counter_rows(
+    scenario: &'static str,
+    before: &RelayCounters,
+    after: &RelayCounters,
+) -> Vec<Row> {
+    let mut rows = vec![
+        row(
+            scenario,
+            "wakeups_notify (dispatcher)",
+            (after.wakeups_notify - before.wakeups_notify) as f64,
+            "count",
+        ),
+        row(
+            scenario,
+            "wakeups_poll (dispatcher)",
+            (after.wakeups_poll - before.wakeups_poll) as f64,
+            "count",
+        ),
+    ];
+    if after.db_errors > 0 {
+        rows.push(row(
+            scenario,
+            "relay_db_errors",
+            after.db_errors as f64,
+            "count",
+        ));
+    }
+    rows
+}
+
 async fn stop_relay(relay: RelayHandle) {
     if tokio::time::timeout(RELAY_SHUTDOWN_TIMEOUT, relay.shutdown())
         .await
@@ -901,27 +932,8 @@ async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Result<Vec<Ro
                 "ms",
             ),
             row(SCENARIO, "mean_ms", mean, "ms"),
-            row(
-                SCENARIO,
-                "wakeups_notify (dispatcher)",
-                (after.wakeups_notify - before.wakeups_notify) as f64,
-                "count",
-            ),
-            row(
-                SCENARIO,
-                "wakeups_poll (dispatcher)",
-                (after.wakeups_poll - before.wakeups_poll) as f64,
-                "count",
-            ),
         ];
-        if after.db_errors > 0 {
-            rows.push(row(
-                SCENARIO,
-                "relay_db_errors",
-                after.db_errors as f64,
-                "count",
-            ));
-        }
+        rows.extend(relay_counter_rows(SCENARIO, &before, &after));
         Ok(rows)
     }
     .await;

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 
 use super::{
-    Args, RemoteReceiver, Row, Server, add_subscription, connect, percentile, relay_counters, row,
-    start_relay, stop_relay, wait_all_delivered,
+    Args, RemoteReceiver, Row, Server, add_subscription, connect, percentile, relay_counter_rows,
+    relay_counters, row, start_relay, stop_relay, wait_all_delivered,
 };
 
 const SCENARIO: &str = "producer_cost";
@@ -258,26 +258,7 @@ pub(crate) async fn producer_cost_scenario(
                 "x",
             ));
             let after = relay_counters(&relay);
-            rows.push(row(
-                SCENARIO,
-                "relay wakeups_notify",
-                (after.wakeups_notify - before.wakeups_notify) as f64,
-                "count",
-            ));
-            rows.push(row(
-                SCENARIO,
-                "relay wakeups_poll",
-                (after.wakeups_poll - before.wakeups_poll) as f64,
-                "count",
-            ));
-            if after.db_errors > 0 {
-                rows.push(row(
-                    SCENARIO,
-                    "relay_db_errors",
-                    after.db_errors as f64,
-                    "count",
-                ));
-            }
+            rows.extend(relay_counter_rows(SCENARIO, &before, &after));
             Ok(rows)
         }
         .await;
