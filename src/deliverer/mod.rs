@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod outcome;
+pub mod trace_context;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::subscriptions::{Subscription, SubscriptionCache, SubscriptionId};
 use client::{FailureKind, HttpResult, WebhookClient, WebhookRequest};
+use trace_context::TraceContext;
 use webhook::EventForDelivery;
 
 const ERROR_BACKOFF_START: Duration = Duration::from_millis(250);
@@ -341,6 +343,11 @@ impl Deliverer {
         let timestamp = Utc::now().timestamp();
         let signature = webhook::sign(&subscription.secrets, &message_id, timestamp, &body);
         let mut headers = subscription.headers.clone();
+        // Read on every attempt and replay, like the body: the producer's trace continues at
+        // the subscriber however often the event is sent. Overrides the subscription's own.
+        if let Some(trace) = TraceContext::from_metadata(&delivery.event.metadata_json) {
+            trace.apply_to(&mut headers);
+        }
         headers.push(("webhook-id".to_string(), message_id));
         headers.push(("webhook-timestamp".to_string(), timestamp.to_string()));
         headers.push(("webhook-signature".to_string(), signature));

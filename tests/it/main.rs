@@ -23,4 +23,5 @@ mod retention;
 mod routing;
 mod scheduled;
 mod secrets;
+mod trace_context;
 mod wake_gate;
