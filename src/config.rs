@@ -84,7 +84,7 @@ pub struct RelayConfig {
     #[arg(long, env = "OUTBOX_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// Database connections the relay's pool may open (LISTEN uses one more, unpooled).
+    /// Database connections the relay's pool may open (LISTEN and the wake-up gate use two more, unpooled).
     #[arg(long, env = "OUTBOX_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: u32,
 

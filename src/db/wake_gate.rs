@@ -14,11 +14,11 @@
 //! producers NOTIFY for that one; a try that fails because producers still hold it shared
 //! (they skipped their NOTIFY) is repeated, and the relay keeps looking for work meanwhile.
 //!
-//! The lock lives on a dedicated, unpooled connection (a session lock cannot go through a
-//! transaction pooler, and waiting for it must not hold up the LISTEN connection, whose
-//! notifications the server only sends between statements). While this connection is down
-//! nobody may be holding the gate: producers then skip NOTIFY and the relay finds their
-//! events on its fallback poll, as when the LISTEN connection is down.
+//! The lock lives on a dedicated, unpooled connection to the LISTEN URL (a session lock
+//! cannot go through a transaction pooler, and a pooled connection goes back to the pool).
+//! While this connection is down nobody may be holding the gate: producers then skip NOTIFY
+//! and the relay finds their events on its fallback poll, as when the LISTEN connection is
+//! down.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
