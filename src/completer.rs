@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PoolMode;
 use crate::db::{DbContext, DbError, query, sql, text};
-use crate::deliverer::outcome::{NextState, Verdict};
+use crate::deliverer::Completion;
+use crate::deliverer::outcome::NextState;
 use crate::maintenance::GivenUpLeases;
 use crate::metrics::{Metrics, OutcomeLabel};
-use crate::subscriptions::SubscriptionId;
 
 /// Results a full channel holds before delivery tasks wait.
 pub const CHANNEL_CAPACITY: usize = 4096;
@@ -33,24 +33,6 @@ const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 const SHUTDOWN_FLUSH_TRIES: u32 = 5;
 /// Longest pause between tries of a result whose row another session holds locked.
 const DEFERRED_RETRY_MAX: Duration = Duration::from_secs(60);
-
-/// One finished attempt.
-#[derive(Debug)]
-pub struct Completion {
-    pub delivery_id: i64,
-    pub subscription_id: SubscriptionId,
-    pub subscription_name: Arc<str>,
-    pub verdict: Verdict,
-    pub started_at: DateTime<Utc>,
-    pub duration: Duration,
-    pub event_created_at: DateTime<Utc>,
-    /// Set for deliveries of ordered subscriptions.
-    pub ordering_key: Option<String>,
-    /// The claim this result belongs to (see `sql::COMPLETE_DELIVERIES`).
-    pub lease_token: i64,
-    /// The request slot, freed when this result is written or given up (by dropping it).
-    pub slot: crate::deliverer::DeliverySlot,
-}
 
 #[derive(Clone)]
 pub struct Completer {

@@ -22,13 +22,13 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::completer::Completion;
 use crate::config::PoolMode;
 use crate::db::{DbContext, DbError, query, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::subscriptions::{Subscription, SubscriptionCache, SubscriptionId};
 use client::{FailureKind, HttpResult, WebhookClient, WebhookRequest};
+use outcome::Verdict;
 use trace_context::TraceContext;
 use webhook::EventForDelivery;
 
@@ -49,6 +49,25 @@ impl Drop for DeliverySlot {
         drop(self.permit.take());
         self.freed.notify_one();
     }
+}
+
+/// One finished attempt, on its way to the completer (which writes it and then drops the
+/// slot).
+#[derive(Debug)]
+pub struct Completion {
+    pub delivery_id: i64,
+    pub subscription_id: SubscriptionId,
+    pub subscription_name: Arc<str>,
+    pub verdict: Verdict,
+    pub started_at: DateTime<Utc>,
+    pub duration: Duration,
+    pub event_created_at: DateTime<Utc>,
+    /// Set for deliveries of ordered subscriptions.
+    pub ordering_key: Option<String>,
+    /// The claim this result belongs to (see `sql::COMPLETE_DELIVERIES`).
+    pub lease_token: i64,
+    /// The request slot, freed when this result is written or given up (by dropping it).
+    pub slot: DeliverySlot,
 }
 
 /// A leased delivery with what its request is built from.
