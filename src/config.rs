@@ -7,13 +7,12 @@
 //! (logged at startup) shows the admin token as `[REDACTED]` and URLs with `***` for their
 //! password, and clap never prints their environment values in `--help`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Args;
 use ipnet::IpNet;
 
-use crate::deliverer::client::TargetPolicy;
 use crate::secret::{ExposeSecret, SecretString, SecretUrl};
 
 /// How the relay connects and how hard it works. Built from flags/env by clap, or by
@@ -173,10 +172,41 @@ pub const MIN_RETENTION: Duration = Duration::from_secs(3600);
 #[derive(Clone, Debug, Default)]
 pub struct CidrList(pub Vec<IpNet>);
 
+/// An entry of an allow list that is neither a CIDR nor a bare IP address.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid CIDR or IP address {entry:?} in private-target allow list")]
+pub struct AllowListError {
+    pub entry: String,
+    #[source]
+    pub source: ipnet::AddrParseError,
+}
+
+impl CidrList {
+    /// `OUTBOX_ALLOW_PRIVATE_TARGETS`-style text: comma-separated CIDRs or bare IPs (taken as
+    /// /32 or /128), whitespace around entries ignored, empty text meaning none.
+    pub fn parse(s: &str) -> Result<CidrList, AllowListError> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| match entry.parse::<IpNet>() {
+                Ok(net) => Ok(net),
+                Err(source) => {
+                    entry
+                        .parse::<IpAddr>()
+                        .map(IpNet::from)
+                        .map_err(|_| AllowListError {
+                            entry: entry.to_owned(),
+                            source,
+                        })
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(CidrList)
+    }
+}
+
 fn parse_cidrs(raw: &str) -> Result<CidrList, String> {
-    TargetPolicy::parse_allow_list(raw)
-        .map(CidrList)
-        .map_err(|e| e.to_string())
+    CidrList::parse(raw).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,12 +314,6 @@ impl RelayConfig {
         Ok(())
     }
 
-    pub fn target_policy(&self) -> TargetPolicy {
-        TargetPolicy {
-            allowed_private: self.allow_private_targets.0.clone(),
-        }
-    }
-
     /// Defaults tuned for tests: short intervals so behaviour shows up quickly, loopback
     /// targets allowed, an ephemeral HTTP port.
     pub fn for_tests() -> RelayConfig {
@@ -334,4 +358,26 @@ pub fn default_relay_id() -> String {
         std::process::id(),
         chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_allow_list_forms() {
+        assert!(CidrList::parse("").expect("empty ok").0.is_empty());
+        assert!(CidrList::parse(" , ").expect("blank ok").0.is_empty());
+        let list = CidrList::parse(" 10.0.0.0/8 ,127.0.0.1,  ::1 ,fd00::/8")
+            .expect("valid list")
+            .0;
+        let expected: Vec<IpNet> = ["10.0.0.0/8", "127.0.0.1/32", "::1/128", "fd00::/8"]
+            .iter()
+            .map(|s| s.parse().expect("valid net"))
+            .collect();
+        assert_eq!(list, expected);
+        let err = CidrList::parse("10.0.0.0/8, nonsense").expect_err("bad entry");
+        assert_eq!(err.entry, "nonsense");
+        assert!(CidrList::parse("10.0.0.0/33").is_err());
+    }
 }

@@ -120,7 +120,7 @@ pub async fn start(
     metrics.register_pool(pool.clone())?;
     let health = Health::new(config.listen);
     let client = WebhookClient::new(
-        config.target_policy(),
+        crate::deliverer::client::TargetPolicy::from(&config.allow_private_targets),
         &format!("outbox-relay/{}", env!("CARGO_PKG_VERSION")),
     )?;
     let http_addr = http_listener

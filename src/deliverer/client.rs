@@ -18,6 +18,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
+use crate::config::CidrList;
 use crate::secret::mask_url;
 
 /// At most this many bytes of a response body are read and kept.
@@ -77,13 +78,12 @@ pub struct TargetPolicy {
     pub allowed_private: Vec<IpNet>,
 }
 
-/// An entry of an allow list that is neither a CIDR nor a bare IP address.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid CIDR or IP address {entry:?} in private-target allow list")]
-pub struct AllowListError {
-    pub entry: String,
-    #[source]
-    pub source: ipnet::AddrParseError,
+impl From<&CidrList> for TargetPolicy {
+    fn from(allowed: &CidrList) -> TargetPolicy {
+        TargetPolicy {
+            allowed_private: allowed.0.clone(),
+        }
+    }
 }
 
 impl TargetPolicy {
@@ -102,27 +102,6 @@ impl TargetPolicy {
         self.allowed_private.iter().any(|net| {
             net.contains(&ip) || embedded.is_some_and(|v4| net.contains(&IpAddr::V4(v4)))
         })
-    }
-
-    /// Parses `OUTBOX_ALLOW_PRIVATE_TARGETS`-style text: comma-separated CIDRs or bare IPs
-    /// (taken as /32 or /128), whitespace around entries ignored, empty text meaning none.
-    pub fn parse_allow_list(s: &str) -> Result<Vec<IpNet>, AllowListError> {
-        s.split(',')
-            .map(str::trim)
-            .filter(|entry| !entry.is_empty())
-            .map(|entry| match entry.parse::<IpNet>() {
-                Ok(net) => Ok(net),
-                Err(source) => {
-                    entry
-                        .parse::<IpAddr>()
-                        .map(IpNet::from)
-                        .map_err(|_| AllowListError {
-                            entry: entry.to_owned(),
-                            source,
-                        })
-                }
-            })
-            .collect()
     }
 }
 
@@ -547,7 +526,7 @@ mod tests {
 
     fn loopback_allowed() -> TargetPolicy {
         TargetPolicy {
-            allowed_private: TargetPolicy::parse_allow_list("127.0.0.0/8").expect("valid list"),
+            allowed_private: CidrList::parse("127.0.0.0/8").expect("valid list").0,
         }
     }
 
@@ -669,8 +648,9 @@ mod tests {
     #[test]
     fn allow_list_opens_only_what_it_covers() {
         let policy = TargetPolicy {
-            allowed_private: TargetPolicy::parse_allow_list("127.0.0.0/8, 10.1.2.3, fd00::/8")
-                .expect("valid list"),
+            allowed_private: CidrList::parse("127.0.0.0/8, 10.1.2.3, fd00::/8")
+                .expect("valid list")
+                .0,
         };
         assert!(policy.permits(ip("127.0.0.1")));
         assert!(policy.permits(ip("::ffff:127.0.0.1")));
@@ -680,30 +660,6 @@ mod tests {
         assert!(!policy.permits(ip("fc00::5")));
         assert!(!policy.permits(ip("::1")));
         assert!(!policy.permits(ip("169.254.169.254")));
-    }
-
-    #[test]
-    fn parse_allow_list_forms() {
-        assert!(
-            TargetPolicy::parse_allow_list("")
-                .expect("empty ok")
-                .is_empty()
-        );
-        assert!(
-            TargetPolicy::parse_allow_list(" , ")
-                .expect("blank ok")
-                .is_empty()
-        );
-        let list = TargetPolicy::parse_allow_list(" 10.0.0.0/8 ,127.0.0.1,  ::1 ,fd00::/8")
-            .expect("valid list");
-        let expected: Vec<IpNet> = ["10.0.0.0/8", "127.0.0.1/32", "::1/128", "fd00::/8"]
-            .iter()
-            .map(|s| s.parse().expect("valid net"))
-            .collect();
-        assert_eq!(list, expected);
-        let err = TargetPolicy::parse_allow_list("10.0.0.0/8, nonsense").expect_err("bad entry");
-        assert_eq!(err.entry, "nonsense");
-        assert!(TargetPolicy::parse_allow_list("10.0.0.0/33").is_err());
     }
 
     // --- helpers ---
