@@ -16,6 +16,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::db::{DbContext, DbError, query, sql, text};
 use crate::deliverer::Completion;
@@ -88,12 +89,12 @@ impl Completer {
     /// waits on a lock, retried on the side ([`Completer::retry_later`]).
     async fn flush_with_retries(&self, batch: &mut Vec<Completion>, shutdown: &CancellationToken) {
         let mut parts = vec![std::mem::take(batch)];
-        let mut backoff = RETRY_BACKOFF_START;
+        let mut backoff = Backoff::new(RETRY_BACKOFF_START, RETRY_BACKOFF_MAX);
         let mut tries = 0;
         while let Some(mut part) = parts.pop() {
             let error = match self.flush(&part).await {
                 Ok(_) => {
-                    backoff = RETRY_BACKOFF_START;
+                    backoff.reset();
                     tries = 0;
                     continue;
                 }
@@ -132,8 +133,7 @@ impl Completer {
                 return;
             }
             parts.push(part);
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+            tokio::time::sleep(backoff.next_pause()).await;
         }
     }
 
@@ -150,9 +150,12 @@ impl Completer {
         );
         let completer = self.clone();
         tokio::spawn(async move {
-            let mut pause = RETRY_BACKOFF_MAX.min(Duration::from_secs(1));
+            let mut pause = Backoff::new(
+                RETRY_BACKOFF_MAX.min(Duration::from_secs(1)),
+                DEFERRED_RETRY_MAX,
+            );
             loop {
-                tokio::time::sleep(pause).await;
+                tokio::time::sleep(pause.next_pause()).await;
                 match completer.flush(std::slice::from_ref(&completion)).await {
                     Ok(_) => return,
                     Err(error) if error.is_refused_data() => {
@@ -170,7 +173,6 @@ impl Completer {
                             delivery_id = completion.delivery_id,
                             "still cannot write a held result; retrying"
                         );
-                        pause = (pause * 2).min(DEFERRED_RETRY_MAX);
                     }
                 }
             }

@@ -12,6 +12,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::db::wake_gate::WakeGate;
 use crate::db::{DbContext, DbError, query, sql};
@@ -146,12 +147,15 @@ impl Dispatcher {
     }
 
     pub async fn run(self, wake: Arc<Notify>, poll_interval: Duration, cancel: CancellationToken) {
-        let mut backoff = ERROR_BACKOFF_START;
-        let mut follow_up = ORDERED_FOLLOW_UP_START;
+        let mut backoff = Backoff::new(ERROR_BACKOFF_START, ERROR_BACKOFF_MAX);
+        let mut follow_up = Backoff::new(ORDERED_FOLLOW_UP_START, poll_interval);
         let mut probe_was_pending = false;
         let mut ordered_pass_at: Option<tokio::time::Instant> = None;
         let mut busy = BusySpell::new(self.busy_poll_interval, self.busy_linger);
-        let mut gate_pending_wait = GATE_PENDING_POLL_MIN.max(self.busy_poll_interval);
+        let mut gate_pending = Backoff::new(
+            GATE_PENDING_POLL_MIN.max(self.busy_poll_interval),
+            GATE_PENDING_POLL_MAX,
+        );
         loop {
             let mut wait = poll_interval;
             let with_ordered = probe_was_pending
@@ -167,13 +171,12 @@ impl Dispatcher {
                     // mid-transaction commit: look again shortly, backing off towards the
                     // poll interval while an old transaction holds it.
                     if probe_pending {
-                        wait = follow_up.min(poll_interval);
-                        follow_up = (follow_up * 2).min(poll_interval);
+                        wait = follow_up.next_pause();
                     } else {
-                        follow_up = ORDERED_FOLLOW_UP_START;
+                        follow_up.reset();
                     }
                     self.health.set_database_reachable(true);
-                    backoff = ERROR_BACKOFF_START;
+                    backoff.reset();
                     if events > 0 {
                         tracing::debug!(batch_size = events, "dispatched events");
                         busy.found_work();
@@ -184,14 +187,13 @@ impl Dispatcher {
                     self.metrics.count_db_error("dispatcher");
                     tracing::warn!(
                         error = format!("{:#}", anyhow::Error::from(error)),
-                        retry_in = ?backoff,
+                        retry_in = ?backoff.current(),
                         "dispatch failed; will retry"
                     );
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_pause()) => {}
                     }
-                    backoff = (backoff * 2).min(ERROR_BACKOFF_MAX);
                     continue;
                 }
             }
@@ -217,10 +219,9 @@ impl Dispatcher {
                 .as_ref()
                 .is_some_and(|gate| !gate.may_sleep())
             {
-                wait = wait.min(gate_pending_wait);
-                gate_pending_wait = (gate_pending_wait * 2).min(GATE_PENDING_POLL_MAX);
+                wait = wait.min(gate_pending.next_pause());
             } else {
-                gate_pending_wait = GATE_PENDING_POLL_MIN.max(self.busy_poll_interval);
+                gate_pending.reset();
             }
             let reason = tokio::select! {
                 _ = cancel.cancelled() => return,

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod backoff;
 pub mod completer;
 pub mod config;
 pub mod db;

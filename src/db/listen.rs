@@ -18,6 +18,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::{DbContext, DbError};
+use crate::backoff::Backoff;
 
 /// Channel the events trigger notifies (see migrations/V3__wakeup.sql).
 pub const EVENTS_CHANNEL: &str = "outbox_events";
@@ -38,7 +39,7 @@ pub struct WakeTargets {
 
 /// Runs until `cancel` fires, reconnecting with exponential backoff.
 pub async fn run(database_url: String, targets: WakeTargets, cancel: CancellationToken) {
-    let mut backoff = BACKOFF_START;
+    let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
     loop {
         let session = listen_once(&database_url, &targets, &cancel);
         let result = tokio::select! {
@@ -55,18 +56,17 @@ pub async fn run(database_url: String, targets: WakeTargets, cancel: Cancellatio
         match result {
             Ok(()) => {
                 tracing::warn!("LISTEN connection closed by the server; reconnecting");
-                backoff = BACKOFF_START;
+                backoff.reset();
             }
             Err(error) => {
-                tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), retry_in = ?backoff,
+                tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), retry_in = ?backoff.current(),
                     "LISTEN connection failed; polling continues meanwhile");
             }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next_pause()) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 

@@ -29,6 +29,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use super::{DbContext, DbError};
+use crate::backoff::Backoff;
 
 /// Advisory lock key (1869575540, 0), 'outw'; the events trigger tries it shared.
 pub const GATE_LOCK: (i32, i32) = (1_869_575_540, 0);
@@ -132,7 +133,7 @@ impl WakeGate {
     /// Keeps the gate's connection and follows `request`/`release` until `cancel` fires,
     /// reconnecting with exponential backoff.
     pub async fn run(self, database_url: String, cancel: CancellationToken) {
-        let mut backoff = BACKOFF_START;
+        let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
         loop {
             let result = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -143,18 +144,17 @@ impl WakeGate {
                 return;
             }
             match result {
-                Ok(()) => backoff = BACKOFF_START,
+                Ok(()) => backoff.reset(),
                 Err(error) => tracing::warn!(
                     error = format!("{:#}", anyhow::Error::from(error)),
-                    retry_in = ?backoff,
+                    retry_in = ?backoff.current(),
                     "wake-up gate connection failed; producers skip NOTIFY and the fallback poll finds their events meanwhile"
                 ),
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_pause()) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -193,7 +193,7 @@ impl WakeGate {
                 if wanted.wait_for(|wanted| *wanted).await.is_err() {
                     return Ok(());
                 }
-                let mut pause = TRY_PAUSE_START;
+                let mut pause = Backoff::new(TRY_PAUSE_START, TRY_PAUSE_MAX);
                 let taken = loop {
                     let taken: bool = client
                         .query_one(&try_lock, &[&GATE_LOCK.0, &GATE_LOCK.1])
@@ -214,7 +214,7 @@ impl WakeGate {
                         GateState::Trying
                     });
                     tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
+                        _ = tokio::time::sleep(pause.next_pause()) => {}
                         changed = wanted.wait_for(|wanted| !*wanted) => {
                             if changed.is_err() {
                                 return Ok(());
@@ -222,7 +222,6 @@ impl WakeGate {
                             break false;
                         }
                     }
-                    pause = (pause * 2).min(TRY_PAUSE_MAX);
                 };
                 if !taken {
                     self.set(GateState::Released);

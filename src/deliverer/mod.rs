@@ -22,6 +22,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::db::{DbContext, DbError, query, sql};
 use crate::health::Health;
@@ -388,7 +389,7 @@ impl Deliverer {
         poll_interval: Duration,
         cancel: CancellationToken,
     ) {
-        let mut backoff = ERROR_BACKOFF_START;
+        let mut backoff = Backoff::new(ERROR_BACKOFF_START, ERROR_BACKOFF_MAX);
         loop {
             loop {
                 if cancel.is_cancelled() {
@@ -396,7 +397,7 @@ impl Deliverer {
                 }
                 match self.claim_and_start().await {
                     Ok((claimed, asked)) => {
-                        backoff = ERROR_BACKOFF_START;
+                        backoff.reset();
                         if claimed > 0 {
                             tracing::debug!(batch_size = claimed, "claimed deliveries");
                         }
@@ -409,14 +410,13 @@ impl Deliverer {
                         self.metrics.count_db_error("deliverer");
                         tracing::warn!(
                             error = format!("{:#}", anyhow::Error::from(error)),
-                            retry_in = ?backoff,
+                            retry_in = ?backoff.current(),
                             "claiming deliveries failed; will retry"
                         );
                         tokio::select! {
                             _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(backoff.next_pause()) => {}
                         }
-                        backoff = (backoff * 2).min(ERROR_BACKOFF_MAX);
                     }
                 }
             }
