@@ -6,15 +6,16 @@
 -- is already busy needs no wake-up: it looks again on its own within OUTBOX_BUSY_POLL_INTERVAL.
 --
 -- The "wake-up gate" is advisory lock (1869575540, 0), 'outw'. A relay that has run out of
--- work and wants to sleep until the next NOTIFY asks for it exclusively on a connection of its
--- own (src/db/wake_gate.rs) and keeps it while it sleeps; a busy relay holds nothing. The
--- trigger tries to take it shared for the producer's transaction:
--- * it cannot (a relay holds the gate, or waits for it): a relay wants waking, so NOTIFY;
+-- work and wants to sleep until the next NOTIFY takes it exclusively on a connection of its
+-- own (src/db/wake_gate.rs; tried, never waited for) and keeps it while it sleeps; a busy
+-- relay holds nothing. The trigger tries to take it shared for the producer's transaction:
+-- * it cannot (a relay holds the gate): a relay wants waking, so NOTIFY;
 -- * it can: no relay is asleep, so no NOTIFY. The producer now holds the gate shared until
---   its transaction ends, so a relay asking for the gate is granted it only after that
---   transaction has committed or rolled back, and the relay looks for work once more after
---   the grant, before it sleeps. So every event is seen by a wake-up, by a busy relay's next
---   look, or by the look after a grant: never left for the fallback poll.
+--   its transaction ends, so a relay can take the gate only after that transaction has
+--   committed or rolled back; until then the relay keeps looking for work, and once it has
+--   the gate it looks once more before it sleeps. So every event is seen by a wake-up, by a
+--   relay's next look, or by the look after taking the gate; only while a relay's gate
+--   session is down is it left for the fallback poll.
 -- No row is written and nothing is shared but the lock table: producers never wait on the
 -- gate (a try, never a wait) and never on each other.
 --
