@@ -182,6 +182,7 @@ impl Maintenance {
         // Subscriptions that were removed must not keep reporting their last value.
         self.metrics.pending_deliveries.reset();
         self.metrics.dead_deliveries.reset();
+        self.metrics.subscription_disabled.reset();
         for row in rows {
             let name: String = row.get(0);
             self.metrics
@@ -192,6 +193,10 @@ impl Maintenance {
                 .dead_deliveries
                 .with_label_values(&[&name])
                 .set(row.get(2));
+            self.metrics
+                .subscription_disabled
+                .with_label_values(&[&name])
+                .set(row.get(3));
         }
         let oldest: f64 =
             query::query_one(&client, self.pool_mode, &sql::OLDEST_PENDING_SECONDS, &[])

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub delivery_lag: HistogramVec,
     pub pending_deliveries: IntGaugeVec,
     pub dead_deliveries: IntGaugeVec,
+    pub subscription_disabled: IntGaugeVec,
     pub oldest_pending_seconds: IntGauge,
     pub wakeups: IntCounterVec,
     pub leases_reclaimed: IntCounter,
@@ -99,6 +100,13 @@ impl Metrics {
             Opts::new("outbox_dead_deliveries", "Deliveries that gave up."),
             &["subscription"],
         )?;
+        let subscription_disabled = IntGaugeVec::new(
+            Opts::new(
+                "outbox_subscription_disabled",
+                "1 while the subscription is disabled (nothing is sent to it), else 0.",
+            ),
+            &["subscription"],
+        )?;
         let oldest_pending_seconds = IntGauge::new(
             "outbox_oldest_pending_seconds",
             "Age of the oldest event not yet dispatched or delivered.",
@@ -131,6 +139,7 @@ impl Metrics {
         registry.register(Box::new(delivery_lag.clone()))?;
         registry.register(Box::new(pending_deliveries.clone()))?;
         registry.register(Box::new(dead_deliveries.clone()))?;
+        registry.register(Box::new(subscription_disabled.clone()))?;
         registry.register(Box::new(oldest_pending_seconds.clone()))?;
         registry.register(Box::new(wakeups.clone()))?;
         registry.register(Box::new(leases_reclaimed.clone()))?;
@@ -149,6 +158,7 @@ impl Metrics {
             delivery_lag,
             pending_deliveries,
             dead_deliveries,
+            subscription_disabled,
             oldest_pending_seconds,
             wakeups,
             leases_reclaimed,

@@ -270,7 +270,8 @@ SELECT s.name,
      + (SELECT count(*) FROM outbox.deliveries d
          WHERE d.subscription_id = s.id AND d.status = 'in_flight') AS pending,
        (SELECT count(*) FROM outbox.deliveries d
-         WHERE d.subscription_id = s.id AND d.status = 'dead') AS dead
+         WHERE d.subscription_id = s.id AND d.status = 'dead') AS dead,
+       (NOT s.enabled)::int4::int8 AS disabled
   FROM outbox.subscriptions s",
     param_types: &[],
 };

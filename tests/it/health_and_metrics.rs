@@ -262,6 +262,46 @@ async fn backlog_gauges_report_waiting_work() {
     relay.shutdown().await;
 }
 
+/// `outbox_subscription_disabled` is 1 for a disabled subscription and 0 for an enabled
+/// one, and follows an operator's UPDATE within a gauge refresh.
+#[tokio::test]
+async fn subscription_disabled_gauge_follows_the_enabled_flag() {
+    let db = TestDb::new().await;
+    add_subscription(&db, "on", "http://127.0.0.1:9/on", &[]).await;
+    add_subscription(
+        &db,
+        "off",
+        "http://127.0.0.1:9/off",
+        &[("enabled", "false"), ("disabled_reason", "'test'")],
+    )
+    .await;
+    let relay = spawn_default_relay(&db).await;
+    let url = format!("http://{}/metrics", relay.http_addr);
+    wait_until("off is reported disabled, on enabled", DEADLINE, || async {
+        let text = get(&url).await.1;
+        metric(&text, r#"outbox_subscription_disabled{subscription="off"}"#) == Some(1.0)
+            && metric(&text, r#"outbox_subscription_disabled{subscription="on"}"#) == Some(0.0)
+    })
+    .await;
+    db.client()
+        .await
+        .batch_execute("UPDATE outbox.subscriptions SET enabled = false WHERE name = 'on'")
+        .await
+        .expect("disable on");
+    wait_until(
+        "on is reported disabled after the UPDATE",
+        DEADLINE,
+        || async {
+            metric(
+                &get(&url).await.1,
+                r#"outbox_subscription_disabled{subscription="on"}"#,
+            ) == Some(1.0)
+        },
+    )
+    .await;
+    relay.shutdown().await;
+}
+
 /// `outbox-relay demo --once`: lead 42's flow arrives in event order (an ordered
 /// subscription keyed by the lead), every signature verifies, the rolled-back event is not
 /// among what the receiver got (the demo shows it all once every stored sample event is

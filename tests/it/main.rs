@@ -9,6 +9,7 @@ mod cli_commands;
 mod compat_api;
 mod constraints;
 mod delivery;
+mod deploy_kit;
 mod failures;
 mod health_and_metrics;
 mod leases;
