@@ -159,18 +159,15 @@ pub(crate) async fn producer_cost_scenario(
                         let slot = &mut totals[table as usize];
                         slot.0 += phase.transactions;
                         slot.1 += phase.elapsed;
-                        if table == Table::Outbox {
-                            // The relay finishes before the next phase, so a plain phase
-                            // never shares the machine with a backlog.
-                            delivered_expected += phase.transactions;
-                            wait_all_delivered(
-                                &admin,
-                                delivered_expected,
-                                deadline,
-                                args.scenario_timeout,
-                            )
-                            .await?;
-                        }
+                        delivered_expected += relay_catches_up(
+                            &admin,
+                            table,
+                            &phase,
+                            delivered_expected,
+                            args,
+                            deadline,
+                        )
+                        .await?;
                     }
                 }
                 let rate = |(n, d): (u64, Duration)| n as f64 / d.as_secs_f64();
@@ -211,17 +208,10 @@ pub(crate) async fn producer_cost_scenario(
                         deadline,
                     )
                     .await?;
-                    latencies[table as usize].extend(phase.commit_ms);
-                    if table == Table::Outbox {
-                        delivered_expected += phase.transactions;
-                        wait_all_delivered(
-                            &admin,
-                            delivered_expected,
-                            deadline,
-                            args.scenario_timeout,
-                        )
-                        .await?;
-                    }
+                    latencies[table as usize].extend_from_slice(&phase.commit_ms);
+                    delivered_expected +=
+                        relay_catches_up(&admin, table, &phase, delivered_expected, args, deadline)
+                            .await?;
                 }
             }
             let rate = args.producer_steady_rate;
@@ -268,6 +258,30 @@ pub(crate) async fn producer_cost_scenario(
     .await;
     server.drop_db(db, args.keep_databases).await;
     result
+}
+
+/// After an outbox phase, waits until the relay has delivered everything produced so far
+/// (`delivered_before` plus this phase), so a plain phase never shares the machine with a
+/// backlog. Returns how many deliveries the phase added.
+async fn relay_catches_up(
+    admin: &tokio_postgres::Client,
+    table: Table,
+    phase: &Phase,
+    delivered_before: u64,
+    args: &Args,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<u64> {
+    if table != Table::Outbox {
+        return Ok(0);
+    }
+    wait_all_delivered(
+        admin,
+        delivered_before + phase.transactions,
+        deadline,
+        args.scenario_timeout,
+    )
+    .await?;
+    Ok(phase.transactions)
 }
 
 struct Phase {

@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use outbox_relay::devkit::receiver::{Receiver, Reply};
 use serde_json::{Value, json};
 
 use crate::harness::db::TestDb;
@@ -321,16 +320,7 @@ async fn scrape(url: &str) -> String {
 #[tokio::test]
 async fn every_metric_the_alerts_and_dashboard_query_is_exposed_by_a_real_relay() {
     let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    receiver.set_default("/broken", Reply::Status(500));
-    add_subscription(&db, "crm", &receiver.url("/ok"), &[]).await;
-    add_subscription(
-        &db,
-        "broken",
-        &receiver.url("/broken"),
-        &[("retry_schedule", "'{100 milliseconds}'")],
-    )
-    .await;
+    let receiver = ok_and_broken_subscribers(&db).await;
     add_subscription(
         &db,
         "paused",

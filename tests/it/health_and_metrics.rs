@@ -97,16 +97,7 @@ fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 #[tokio::test]
 async fn metrics_move_with_deliveries() {
     let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    receiver.set_default("/broken", Reply::Status(500));
-    add_subscription(&db, "crm", &receiver.url("/ok"), &[]).await;
-    add_subscription(
-        &db,
-        "broken",
-        &receiver.url("/broken"),
-        &[("retry_schedule", "'{100 milliseconds}'")],
-    )
-    .await;
+    let _receiver = ok_and_broken_subscribers(&db).await;
     let relay = spawn_default_relay(&db).await;
     for n in 0..3 {
         publish(&db, "lead.created", json!({ "n": n })).await;

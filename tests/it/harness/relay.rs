@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use outbox_relay::config::RelayConfig;
+use outbox_relay::devkit::receiver::{Receiver, Reply};
 use outbox_relay::relay::RelayHandle;
 use uuid::Uuid;
 
@@ -114,6 +115,23 @@ pub async fn add_subscription(
         .await
         .expect("insert subscription");
     (row.get(0), row.get(1))
+}
+
+/// A receiver with two subscriptions to it: `crm` (answers 200 at `/ok`) and `broken`
+/// (500 at `/broken`, retried once after 100 ms, then dead): every delivery outcome in a
+/// few hundred milliseconds.
+pub async fn ok_and_broken_subscribers(db: &TestDb) -> Receiver {
+    let receiver = Receiver::start().await.expect("receiver");
+    receiver.set_default("/broken", Reply::Status(500));
+    add_subscription(db, "crm", &receiver.url("/ok"), &[]).await;
+    add_subscription(
+        db,
+        "broken",
+        &receiver.url("/broken"),
+        &[("retry_schedule", "'{100 milliseconds}'")],
+    )
+    .await;
+    receiver
 }
 
 pub async fn publish(db: &TestDb, event_type: &str, payload: serde_json::Value) -> Uuid {
