@@ -43,6 +43,11 @@ impl TraceContext {
         if !metadata_json.trim_start().starts_with('{') {
             return None;
         }
+        // Most events carry no trace context: skip the JSON parse for them. The text is
+        // PostgreSQL's rendering of a jsonb value, which never escapes a plain ASCII key.
+        if !metadata_json.contains("\"traceparent\"") {
+            return None;
+        }
         let fields: TraceFields<'_> = serde_json::from_str(metadata_json).ok()?;
         let traceparent = json_string(fields.traceparent?).filter(|v| is_valid_traceparent(v))?;
         let tracestate = fields
