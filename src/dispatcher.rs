@@ -213,11 +213,13 @@ impl Dispatcher {
             }
             // Asked for the gate but not yet holding it (nor covered by another relay's):
             // producers may still be skipping their NOTIFY, so keep looking, less often the
-            // longer a producer transaction keeps the gate taken.
-            if self
-                .wake_gate
-                .as_ref()
-                .is_some_and(|gate| !gate.may_sleep())
+            // longer a producer transaction keeps the gate taken. (A busy spell looks every
+            // busy poll anyway, and starts the next wait for the gate from the shortest.)
+            if !busy_poll
+                && self
+                    .wake_gate
+                    .as_ref()
+                    .is_some_and(|gate| !gate.may_sleep())
             {
                 wait = wait.min(gate_pending.next_pause());
             } else {
