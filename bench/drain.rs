@@ -186,7 +186,7 @@ struct Args {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
     /// Relay: look for events this often while busy (OUTBOX_BUSY_POLL_INTERVAL).
-    #[arg(long, default_value = "0.5ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
     busy_poll_interval: Duration,
     /// Relay: how long a busy spell outlasts the last event (OUTBOX_BUSY_LINGER).
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]

@@ -35,9 +35,8 @@ pub struct RelayConfig {
 
     /// While events keep coming, the relay looks for more this often on its own and producers
     /// send no NOTIFY (NOTIFY makes their commits queue one behind the other). `0ms`: producers
-    /// NOTIFY whenever a relay is idle, as before the wake-up gate, and the relay never
-    /// polls this way.
-    #[arg(long, env = "OUTBOX_BUSY_POLL_INTERVAL", default_value = "500us", value_parser = humantime::parse_duration)]
+    /// always NOTIFY while a relay runs, and the relay never polls this way.
+    #[arg(long, env = "OUTBOX_BUSY_POLL_INTERVAL", default_value = "1ms", value_parser = humantime::parse_duration)]
     pub busy_poll_interval: Duration,
 
     /// How long after the last event found (or after two wake-ups within this span) the relay
@@ -324,7 +323,7 @@ impl RelayConfig {
                 "127.0.0.0/8".parse().expect("literal CIDR is valid"),
             ]),
             poll_interval: Duration::from_millis(200),
-            busy_poll_interval: Duration::from_micros(500),
+            busy_poll_interval: Duration::from_millis(1),
             busy_linger: Duration::from_millis(200),
             dispatch_batch_size: 100,
             delivery_batch_size: 100,
