@@ -44,7 +44,7 @@ const TRY_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// Where this relay stands with the gate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum GateState {
+enum GateState {
     /// The gate's session is not connected: producers skip their NOTIFY, and the relay
     /// falls back to its poll interval, as when its LISTEN connection is down.
     Down = 4,
@@ -112,7 +112,7 @@ impl WakeGate {
         self.granted.notified().await;
     }
 
-    pub fn state(&self) -> GateState {
+    fn state(&self) -> GateState {
         GateState::from_u8(self.state.load(Ordering::SeqCst))
     }
 
@@ -182,12 +182,11 @@ impl WakeGate {
                     "SELECT EXISTS (SELECT 1 FROM pg_locks
                       WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock'
                         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                        AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 2
+                        AND classid = $1::integer::oid AND objid = $2::integer::oid AND objsubid = 2
                         AND pid <> pg_backend_pid())",
                 )
                 .await
                 .context("preparing the wake-up gate check")?;
-            let keys = (i64::from(GATE_LOCK.0), i64::from(GATE_LOCK.1));
             let mut wanted = self.wanted.subscribe();
             loop {
                 if wanted.wait_for(|wanted| *wanted).await.is_err() {
@@ -204,7 +203,7 @@ impl WakeGate {
                         break true;
                     }
                     let covered: bool = client
-                        .query_one(&held_elsewhere, &[&keys.0, &keys.1])
+                        .query_one(&held_elsewhere, &[&GATE_LOCK.0, &GATE_LOCK.1])
                         .await
                         .context("checking the wake-up gate")?
                         .get(0);
