@@ -274,3 +274,38 @@ async fn relays_that_do_not_get_the_gate_never_wait_for_it() {
         relay.shutdown().await;
     }
 }
+
+/// The gate's session cut (a network blip, a DBA's pg_terminate_backend): the lock goes with
+/// it, the relay reconnects and takes the gate again, and a producer's event wakes it as
+/// before. With a fallback poll of an hour, only a gate that came back delivers it.
+#[tokio::test]
+async fn the_gate_is_taken_again_after_its_session_is_cut() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver starts");
+    add_subscription(&db, "gate", &receiver.url("/gate"), &[]).await;
+    let mut config = RelayConfig::for_tests();
+    config.poll_interval = Duration::from_secs(3600);
+    let relay = spawn_relay(&db, config).await;
+    wait_until_ready("the relay is ready", &relay.health).await;
+    wait_until("the idle relay holds the gate", DEADLINE, || async {
+        gate_sessions(&db, "ExclusiveLock", true).await == 1
+    })
+    .await;
+
+    assert_eq!(db.terminate_connections("outbox-relay-wake-gate").await, 1);
+    wait_until("the relay holds the gate again", DEADLINE, || async {
+        gate_sessions(&db, "ExclusiveLock", true).await == 1
+    })
+    .await;
+    publish(&db, "gate.after_cut", json!({})).await;
+    wait_until("the event is delivered", DEADLINE, || async {
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    relay.shutdown().await;
+}
