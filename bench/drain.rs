@@ -479,14 +479,7 @@ fn relay_counter_rows(
             "count",
         ),
     ];
-    if after.db_errors > 0 {
-        rows.push(row(
-            scenario,
-            "relay_db_errors",
-            after.db_errors as f64,
-            "count",
-        ));
-    }
+    rows.extend(db_errors_row(scenario, after.db_errors));
     rows
 }
 
@@ -513,6 +506,49 @@ async fn add_subscription(
         .await
         .with_context(|| format!("adding subscription {name}"))?;
     Ok(row.get(0))
+}
+
+/// Starts the receiver process and subscribes `name` to its `path`: the setup of every
+/// scenario with one subscriber.
+async fn receiver_with_subscription(
+    client: &tokio_postgres::Client,
+    name: &str,
+    path: &str,
+    max_in_flight: i32,
+) -> anyhow::Result<RemoteReceiver> {
+    let receiver = RemoteReceiver::start().await?;
+    add_subscription(client, name, &receiver.url(path), max_in_flight).await?;
+    Ok(receiver)
+}
+
+/// Runs `make()`'s future to completion on a thread and current-thread runtime of its own, so
+/// the in-process relay's work cannot delay the moments it notes (the OS still shares the
+/// cores, as in production).
+async fn on_own_runtime<T, F, Fut>(name: &str, make: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let thread = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || -> anyhow::Result<T> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building a runtime of its own")?
+                .block_on(make())
+        })
+        .with_context(|| format!("spawning thread {name}"))?;
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .context("joining a thread")?
+        .map_err(|_| anyhow!("a thread of the benchmark panicked"))?
+}
+
+/// A row for the relay's database errors, when there were any.
+fn db_errors_row(scenario: &'static str, errors: u64) -> Option<Row> {
+    (errors > 0).then(|| row(scenario, "relay_db_errors", errors as f64, "count"))
 }
 
 /// Inserts `count` events in one statement (one transaction, one NOTIFY).
@@ -812,9 +848,7 @@ async fn backlog_scenario(
                 "count",
             ),
         ];
-        if counters.db_errors > 0 {
-            rows.push(row(scenario, "relay_db_errors", counters.db_errors as f64, "count"));
-        }
+        rows.extend(db_errors_row(scenario, counters.db_errors));
         Ok(rows)
     }
     .await;
@@ -836,14 +870,8 @@ async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Result<Vec<Ro
     let db = server.fresh_db().await?;
     let result = async {
         let client = connect(&db.url).await?;
-        let receiver = RemoteReceiver::start().await?;
-        add_subscription(
-            &client,
-            "bench-latency",
-            &receiver.url(PATH),
-            args.max_in_flight,
-        )
-        .await?;
+        let receiver =
+            receiver_with_subscription(&client, "bench-latency", PATH, args.max_in_flight).await?;
         let relay = start_relay(args, &db.url).await?;
         let outcome = async {
             // Idle and listening before the first event.
@@ -865,14 +893,10 @@ async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Result<Vec<Ro
             let url = db.url.clone();
             let period = Duration::from_secs_f64(1.0 / args.latency_rate);
             let pad = args.payload_pad;
-            let producer = std::thread::Builder::new()
-                .name("bench-producer".into())
-                .spawn(move || publish_at_rate(&url, count, period, pad))
-                .context("spawning the producer thread")?;
-            let commits = tokio::task::spawn_blocking(move || producer.join())
-                .await
-                .context("joining the producer thread")?
-                .map_err(|_| anyhow!("the producer thread panicked"))??;
+            let commits = on_own_runtime("bench-producer", move || async move {
+                publish_at_rate(&url, count, period, pad).await
+            })
+            .await?;
 
             loop {
                 if receiver.received(PATH).await?.len() as u64 >= count {
@@ -943,17 +967,13 @@ async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Result<Vec<Ro
 
 /// Publishes `count` events, one transaction each, one every `period`; returns (seq, the
 /// instant COMMIT returned).
-fn publish_at_rate(
+async fn publish_at_rate(
     url: &str,
     count: u64,
     period: Duration,
     pad: i32,
 ) -> anyhow::Result<Vec<(i64, Instant)>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the producer runtime")?;
-    runtime.block_on(async move {
+    {
         let mut client = connect(url).await?;
         let insert = client
             .prepare(
@@ -973,7 +993,7 @@ fn publish_at_rate(
             commits.push((seq, Instant::now()));
         }
         Ok(commits)
-    })
+    }
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -1070,14 +1090,7 @@ async fn slow_subscriber_scenario(args: &Args, server: &Server) -> anyhow::Resul
                 "1/s",
             ),
         ];
-        if counters.db_errors > 0 {
-            rows.push(row(
-                SCENARIO,
-                "relay_db_errors",
-                counters.db_errors as f64,
-                "count",
-            ));
-        }
+        rows.extend(db_errors_row(SCENARIO, counters.db_errors));
         Ok(rows)
     }
     .await;

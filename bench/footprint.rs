@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::relay_process::{RelayGroup, RelayProcess, kib_to_mib};
-use super::remote_receiver::RemoteReceiver;
-use super::{Args, Row, Server, add_subscription, connect, insert_events, row, wait_all_delivered};
+use super::{
+    Args, Row, Server, connect, insert_events, receiver_with_subscription, row, wait_all_delivered,
+};
 
 const SCENARIO: &str = "footprint";
 const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(200);
@@ -84,14 +85,9 @@ async fn relay_memory(
     let db = server.fresh_db().await?;
     let result = async {
         let client = connect(&db.url).await?;
-        let receiver = RemoteReceiver::start().await?;
-        add_subscription(
-            &client,
-            "bench-footprint",
-            &receiver.url(PATH),
-            args.max_in_flight,
-        )
-        .await?;
+        let _receiver =
+            receiver_with_subscription(&client, "bench-footprint", PATH, args.max_in_flight)
+                .await?;
         let insert_time =
             insert_events(&client, "bench.footprint", args.events, args.payload_pad).await?;
         eprintln!(
@@ -325,14 +321,8 @@ async fn table_sizes(
     let db = server.fresh_db().await?;
     let result = async {
         let client = connect(&db.url).await?;
-        let receiver = RemoteReceiver::start().await?;
-        add_subscription(
-            &client,
-            "bench-footprint-sizes",
-            &receiver.url(PATH),
-            args.max_in_flight,
-        )
-        .await?;
+        let _receiver =
+            receiver_with_subscription(&client, "bench-footprint-sizes", PATH, args.max_in_flight).await?;
         eprintln!(
             "  footprint: inserting {events} events in batches of {INSERT_BATCH} while a relay process delivers them"
         );

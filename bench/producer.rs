@@ -12,11 +12,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 
 use super::{
-    Args, RemoteReceiver, Row, Server, add_subscription, connect, percentile, relay_counter_rows,
-    relay_counters, row, start_relay, stop_relay, wait_all_delivered,
+    Args, Row, Server, connect, on_own_runtime, percentile, receiver_with_subscription,
+    relay_counter_rows, relay_counters, row, start_relay, stop_relay, wait_all_delivered,
 };
 
 const SCENARIO: &str = "producer_cost";
@@ -105,14 +105,8 @@ pub(crate) async fn producer_cost_scenario(
             )
             .await
             .context("creating the plain table")?;
-        let receiver = RemoteReceiver::start().await?;
-        add_subscription(
-            &admin,
-            "bench-producer",
-            &receiver.url(PATH),
-            args.max_in_flight,
-        )
-        .await?;
+        let _receiver =
+            receiver_with_subscription(&admin, "bench-producer", PATH, args.max_in_flight).await?;
         let relay = start_relay(args, &db.url).await?;
         let outcome = async {
             let before = relay_counters(&relay);
@@ -133,11 +127,12 @@ pub(crate) async fn producer_cost_scenario(
                     let load = Load::Flat {
                         transactions: args.producer_warmup,
                     };
-                    run_phase(&db.url, table, 4, load, args.payload_pad, deadline).await?;
+                    let phase =
+                        run_phase(&db.url, table, 4, load, args.payload_pad, deadline).await?;
+                    delivered_expected +=
+                        relay_catches_up(&admin, table, &phase, delivered_expected, args, deadline)
+                            .await?;
                 }
-                delivered_expected += args.producer_warmup;
-                wait_all_delivered(&admin, delivered_expected, deadline, args.scenario_timeout)
-                    .await?;
             }
 
             for &connections in &args.producer_connections {
@@ -292,8 +287,7 @@ struct Phase {
 }
 
 /// One phase on a thread and runtime of its own, so the in-process relay's work cannot delay
-/// the moment a producer notes COMMIT returning (the OS still shares the cores, as in
-/// production).
+/// the moment a producer notes COMMIT returning.
 async fn run_phase(
     url: &str,
     table: Table,
@@ -303,20 +297,10 @@ async fn run_phase(
     deadline: tokio::time::Instant,
 ) -> anyhow::Result<Phase> {
     let url = url.to_owned();
-    let thread = std::thread::Builder::new()
-        .name("bench-producers".into())
-        .spawn(move || -> anyhow::Result<Phase> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("building the producer runtime")?;
-            runtime.block_on(produce(&url, table, connections, load, pad, deadline))
-        })
-        .context("spawning the producer thread")?;
-    tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .context("joining the producer thread")?
-        .map_err(|_| anyhow!("the producer thread panicked"))?
+    on_own_runtime("bench-producers", move || async move {
+        produce(&url, table, connections, load, pad, deadline).await
+    })
+    .await
 }
 
 async fn produce(

@@ -20,10 +20,9 @@ use anyhow::{Context, anyhow, bail};
 use chrono::Utc;
 
 use super::relay_process::{Metrics, RELAY_APPLICATION_NAME_LIKE, RelayGroup};
-use super::remote_receiver::RemoteReceiver;
 use super::{
-    Args, Row, Server, add_subscription, arrivals, connect, delivered_per_subscription,
-    insert_events, row, seconds_between, wait_all_delivered,
+    Args, Row, Server, arrivals, connect, delivered_per_subscription, insert_events,
+    receiver_with_subscription, row, seconds_between, wait_all_delivered,
 };
 
 const SCENARIO: &str = "three_relays";
@@ -87,14 +86,8 @@ async fn run_phase(
     let result = async {
         let client = connect(&db.url).await?;
         let sampler = connect(&db.url).await?;
-        let receiver = RemoteReceiver::start().await?;
-        add_subscription(
-            &client,
-            "bench-relays",
-            &receiver.url(PATH),
-            args.max_in_flight,
-        )
-        .await?;
+        let receiver =
+            receiver_with_subscription(&client, "bench-relays", PATH, args.max_in_flight).await?;
         let insert_time =
             insert_events(&client, "bench.relays", args.events, args.payload_pad).await?;
         if args.analyze_before {
