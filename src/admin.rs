@@ -25,8 +25,8 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::db::DbError;
-use crate::deliverer::webhook::{SigningSecret, generate_secret};
 use crate::secret::{ExposeSecret, MASK, SecretString, SecretUrl, mask_url};
+use crate::webhook::{SigningSecret, generate_secret};
 
 /// Delivery statuses `outbox.deliveries.status` can hold (what replay criteria may name).
 pub const DELIVERY_STATUSES: [&str; 5] = ["pending", "in_flight", "delivered", "failing", "dead"];

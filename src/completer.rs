@@ -20,9 +20,9 @@ use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::db::{DbContext, DbError, query, sql, text};
 use crate::deliverer::Completion;
-use crate::deliverer::outcome::NextState;
 use crate::maintenance::GivenUpLeases;
 use crate::metrics::{Metrics, OutcomeLabel};
+use crate::webhook::outcome::NextState;
 
 /// Results a full channel holds before delivery tasks wait.
 pub const CHANNEL_CAPACITY: usize = 4096;

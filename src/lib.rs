@@ -23,3 +23,4 @@ pub mod secret;
 pub mod shutdown;
 pub mod subscriptions;
 pub mod telemetry;
+pub mod webhook;

@@ -26,13 +26,13 @@ use crate::completer::{self, Completer};
 use crate::config::{self, PoolMode, RelayConfig};
 use crate::db::{self, DbContext, DbError, query, sql};
 use crate::deliverer::Deliverer;
-use crate::deliverer::client::WebhookClient;
 use crate::dispatcher::Dispatcher;
 use crate::health::Health;
 use crate::maintenance::{GivenUpLeases, Maintenance};
 use crate::metrics::Metrics;
 use crate::secret::{self, ExposeSecret};
 use crate::subscriptions::SubscriptionCache;
+use crate::webhook::client::WebhookClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -43,7 +43,7 @@ pub enum StartError {
     #[error("setting up metrics")]
     Metrics(#[from] prometheus::Error),
     #[error("building the HTTP client")]
-    Client(#[from] crate::deliverer::client::ClientError),
+    Client(#[from] crate::webhook::client::ClientError),
     #[error("binding the HTTP listener on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -120,7 +120,7 @@ pub async fn start(
     metrics.register_pool(pool.clone())?;
     let health = Health::new(config.listen);
     let client = WebhookClient::new(
-        crate::deliverer::client::TargetPolicy::from(&config.allow_private_targets),
+        crate::webhook::target_policy::TargetPolicy::from(&config.allow_private_targets),
         &format!("outbox-relay/{}", env!("CARGO_PKG_VERSION")),
     )?;
     let http_addr = http_listener

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PoolMode;
 use crate::db::{DbContext, DbError, query, sql};
-use crate::deliverer::webhook::SigningSecret;
 use crate::secret::SecretUrl;
+use crate::webhook::SigningSecret;
 
 /// Reload period when no notification arrives (a lost NOTIFY, or a change made while the
 /// LISTEN connection was down).

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::deliverer::webhook::{self, SigningSecret};
+use crate::webhook::{self, SigningSecret};
 
 /// How the receiver answers one request.
 #[derive(Clone, Debug)]

@@ -5,8 +5,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use outbox_relay::deliverer::webhook::{self, SigningSecret};
 use outbox_relay::devkit::receiver::{Received, Receiver};
+use outbox_relay::webhook::{self, SigningSecret};
 use serde_json::json;
 
 use crate::harness::db::TestDb;

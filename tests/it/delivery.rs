@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use outbox_relay::deliverer::webhook::{SigningSecret, verify};
 use outbox_relay::devkit::receiver::Receiver;
+use outbox_relay::webhook::{SigningSecret, verify};
 use serde_json::json;
 
 use crate::harness::db::TestDb;

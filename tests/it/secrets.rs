@@ -5,7 +5,7 @@
 
 use std::process::Stdio;
 
-use outbox_relay::deliverer::webhook::generate_secret;
+use outbox_relay::webhook::generate_secret;
 use serde_json::json;
 use tokio::io::AsyncReadExt as _;
 use uuid::Uuid;

@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 
-use outbox_relay::deliverer::webhook::{SigningSecret, verify};
 use outbox_relay::devkit::receiver::{Received, Receiver, Reply};
+use outbox_relay::webhook::{SigningSecret, verify};
 use serde_json::json;
 
 use crate::harness::db::TestDb;

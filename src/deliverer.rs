@@ -7,11 +7,6 @@
 //! `rate_limit_per_second` is a token bucket per relay. The deliverer claims at most what it
 //! can start now, so nothing waits leased in memory.
 
-pub mod client;
-pub mod outcome;
-pub mod trace_context;
-pub mod webhook;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,10 +23,10 @@ use crate::db::{DbContext, DbError, query, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::subscriptions::{Subscription, SubscriptionCache, SubscriptionId};
-use client::{FailureKind, HttpResult, WebhookClient, WebhookRequest};
-use outcome::Verdict;
-use trace_context::TraceContext;
-use webhook::EventForDelivery;
+use crate::webhook::client::{FailureKind, HttpResult, WebhookClient, WebhookRequest};
+use crate::webhook::outcome::{self, Verdict};
+use crate::webhook::trace_context::TraceContext;
+use crate::webhook::{self, EventForDelivery};
 
 const ERROR_BACKOFF_START: Duration = Duration::from_millis(250);
 const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
