@@ -163,7 +163,7 @@ async fn a_leaked_lease_is_not_renewed_forever() {
     // (beyond the heartbeat's age limit) with a lease that has not expired yet.
     let stale = format!(
         "{} seconds",
-        outbox_relay::maintenance::MAX_LEASE_AGE.as_secs() + 60
+        outbox_relay::relay::maintenance::MAX_LEASE_AGE.as_secs() + 60
     );
     db.client()
         .await

@@ -17,12 +17,12 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::subscriptions::{Subscription, SubscriptionCache, SubscriptionId};
 use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::db::{DbContext, DbError, query, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::subscriptions::{Subscription, SubscriptionCache, SubscriptionId};
 use crate::webhook::client::{FailureKind, HttpResult, WebhookClient, WebhookRequest};
 use crate::webhook::outcome::{self, Verdict};
 use crate::webhook::trace_context::TraceContext;

@@ -12,13 +12,13 @@ use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::subscriptions::SubscriptionCache;
 use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::db::wake_gate::WakeGate;
 use crate::db::{DbContext, DbError, query, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::subscriptions::SubscriptionCache;
 
 /// After a database error, wait this long before the next try (doubling up to the max).
 const ERROR_BACKOFF_START: Duration = Duration::from_millis(250);

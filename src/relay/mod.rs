@@ -1,9 +1,9 @@
 //! Assembles a running relay from its parts and owns its lifecycle.
 //!
 //! ```text
-//! producer txn ─INSERT─► outbox.events ─commit─► trigger: NOTIFY outbox_events (a hint)
-//! db::listen ─wake─► dispatcher ◄─ poll tick (the truth when a NOTIFY is lost, or the only
-//!                                  pace in poll-only mode, OUTBOX_LISTEN=false)
+//! producer txn ─INSERT─► outbox.events: NOTIFY only while a relay holds the wake-up gate
+//! db::listen ─wake─► dispatcher ◄─ busy look / gate granted / poll tick (the truth when a
+//!                                  NOTIFY is lost, or the only pace with OUTBOX_LISTEN=false)
 //! dispatcher: claim events SKIP LOCKED → INSERT matching deliveries → mark dispatched (1 statement)
 //! deliverer:  lease due deliveries (committed, no txn held) → HTTP per delivery, bounded
 //! completer:  results → one UPDATE + INSERT per batch, guarded by the lease owner
@@ -14,6 +14,12 @@
 //! the grace period → the completer writes the last results → whatever is still leased is
 //! handed back (due now) so another relay takes it at once.
 
+pub mod completer;
+pub mod deliverer;
+pub mod dispatcher;
+pub mod maintenance;
+pub mod subscriptions;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,16 +28,16 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::completer::{self, Completer};
+use self::completer::Completer;
+use self::deliverer::Deliverer;
+use self::dispatcher::Dispatcher;
+use self::maintenance::{GivenUpLeases, Maintenance};
+use self::subscriptions::SubscriptionCache;
 use crate::config::{self, PoolMode, RelayConfig};
 use crate::db::{self, DbContext, DbError, query, sql};
-use crate::deliverer::Deliverer;
-use crate::dispatcher::Dispatcher;
 use crate::health::Health;
-use crate::maintenance::{GivenUpLeases, Maintenance};
 use crate::metrics::Metrics;
 use crate::secret::{self, ExposeSecret};
-use crate::subscriptions::SubscriptionCache;
 use crate::webhook::client::WebhookClient;
 
 #[derive(Debug, thiserror::Error)]

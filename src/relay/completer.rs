@@ -16,11 +16,11 @@ use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::deliverer::Completion;
+use super::maintenance::GivenUpLeases;
 use crate::backoff::Backoff;
 use crate::config::PoolMode;
 use crate::db::{DbContext, DbError, query, sql, text};
-use crate::deliverer::Completion;
-use crate::maintenance::GivenUpLeases;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::webhook::outcome::NextState;
 
