@@ -135,9 +135,7 @@ async fn committed_events_are_delivered_once_each_with_valid_signatures_and_the_
 
 #[tokio::test]
 async fn rolled_back_event_is_never_delivered() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[]).await;
     let relay = spawn_default_relay(&db).await;
 
     let mut client = db.client().await;
@@ -169,9 +167,7 @@ async fn rolled_back_event_is_never_delivered() {
 /// so the dispatch pass that took the due one (in id order) passed over it.
 #[tokio::test]
 async fn deliver_after_holds_an_event_back_until_it_is_due() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[]).await;
     let relay = spawn_default_relay(&db).await;
 
     db.client()
@@ -228,12 +224,9 @@ async fn deliver_after_holds_an_event_back_until_it_is_due() {
 /// The subscription's static headers go out with every request.
 #[tokio::test]
 async fn subscription_headers_are_sent() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    add_subscription(
-        &db,
+    let (db, receiver) = db_with_subscriber(
         "crm",
-        &receiver.url("/hook"),
+        "/hook",
         &[(
             "headers",
             "'{\"x-api-key\": \"k-123\", \"x-team\": \"growth\"}'",

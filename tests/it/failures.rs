@@ -41,10 +41,8 @@ const FAST_RETRIES: (&str, &str) = ("retry_schedule", "'{100 milliseconds,100 mi
 
 #[tokio::test]
 async fn failed_attempts_are_retried_until_delivered_and_recorded() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[FAST_RETRIES]).await;
     receiver.queue("/hook", [Reply::Status(500), Reply::Status(502)]);
-    add_subscription(&db, "crm", &receiver.url("/hook"), &[FAST_RETRIES]).await;
     let relay = spawn_default_relay(&db).await;
     publish(&db, "lead.created", json!({})).await;
 
@@ -71,10 +69,8 @@ async fn failed_attempts_are_retried_until_delivered_and_recorded() {
 
 #[tokio::test]
 async fn exhausted_attempts_make_the_delivery_dead() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[FAST_RETRIES]).await;
     receiver.set_default("/hook", Reply::Status(500));
-    add_subscription(&db, "crm", &receiver.url("/hook"), &[FAST_RETRIES]).await;
     let relay = spawn_default_relay(&db).await;
     publish(&db, "lead.created", json!({})).await;
 
@@ -99,16 +95,8 @@ async fn exhausted_attempts_make_the_delivery_dead() {
 /// A 302 is a failure; the Location is never visited.
 #[tokio::test]
 async fn redirects_are_not_followed() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[("retry_schedule", "'{}'")]).await;
     receiver.set_default("/hook", Reply::Redirect(receiver.url("/elsewhere")));
-    add_subscription(
-        &db,
-        "crm",
-        &receiver.url("/hook"),
-        &[("retry_schedule", "'{}'")],
-    )
-    .await;
     let relay = spawn_default_relay(&db).await;
     publish(&db, "lead.created", json!({})).await;
 
@@ -125,10 +113,8 @@ async fn redirects_are_not_followed() {
 
 #[tokio::test]
 async fn gone_disables_the_subscription_with_a_reason() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[FAST_RETRIES]).await;
     receiver.set_default("/hook", Reply::Status(410));
-    add_subscription(&db, "crm", &receiver.url("/hook"), &[FAST_RETRIES]).await;
     let relay = spawn_default_relay(&db).await;
     publish(&db, "lead.created", json!({})).await;
 
@@ -145,19 +131,16 @@ async fn gone_disables_the_subscription_with_a_reason() {
 
 #[tokio::test]
 async fn a_hanging_subscriber_times_out_and_the_timeout_is_recorded() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    receiver.set_default("/hook", Reply::Hang);
-    add_subscription(
-        &db,
+    let (db, receiver) = db_with_subscriber(
         "crm",
-        &receiver.url("/hook"),
+        "/hook",
         &[
             ("timeout", "'300 milliseconds'"),
             ("retry_schedule", "'{}'"),
         ],
     )
     .await;
+    receiver.set_default("/hook", Reply::Hang);
     let relay = spawn_default_relay(&db).await;
     publish(&db, "lead.created", json!({})).await;
 
@@ -172,16 +155,8 @@ async fn a_hanging_subscriber_times_out_and_the_timeout_is_recorded() {
 /// Only the first 4 KiB of a response body is kept (and read).
 #[tokio::test]
 async fn response_body_is_truncated_to_4_kib() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[("retry_schedule", "'{}'")]).await;
     receiver.set_default("/hook", Reply::LargeBody(500, 1 << 20));
-    add_subscription(
-        &db,
-        "crm",
-        &receiver.url("/hook"),
-        &[("retry_schedule", "'{}'")],
-    )
-    .await;
     let relay = spawn_default_relay(&db).await;
     publish(&db, "lead.created", json!({})).await;
 
@@ -244,10 +219,8 @@ async fn private_targets_are_refused_without_an_allow_list() {
 /// 429 with Retry-After: the next attempt waits that long, not the (shorter) schedule.
 #[tokio::test]
 async fn retry_after_is_honoured() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[FAST_RETRIES]).await;
     receiver.queue("/hook", [Reply::RetryAfter(429, "2".into())]);
-    add_subscription(&db, "crm", &receiver.url("/hook"), &[FAST_RETRIES]).await;
     let relay = spawn_default_relay(&db).await;
     publish(&db, "lead.created", json!({})).await;
 
@@ -314,16 +287,8 @@ async fn garbage_responses_and_refused_connections_are_failures() {
 /// max_in_flight = 1: the next request only starts after the previous one was answered.
 #[tokio::test]
 async fn max_in_flight_limits_concurrent_requests() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[("max_in_flight", "1")]).await;
     receiver.set_default("/hook", Reply::Delay(Duration::from_millis(200), 200));
-    add_subscription(
-        &db,
-        "crm",
-        &receiver.url("/hook"),
-        &[("max_in_flight", "1")],
-    )
-    .await;
     let relay = spawn_default_relay(&db).await;
     for n in 0..4 {
         publish(&db, "lead.created", json!({ "n": n })).await;
@@ -345,15 +310,8 @@ async fn max_in_flight_limits_concurrent_requests() {
 /// rate_limit_per_second = 2: six requests cannot all go out in the first second.
 #[tokio::test]
 async fn rate_limit_spaces_requests() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    add_subscription(
-        &db,
-        "crm",
-        &receiver.url("/hook"),
-        &[("rate_limit_per_second", "2")],
-    )
-    .await;
+    let (db, receiver) =
+        db_with_subscriber("crm", "/hook", &[("rate_limit_per_second", "2")]).await;
     let relay = spawn_default_relay(&db).await;
     db.client()
         .await

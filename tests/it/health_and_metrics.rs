@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use outbox_relay::config::RelayConfig;
-use outbox_relay::devkit::receiver::{Receiver, Reply};
+use outbox_relay::devkit::receiver::Reply;
 use serde_json::json;
 
 use crate::harness::db::TestDb;
@@ -224,16 +224,9 @@ fn promtool_check_metrics(text: &str) {
 /// The pending gauge counts what is waiting, and the oldest-pending age grows with it.
 #[tokio::test]
 async fn backlog_gauges_report_waiting_work() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) =
+        db_with_subscriber("down", "/down", &[("retry_schedule", "'{1 hour}'")]).await;
     receiver.set_default("/down", Reply::Status(503));
-    add_subscription(
-        &db,
-        "down",
-        &receiver.url("/down"),
-        &[("retry_schedule", "'{1 hour}'")],
-    )
-    .await;
     let relay = spawn_default_relay(&db).await;
     publish(&db, "lead.created", json!({})).await;
     publish(&db, "lead.created", json!({})).await;

@@ -37,16 +37,13 @@ async fn publish_keyed(db: &TestDb, key: &str, seq: i64) {
 
 #[tokio::test]
 async fn each_key_is_delivered_in_event_order_one_at_a_time() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    receiver.set_default("/hook", Reply::Delay(Duration::from_millis(40), 200));
-    add_subscription(
-        &db,
+    let (db, receiver) = db_with_subscriber(
         "crm",
-        &receiver.url("/hook"),
+        "/hook",
         &[("ordered", "true"), ("max_in_flight", "10")],
     )
     .await;
+    receiver.set_default("/hook", Reply::Delay(Duration::from_millis(40), 200));
     let relay = spawn_default_relay(&db).await;
     for seq in 0..30 {
         publish_keyed(&db, ["lead:1", "lead:2", "lead:3"][seq as usize % 3], seq).await;
@@ -80,20 +77,17 @@ async fn each_key_is_delivered_in_event_order_one_at_a_time() {
 /// A failing head holds back its own key only; once dead, the key moves on in order.
 #[tokio::test]
 async fn a_failing_head_blocks_only_its_key_and_a_dead_head_releases_it() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    receiver.reply_when_body_contains("/hook", "\"seq\": 0}", Reply::Status(500), usize::MAX);
-    // Two quick attempts, then an hour's wait: the head cannot die until the test says so.
-    add_subscription(
-        &db,
+    let (db, receiver) = db_with_subscriber(
         "crm",
-        &receiver.url("/hook"),
+        "/hook",
         &[
             ("ordered", "true"),
             ("retry_schedule", "'{100 milliseconds,1 hour}'"),
         ],
     )
     .await;
+    receiver.reply_when_body_contains("/hook", "\"seq\": 0}", Reply::Status(500), usize::MAX);
+    // Two quick attempts, then an hour's wait: the head cannot die until the test says so.
     let relay = spawn_default_relay(&db).await;
     publish_keyed(&db, "stuck", 0).await;
     publish_keyed(&db, "stuck", 1).await;
@@ -148,15 +142,7 @@ async fn a_failing_head_blocks_only_its_key_and_a_dead_head_releases_it() {
 /// visible. The higher id must wait (ordered subscriptions only), and both arrive in id order.
 #[tokio::test]
 async fn a_lower_id_committed_later_is_not_overtaken() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    add_subscription(
-        &db,
-        "ordered",
-        &receiver.url("/ordered"),
-        &[("ordered", "true")],
-    )
-    .await;
+    let (db, receiver) = db_with_subscriber("ordered", "/ordered", &[("ordered", "true")]).await;
     add_subscription(&db, "unordered", &receiver.url("/unordered"), &[]).await;
     let relay = spawn_default_relay(&db).await;
 
@@ -198,15 +184,7 @@ async fn a_lower_id_committed_later_is_not_overtaken() {
 /// The same hazard when the slow transaction rolls back: the waiting event then goes out.
 #[tokio::test]
 async fn a_rolled_back_lower_id_releases_the_events_behind_it() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    add_subscription(
-        &db,
-        "ordered",
-        &receiver.url("/ordered"),
-        &[("ordered", "true")],
-    )
-    .await;
+    let (db, receiver) = db_with_subscriber("ordered", "/ordered", &[("ordered", "true")]).await;
     let relay = spawn_default_relay(&db).await;
 
     let mut slow_client = db.client().await;

@@ -37,16 +37,8 @@ fn arrivals(receiver: &Receiver, path: &str) -> HashMap<String, usize> {
 /// only requests that were in flight at the kill can arrive twice.
 #[tokio::test]
 async fn relay_killed_mid_flight_then_restarted_delivers_everything() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[("max_in_flight", "8")]).await;
     receiver.set_default("/hook", Reply::Delay(Duration::from_millis(100), 200));
-    add_subscription(
-        &db,
-        "crm",
-        &receiver.url("/hook"),
-        &[("max_in_flight", "8")],
-    )
-    .await;
     publish_many(&db, 200).await;
 
     let mut first = RelayProcess::spawn(&db, "doomed", &[]);
@@ -93,9 +85,7 @@ fn delivered_by(relay: &outbox_relay::relay::RelayHandle) -> u64 {
 /// alone first, then both together, then A alone.
 #[tokio::test]
 async fn two_relays_never_deliver_the_same_attempt() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[]).await;
     add_subscription(&db, "erp", &receiver.url("/erp"), &[("max_in_flight", "2")]).await;
     let config = RelayConfig {
         dispatch_batch_size: 20,
@@ -146,9 +136,7 @@ async fn two_relays_never_deliver_the_same_attempt() {
 /// forever: past the longest possible request it expires and the delivery is sent.
 #[tokio::test]
 async fn a_leaked_lease_is_not_renewed_forever() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[]).await;
     publish_many(&db, 2).await;
     let relay = spawn_relay(
         &db,
@@ -189,11 +177,9 @@ async fn a_leaked_lease_is_not_renewed_forever() {
 /// A relay that crashes holding leases: another relay reclaims them once they expire.
 #[tokio::test]
 async fn expired_leases_are_reclaimed_by_another_relay() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[]).await;
     // The first three requests hang, so the first relay dies holding them.
     receiver.queue("/hook", [Reply::Hang, Reply::Hang, Reply::Hang]);
-    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
     let crashing = spawn_relay(
         &db,
         RelayConfig {
@@ -233,16 +219,8 @@ async fn expired_leases_are_reclaimed_by_another_relay() {
 /// keeps it, so no second relay sends it again.
 #[tokio::test]
 async fn slow_requests_of_a_live_relay_are_never_taken_over() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[("timeout", "'20 seconds'")]).await;
     receiver.queue("/hook", [Reply::Delay(Duration::from_secs(8), 200)]);
-    add_subscription(
-        &db,
-        "crm",
-        &receiver.url("/hook"),
-        &[("timeout", "'20 seconds'")],
-    )
-    .await;
     let a = spawn_default_relay(&db).await; // lease 3 s, heartbeat 0.5 s
     publish_many(&db, 1).await;
     receiver
@@ -264,9 +242,7 @@ async fn slow_requests_of_a_live_relay_are_never_taken_over() {
 /// reconnects, re-LISTENs and delivers what was published meanwhile.
 #[tokio::test]
 async fn relay_recovers_when_its_database_connections_are_terminated() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
-    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[]).await;
     let relay = spawn_default_relay(&db).await;
     publish_many(&db, 10).await;
     receiver
@@ -295,10 +271,8 @@ async fn relay_recovers_when_its_database_connections_are_terminated() {
 /// process exits 0 and holds no lease.
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_and_exits_cleanly() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[]).await;
     receiver.set_default("/hook", Reply::Delay(Duration::from_millis(1500), 200));
-    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
     publish_many(&db, 5).await;
     let mut relay = RelayProcess::spawn(&db, "graceful", &["--shutdown-grace", "10s"]);
     receiver
@@ -330,16 +304,8 @@ async fn sigterm_finishes_in_flight_requests_and_exits_cleanly() {
 /// handed back, due now, for another relay.
 #[tokio::test]
 async fn shutdown_past_the_grace_period_hands_back_unfinished_deliveries() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[("timeout", "'60 seconds'")]).await;
     receiver.queue("/hook", [Reply::Hang]);
-    add_subscription(
-        &db,
-        "crm",
-        &receiver.url("/hook"),
-        &[("timeout", "'60 seconds'")],
-    )
-    .await;
     let relay = spawn_relay(
         &db,
         RelayConfig {

@@ -2,25 +2,16 @@
 //! and attempts; anything still open, not yet dispatched, or recent stays.
 
 use outbox_relay::config::RelayConfig;
-use outbox_relay::devkit::receiver::{Receiver, Reply};
+use outbox_relay::devkit::receiver::Reply;
 use serde_json::json;
 use std::time::Duration;
 
-use crate::harness::db::TestDb;
 use crate::harness::relay::*;
 
 #[tokio::test]
 async fn finished_events_past_retention_are_purged_and_open_ones_kept() {
-    let db = TestDb::new().await;
-    let receiver = Receiver::start().await.expect("receiver");
+    let (db, receiver) = db_with_subscriber("crm", "/ok", &[("event_types", "'{lead.*}'")]).await;
     receiver.set_default("/broken", Reply::Status(500));
-    add_subscription(
-        &db,
-        "crm",
-        &receiver.url("/ok"),
-        &[("event_types", "'{lead.*}'")],
-    )
-    .await;
     add_subscription(
         &db,
         "broken",

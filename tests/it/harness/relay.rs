@@ -117,6 +117,19 @@ pub async fn add_subscription(
     (row.get(0), row.get(1))
 }
 
+/// A fresh database and a receiver with one subscription, `name`, to its `path`: how most
+/// delivery tests begin. Set the receiver's replies before starting a relay.
+pub async fn db_with_subscriber(
+    name: &str,
+    path: &str,
+    columns: &[(&str, &str)],
+) -> (TestDb, Receiver) {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    add_subscription(&db, name, &receiver.url(path), columns).await;
+    (db, receiver)
+}
+
 /// A receiver with two subscriptions to it: `crm` (answers 200 at `/ok`) and `broken`
 /// (500 at `/broken`, retried once after 100 ms, then dead): every delivery outcome in a
 /// few hundred milliseconds.
