@@ -87,12 +87,16 @@ def make_handler(webhook: Webhook, store: Store) -> type[BaseHTTPRequestHandler]
         protocol_version = "HTTP/1.1"  # keep-alive: the relay reuses its connections
 
         def do_POST(self) -> None:
+            try:
+                length = int(self.headers.get("content-length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY:
+                self.close_connection = True  # the body stays unread: drop the connection
+                return self.answer(413 if length > MAX_BODY else 400)
+            body = self.rfile.read(length)
             if self.path.split("?", 1)[0] != "/webhooks":
                 return self.answer(404)
-            length = int(self.headers.get("content-length") or 0)
-            if length > MAX_BODY:
-                return self.answer(413)
-            body = self.rfile.read(length)
             headers = {name.lower(): value for name, value in self.headers.items()}
             webhook_id = headers.get("webhook-id", "-")
 
