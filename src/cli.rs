@@ -142,7 +142,7 @@ impl DatabaseArgs {
     async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
         let url = self.require()?;
         let (client, connection) = outbox_relay::db::parse_url(url)?
-            .connect(tokio_postgres::NoTls)
+            .connect()
             .await
             .context(
                 "connecting to the database: check that DATABASE_URL is right and PostgreSQL is reachable",
