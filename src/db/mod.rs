@@ -51,7 +51,7 @@ pub enum DbError {
     },
     #[error("invalid DATABASE_URL")]
     Url(#[source] tokio_postgres::Error),
-    #[error("DATABASE_URL's TLS settings")]
+    #[error("TLS settings of the database URL")]
     Tls(#[source] tls::TlsError),
     #[error("building the connection pool")]
     Build(#[source] deadpool_postgres::BuildError),

@@ -21,7 +21,10 @@
 //! Errors name files and modes, never the connection string (which may hold a password).
 
 use std::fmt;
+use std::future::Future;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -33,11 +36,86 @@ use rustls::server::ParsedCertificate;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-/// The connector every connection of the relay is made with. With `sslmode=disable`
-/// tokio-postgres never calls it.
-pub type DbTls = MakeRustlsConnect;
+/// The connector every connection of the relay is made with: rustls, plus a clear message
+/// when the server's certificate is refused. With `sslmode=disable` tokio-postgres never
+/// calls it.
+#[derive(Clone)]
+pub struct DbTls {
+    inner: MakeRustlsConnect,
+    /// The settings a refusal names, e.g. `sslmode=verify-full, sslrootcert=/etc/ca.pem`.
+    describe: Arc<str>,
+}
+
+impl<S> MakeTlsConnect<S> for DbTls
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<S>>::Stream;
+    type TlsConnect = DbTlsConnect<<MakeRustlsConnect as MakeTlsConnect<S>>::TlsConnect>;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, host: &str) -> Result<Self::TlsConnect, Self::Error> {
+        Ok(DbTlsConnect {
+            inner: MakeTlsConnect::<S>::make_tls_connect(&mut self.inner, host)?,
+            host: host.to_owned(),
+            describe: Arc::clone(&self.describe),
+        })
+    }
+}
+
+/// One handshake of [`DbTls`].
+pub struct DbTlsConnect<T> {
+    inner: T,
+    host: String,
+    describe: Arc<str>,
+}
+
+impl<S, T> TlsConnect<S> for DbTlsConnect<T>
+where
+    T: TlsConnect<S, Error = io::Error>,
+    T::Future: Send + 'static,
+{
+    type Stream = T::Stream;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<T::Stream>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        let DbTlsConnect {
+            inner,
+            host,
+            describe,
+        } = self;
+        let handshake = inner.connect(stream);
+        Box::pin(async move {
+            handshake.await.map_err(|error| {
+                // rustls reports a refused certificate as one handshake error among many;
+                // say plainly that it is the certificate, for which host, under which settings.
+                let reason = error
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .and_then(|inner| match inner {
+                        rustls::Error::InvalidCertificate(reason) => Some(reason.clone()),
+                        _ => None,
+                    });
+                match reason {
+                    Some(reason) => io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        CertificateRefused {
+                            host,
+                            reason,
+                            describe: describe.to_string(),
+                        },
+                    ),
+                    None => error,
+                }
+            })
+        })
+    }
+}
 
 /// `sslmode`, as libpq spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,12 +161,12 @@ impl SslMode {
 pub enum TlsError {
     #[error("{0}")]
     Param(String),
-    #[error("reading {what} {}: {source}", path.display())]
+    // The reason is shown, not chained: pem's I/O error would print its cause twice.
+    #[error("reading {what} {}: {reason}", path.display())]
     File {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: rustls::pki_types::pem::Error,
+        reason: rustls::pki_types::pem::Error,
     },
     #[error("{what} {} holds no {expected}", path.display())]
     Empty {
@@ -352,6 +430,12 @@ impl TlsSettings {
     pub fn connector(&self) -> Result<DbTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let algorithms = provider.signature_verification_algorithms;
+        let describe = match &self.verify {
+            Verify::Nothing => format!("sslmode={}", self.mode.as_str()),
+            Verify::Chain(roots) | Verify::Full(roots) => {
+                format!("sslmode={}, {roots}", self.mode.as_str())
+            }
+        };
         let verifier: Arc<dyn ServerCertVerifier> = match &self.verify {
             Verify::Nothing => Arc::new(AnyCertificate { algorithms }),
             Verify::Chain(roots) | Verify::Full(roots) => {
@@ -366,7 +450,6 @@ impl TlsSettings {
                     roots: store,
                     algorithms,
                     check_host_name: matches!(self.verify, Verify::Full(_)),
-                    describe: format!("sslmode={}, {roots}", self.mode.as_str()),
                 })
             }
         };
@@ -379,10 +462,10 @@ impl TlsSettings {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
                 let chain = read_certificates("sslcert", cert)?;
-                let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::File {
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|reason| TlsError::File {
                     what: "sslkey",
                     path: key.clone(),
-                    source,
+                    reason,
                 })?;
                 builder
                     .with_client_auth_cert(chain, key)
@@ -392,7 +475,10 @@ impl TlsSettings {
         // PostgreSQL 17 requires this ALPN for direct TLS (`sslnegotiation=direct`); older
         // servers ignore it, and libpq 17 sends it on every connection.
         config.alpn_protocols = vec![b"postgresql".to_vec()];
-        Ok(MakeRustlsConnect::new(config))
+        Ok(DbTls {
+            inner: MakeRustlsConnect::new(config),
+            describe: describe.into(),
+        })
     }
 }
 
@@ -407,10 +493,10 @@ fn read_certificates(
     what: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let file_error = |source| TlsError::File {
+    let file_error = |reason| TlsError::File {
         what,
         path: path.to_owned(),
-        source,
+        reason,
     };
     let certificates = CertificateDer::pem_file_iter(path)
         .map_err(file_error)?
@@ -452,17 +538,27 @@ fn load_roots(roots: &Roots) -> Result<RootCertStore, TlsError> {
 #[derive(Debug)]
 struct CertificateRefused {
     host: String,
-    reason: rustls::Error,
+    reason: CertificateError,
     describe: String,
 }
 
 impl fmt::Display for CertificateRefused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "TLS certificate verification failed for {}: {} ({})",
-            self.host, self.reason, self.describe
-        )
+        write!(f, "TLS certificate verification failed for {}: ", self.host)?;
+        // rustls prints the common ones as bare variant names; say what they mean.
+        match &self.reason {
+            CertificateError::UnknownIssuer => {
+                f.write_str("not issued by a trusted CA (unknown issuer)")?;
+            }
+            CertificateError::BadSignature => {
+                f.write_str("not signed by a trusted CA (bad signature)")?;
+            }
+            CertificateError::NotValidForName => {
+                f.write_str("the certificate is not valid for this host name")?;
+            }
+            reason => write!(f, "{reason}")?,
+        }
+        write!(f, " ({})", self.describe)
     }
 }
 
@@ -477,7 +573,6 @@ struct Verified {
     roots: Arc<RootCertStore>,
     algorithms: WebPkiSupportedAlgorithms,
     check_host_name: bool,
-    describe: String,
 }
 
 impl ServerCertVerifier for Verified {
@@ -489,7 +584,7 @@ impl ServerCertVerifier for Verified {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = if self.check_host_name {
+        if self.check_host_name {
             self.full
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
         } else {
@@ -504,16 +599,7 @@ impl ServerCertVerifier for Verified {
                     )
                 })
                 .map(|()| ServerCertVerified::assertion())
-        };
-        verified.map_err(|reason| {
-            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
-                Arc::new(CertificateRefused {
-                    host: server_name.to_str().into_owned(),
-                    reason,
-                    describe: self.describe.clone(),
-                }),
-            )))
-        })
+        }
     }
 
     fn verify_tls12_signature(
