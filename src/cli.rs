@@ -122,7 +122,8 @@ pub enum Command {
 
 #[derive(clap::Args, Debug)]
 pub struct DatabaseArgs {
-    /// PostgreSQL connection URL, e.g. postgres://relay@db.internal/app
+    /// PostgreSQL connection URL, e.g. postgres://relay@db.internal/app. TLS as in libpq:
+    /// ?sslmode=verify-full&sslrootcert=/path/to/ca.pem (also sslcert, sslkey)
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<SecretUrl>,
 }
