@@ -110,7 +110,6 @@ impl<T> DbContext<T> for Result<T, deadpool_postgres::PoolError> {
 pub struct DbTarget {
     pub config: tokio_postgres::Config,
     pub tls: DbTls,
-    tls_settings: TlsSettings,
 }
 
 /// The connection object of a [`DbTarget`]'s connections.
@@ -125,11 +124,6 @@ impl DbTarget {
         &self,
     ) -> Result<(tokio_postgres::Client, DbConnection), tokio_postgres::Error> {
         self.config.connect(self.tls.clone()).await
-    }
-
-    /// `sslmode` as given (or libpq's default, `prefer`).
-    pub fn ssl_mode(&self) -> tls::SslMode {
-        self.tls_settings.mode()
     }
 }
 
@@ -148,11 +142,7 @@ pub fn parse_url(database_url: &str) -> Result<DbTarget, DbError> {
         config.connect_timeout(Duration::from_secs(5));
     }
     let tls = tls_settings.connector().map_err(DbError::Tls)?;
-    Ok(DbTarget {
-        config,
-        tls,
-        tls_settings,
-    })
+    Ok(DbTarget { config, tls })
 }
 
 /// A pool that never blocks forever: waiting for a connection, or for a new one to be
@@ -169,9 +159,7 @@ pub fn connect_pool(
     max_size: usize,
     limits: Option<SessionLimits>,
 ) -> Result<Pool, DbError> {
-    let DbTarget {
-        mut config, tls, ..
-    } = parse_url(database_url)?;
+    let DbTarget { mut config, tls } = parse_url(database_url)?;
     if let Some(limits) = limits {
         let mut options = config.get_options().unwrap_or_default().to_string();
         for (name, value) in [

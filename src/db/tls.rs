@@ -422,10 +422,6 @@ impl TlsSettings {
         }
     }
 
-    pub fn mode(&self) -> SslMode {
-        self.mode
-    }
-
     /// Reads the root and client certificate files and builds the connector.
     pub fn connector(&self) -> Result<DbTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
