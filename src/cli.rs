@@ -122,7 +122,8 @@ pub enum Command {
 
 #[derive(clap::Args, Debug)]
 pub struct DatabaseArgs {
-    /// PostgreSQL connection URL, e.g. postgres://relay@db.internal/app
+    /// PostgreSQL connection URL, e.g. postgres://relay@db.internal/app. TLS as in libpq:
+    /// ?sslmode=verify-full&sslrootcert=/path/to/ca.pem (also sslcert, sslkey)
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<SecretUrl>,
 }
@@ -142,7 +143,7 @@ impl DatabaseArgs {
     async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
         let url = self.require()?;
         let (client, connection) = outbox_relay::db::parse_url(url)?
-            .connect(tokio_postgres::NoTls)
+            .connect()
             .await
             .context(
                 "connecting to the database: check that DATABASE_URL is right and PostgreSQL is reachable",

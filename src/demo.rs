@@ -13,7 +13,6 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio_postgres::NoTls;
 
 use crate::config::RelayConfig;
 use crate::devkit::postgres::TempPostgres;
@@ -57,7 +56,8 @@ async fn run_with(url: &str, once: bool) -> anyhow::Result<()> {
         .await
         .context("starting the demo receiver")?;
 
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+    let (client, connection) = crate::db::parse_url(url)?
+        .connect()
         .await
         .context("connecting to the database")?;
     tokio::spawn(connection);

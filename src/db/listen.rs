@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::{DbContext, DbError};
@@ -76,10 +76,12 @@ async fn listen_once(
     targets: &WakeTargets,
     cancel: &CancellationToken,
 ) -> Result<(), DbError> {
-    let mut config = super::parse_url(database_url)?;
-    config.application_name(format!("{}-listen", super::APPLICATION_NAME));
-    let (client, mut connection) = config
-        .connect(NoTls)
+    let mut target = super::parse_url(database_url)?;
+    target
+        .config
+        .application_name(format!("{}-listen", super::APPLICATION_NAME));
+    let (client, mut connection) = target
+        .connect()
         .await
         .context("connecting the LISTEN session")?;
 

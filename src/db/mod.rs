@@ -3,18 +3,23 @@
 //!
 //! All SQL the relay runs lives in [`sql`] and reaches the server through [`query`], which
 //! knows whether pooled connections may hold prepared statements (see
-//! [`crate::config::PoolMode`]); the wake-up connection lives in [`listen`].
+//! [`crate::config::PoolMode`]); the wake-up connection lives in [`listen`]. Every
+//! connection, pooled or not, is made from a [`DbTarget`] that [`parse_url`] builds, so the
+//! URL's TLS settings ([`tls`]) hold for all of them.
 
 pub mod listen;
 pub mod query;
 pub mod sql;
 pub mod text;
+pub mod tls;
 pub mod wake_gate;
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use tokio_postgres::tls::MakeTlsConnect;
+
+use self::tls::{DbTls, TlsSettings};
 
 use crate::config::SessionLimits;
 
@@ -46,6 +51,8 @@ pub enum DbError {
     },
     #[error("invalid DATABASE_URL")]
     Url(#[source] tokio_postgres::Error),
+    #[error("TLS settings of the database URL")]
+    Tls(#[source] tls::TlsError),
     #[error("building the connection pool")]
     Build(#[source] deadpool_postgres::BuildError),
     #[error("applying migrations")]
@@ -98,16 +105,44 @@ impl<T> DbContext<T> for Result<T, deadpool_postgres::PoolError> {
     }
 }
 
-/// Parses `DATABASE_URL` and names the connections `outbox-relay` unless the URL names them.
-pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, DbError> {
-    let mut config: tokio_postgres::Config = database_url.parse().map_err(DbError::Url)?;
+/// Where and how to connect: tokio-postgres's settings plus the TLS connector built from
+/// the URL's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`.
+pub struct DbTarget {
+    pub config: tokio_postgres::Config,
+    pub tls: DbTls,
+}
+
+/// The connection object of a [`DbTarget`]'s connections.
+pub type DbConnection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <DbTls as MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+>;
+
+impl DbTarget {
+    /// One connection; the caller spawns (or polls) the connection object.
+    pub async fn connect(
+        &self,
+    ) -> Result<(tokio_postgres::Client, DbConnection), tokio_postgres::Error> {
+        self.config.connect(self.tls.clone()).await
+    }
+}
+
+/// Parses `DATABASE_URL` (a URL or a libpq `key=value` string), reads the certificate files
+/// it names, and names the connections `outbox-relay` unless the URL names them.
+pub fn parse_url(database_url: &str) -> Result<DbTarget, DbError> {
+    let (rest, tls_params) = tls::split_tls_params(database_url);
+    let tls_settings =
+        TlsSettings::from_params(&tls_params, tls::home_root_cert()).map_err(DbError::Tls)?;
+    let mut config: tokio_postgres::Config = rest.parse().map_err(DbError::Url)?;
+    config.ssl_mode(tls_settings.tokio_postgres_mode());
     if config.get_application_name().is_none() {
         config.application_name(APPLICATION_NAME);
     }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
-    Ok(config)
+    let tls = tls_settings.connector().map_err(DbError::Tls)?;
+    Ok(DbTarget { config, tls })
 }
 
 /// A pool that never blocks forever: waiting for a connection, or for a new one to be
@@ -124,7 +159,7 @@ pub fn connect_pool(
     max_size: usize,
     limits: Option<SessionLimits>,
 ) -> Result<Pool, DbError> {
-    let mut config = parse_url(database_url)?;
+    let DbTarget { mut config, tls } = parse_url(database_url)?;
     if let Some(limits) = limits {
         let mut options = config.get_options().unwrap_or_default().to_string();
         for (name, value) in [
@@ -143,7 +178,7 @@ pub fn connect_pool(
     }
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls,
         ManagerConfig {
             // Verified recycling costs a round trip per checkout; a broken connection is
             // instead noticed by the failing query and dropped by deadpool.
@@ -168,7 +203,7 @@ pub fn connect_pool(
 /// transaction-mode pooler.
 pub async fn migrate(database_url: &str) -> Result<refinery::Report, DbError> {
     let (mut client, connection) = parse_url(database_url)?
-        .connect(NoTls)
+        .connect()
         .await
         .context("connecting to run migrations")?;
     let connection_task = tokio::spawn(connection);

@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use super::{DbContext, DbError};
@@ -160,10 +159,12 @@ impl WakeGate {
 
     /// One connection's life. Returns only on an error or when the server closes it.
     async fn session(&self, database_url: &str) -> Result<(), DbError> {
-        let mut config = super::parse_url(database_url)?;
-        config.application_name(format!("{}-wake-gate", super::APPLICATION_NAME));
-        let (client, connection) = config
-            .connect(NoTls)
+        let mut target = super::parse_url(database_url)?;
+        target
+            .config
+            .application_name(format!("{}-wake-gate", super::APPLICATION_NAME));
+        let (client, connection) = target
+            .connect()
             .await
             .context("connecting the wake-up gate session")?;
         let mut driver = tokio::spawn(connection);

@@ -5,6 +5,9 @@
 //! 127.0.0.1 on a free port with trust authentication. It also owns making sure the cluster
 //! does not outlive its process (parent-death signal) and sweeping directories that earlier,
 //! killed processes left behind.
+//!
+//! [`ClusterSetup`] adds what a test needs beyond that: server settings, files in the data
+//! directory (a TLS certificate and key) and its own `pg_hba.conf` (say, TLS-only).
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -36,6 +39,37 @@ const DROP_WAIT: Duration = Duration::from_secs(2);
 const UNOWNED_DIR_GRACE: Duration = Duration::from_secs(600);
 const LOG_TAIL_BYTES: u64 = 4096;
 
+/// What a cluster gets on top of the defaults. `Default` is the plain cluster of
+/// [`TempPostgres::start`].
+#[derive(Clone, Default)]
+pub struct ClusterSetup {
+    /// `-c name=value` settings for the postmaster, e.g. `("ssl", "on")`.
+    pub settings: Vec<(String, String)>,
+    /// Files written into the data directory after initdb, readable by the server's user
+    /// only (PostgreSQL refuses a private key others can read), e.g. `server.crt` and
+    /// `server.key`, which `ssl = on` reads by default.
+    pub data_files: Vec<(String, Vec<u8>)>,
+    /// Replaces `pg_hba.conf`. The readiness check then accepts an authentication refusal
+    /// as proof the server is up (it connects in plain text, as `postgres`).
+    pub hba: Option<String>,
+}
+
+impl std::fmt::Debug for ClusterSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // File contents may be private keys: only their names are shown.
+        let files: Vec<&str> = self
+            .data_files
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
+        f.debug_struct("ClusterSetup")
+            .field("settings", &self.settings)
+            .field("data_files", &files)
+            .field("hba", &self.hba)
+            .finish()
+    }
+}
+
 /// A running throwaway cluster. Stop it with [`TempPostgres::stop`]; dropping it shuts it down
 /// the fast and rough way, and if the process dies first the postmaster gets SIGQUIT.
 pub struct TempPostgres {
@@ -45,6 +79,8 @@ pub struct TempPostgres {
     pid: Pid,
     /// Becomes `Some(exit status)` once the supervisor thread has reaped the postmaster.
     exited: watch::Receiver<Option<String>>,
+    /// Kept for `restart`, which must start the same server.
+    settings: Vec<(String, String)>,
 }
 
 impl TempPostgres {
@@ -52,6 +88,11 @@ impl TempPostgres {
     /// (and a unix socket inside the temp dir), trust auth. Finds binaries via `pg_config --bindir`,
     /// else the newest /usr/lib/postgresql/*/bin; clear error naming what to install if none.
     pub async fn start() -> anyhow::Result<TempPostgres> {
+        Self::start_with(ClusterSetup::default()).await
+    }
+
+    /// [`TempPostgres::start`], with `setup`'s settings, data files and `pg_hba.conf`.
+    pub async fn start_with(setup: ClusterSetup) -> anyhow::Result<TempPostgres> {
         let base = std::env::temp_dir();
         remove_stale_dirs(&base);
 
@@ -75,17 +116,25 @@ impl TempPostgres {
         }
 
         initdb(&bindir, dir.path(), run_as.as_ref()).await?;
+        let data = dir.path().join(DATA_SUBDIR);
+        for (name, contents) in &setup.data_files {
+            write_private(&data.join(name), contents, run_as.as_ref())?;
+        }
+        if let Some(hba) = &setup.hba {
+            write_private(&data.join("pg_hba.conf"), hba.as_bytes(), run_as.as_ref())?;
+        }
 
         let mut port_errors = Vec::new();
         for _ in 0..BIND_ATTEMPTS {
             let port = free_port()?;
-            match launch(&bindir, dir.path(), port, run_as.as_ref()).await {
+            match launch(&bindir, dir.path(), port, run_as.as_ref(), &setup.settings).await {
                 Ok((pid, exited)) => {
                     return Ok(TempPostgres {
                         dir: Some(dir),
                         port,
                         pid,
                         exited,
+                        settings: setup.settings,
                     });
                 }
                 Err(LaunchError::PortTaken(error)) => port_errors.push(error),
@@ -164,7 +213,7 @@ impl TempPostgres {
             .context("restarting a cluster that was already stopped")?
             .path()
             .to_owned();
-        let (pid, exited) = launch(&bindir, &dir, self.port, run_as.as_ref())
+        let (pid, exited) = launch(&bindir, &dir, self.port, run_as.as_ref(), &self.settings)
             .await
             .map_err(|error| match error {
                 LaunchError::PortTaken(error) | LaunchError::Other(error) => {
@@ -347,6 +396,25 @@ async fn initdb(bindir: &Path, dir: &Path, run_as: Option<&RunAs>) -> anyhow::Re
     Ok(())
 }
 
+/// Writes a file only the server's user may read (PostgreSQL refuses a key others can read).
+fn write_private(path: &Path, contents: &[u8], run_as: Option<&RunAs>) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    io::Write::write_all(&mut file, contents)
+        .with_context(|| format!("writing {}", path.display()))?;
+    if let Some(user) = run_as {
+        nix::unistd::chown(path, Some(user.uid), Some(user.gid))
+            .with_context(|| format!("handing {} to the `postgres` user", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The OS hands out a port nobody listens on; it stays free until someone else grabs it,
 /// which is why `start` retries when the postmaster cannot bind.
 fn free_port() -> anyhow::Result<u16> {
@@ -369,11 +437,12 @@ async fn launch(
     dir: &Path,
     port: u16,
     run_as: Option<&RunAs>,
+    settings: &[(String, String)],
 ) -> Result<(Pid, watch::Receiver<Option<String>>), LaunchError> {
     let log_path = dir.join(LOG_FILE);
     let program = bindir.join("postgres");
-    let command =
-        postmaster_command(&program, dir, port, run_as, &log_path).map_err(LaunchError::Other)?;
+    let command = postmaster_command(&program, dir, port, run_as, &log_path, settings)
+        .map_err(LaunchError::Other)?;
     let (pid, mut exited) = spawn_supervised(command)
         .await
         .with_context(|| format!("starting {}", program.display()))
@@ -401,6 +470,16 @@ async fn launch(
         .await
         {
             Ok(Ok(_)) => return Ok((pid, exited)),
+            // The server answered: a pg_hba.conf of the caller's (say, TLS-only) may refuse
+            // this plain-text probe, but only a running server can refuse. Still starting
+            // up is the one answer that means "not yet".
+            Ok(Err(error))
+                if error.code().is_some_and(|code| {
+                    *code != tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW
+                }) =>
+            {
+                return Ok((pid, exited));
+            }
             Ok(Err(error)) => error.to_string(),
             Err(_) => String::from("connect timed out"),
         };
@@ -426,6 +505,7 @@ fn postmaster_command(
     port: u16,
     run_as: Option<&RunAs>,
     log_path: &Path,
+    settings: &[(String, String)],
 ) -> anyhow::Result<Command> {
     let log = File::create(log_path)
         .with_context(|| format!("creating the server log {}", log_path.display()))?;
@@ -453,7 +533,11 @@ fn postmaster_command(
             "full_page_writes=off",
             "-c",
             "max_connections=200",
-        ])
+        ]);
+    for (name, value) in settings {
+        command.arg("-c").arg(format!("{name}={value}"));
+    }
+    command
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))

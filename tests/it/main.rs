@@ -24,5 +24,6 @@ mod retention;
 mod routing;
 mod scheduled;
 mod secrets;
+mod tls;
 mod trace_context;
 mod wake_gate;
