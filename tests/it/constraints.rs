@@ -174,3 +174,88 @@ async fn bad_subscriptions_are_refused_at_creation() {
         .expect("base64");
     assert_eq!(decoded.len(), 32);
 }
+
+/// The format checks accept exactly their documented lengths, at the edges: 1 to 255
+/// characters for event types and subscription patterns, 1 to 128 for header names.
+#[tokio::test]
+async fn format_checks_accept_exactly_their_lengths() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let accepted: bool = client
+        .query_one(
+            "SELECT outbox.is_valid_event_type(repeat('a', 255))
+                AND outbox.is_valid_event_type('a')
+                AND outbox.are_valid_event_type_patterns(ARRAY[repeat('*', 255)])
+                AND outbox.are_valid_headers(jsonb_build_object(repeat('h', 128), 'v'))",
+            &[],
+        )
+        .await
+        .expect("evaluate")
+        .get(0);
+    assert!(accepted, "a longest valid value was refused");
+    for refused in [
+        "outbox.is_valid_event_type(repeat('a', 256))",
+        "outbox.is_valid_event_type('')",
+        "outbox.is_valid_event_type(E'lead\\n')",
+        "outbox.are_valid_event_type_patterns(ARRAY[repeat('*', 256)])",
+        "outbox.are_valid_event_type_patterns(ARRAY[''])",
+        "outbox.are_valid_headers(jsonb_build_object(repeat('h', 129), 'v'))",
+        "outbox.are_valid_headers(jsonb_build_object('', 'v'))",
+    ] {
+        let valid: bool = client
+            .query_one(&format!("SELECT {refused}"), &[])
+            .await
+            .expect("evaluate")
+            .get(0);
+        assert!(!valid, "{refused} accepted");
+    }
+}
+
+/// The checks a producer's INSERT runs (and, for CHECK constraints, every UPDATE of the row)
+/// use no bounded repetition such as `{1,255}`: PostgreSQL's regex engine expands it into that
+/// many copies, about 70 times slower than a `+` class with a length bound (see
+/// migrations/V11__cheap_format_checks.sql). Found by reading their definitions, since a
+/// timing would be flaky.
+#[tokio::test]
+async fn checks_on_every_event_use_no_bounded_repetition() {
+    let db = TestDb::new().await;
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT c.conname, pg_get_constraintdef(c.oid)
+               FROM pg_constraint c
+              WHERE c.conrelid = 'outbox.events'::regclass AND c.contype = 'c'
+             UNION ALL
+             SELECT p.proname, pg_get_functiondef(p.oid)
+               FROM pg_proc p
+              WHERE p.pronamespace = 'outbox'::regnamespace
+                AND p.proname IN ('is_valid_event_type', 'before_events_insert', 'publish')",
+            &[],
+        )
+        .await
+        .expect("read the definitions");
+    assert!(rows.len() >= 4, "definitions not found: {}", rows.len());
+    let bounded = regex_lite_bounded_repetition();
+    for row in rows {
+        let (name, definition): (String, String) = (row.get(0), row.get(1));
+        assert!(
+            !bounded(&definition),
+            "{name} uses a bounded repetition: {definition}"
+        );
+    }
+}
+
+/// True when `text` holds a regex quantifier `{n}`, `{n,}` or `{n,m}`.
+fn regex_lite_bounded_repetition() -> impl Fn(&str) -> bool {
+    |text: &str| {
+        let bytes = text.as_bytes();
+        bytes.iter().enumerate().any(|(i, b)| {
+            *b == b'{' && {
+                let rest = &text[i + 1..];
+                let digits = rest.chars().take_while(char::is_ascii_digit).count();
+                digits > 0 && matches!(rest[digits..].chars().next(), Some('}' | ','))
+            }
+        })
+    }
+}
