@@ -388,7 +388,7 @@ async fn bad_input_is_a_400_naming_the_field() {
         json!({ "retry_schedule_seconds": [1, -5] }),
     )
     .await
-    .expect_error(400, "invalid_input", Some("retry_schedule_seconds"));
+    .expect_error(400, "invalid_input", Some("retry_schedule_seconds[1]"));
     api.patch("/admin/v1/subscriptions/crm", json!({ "name": "other" }))
         .await
         .expect_error(400, "invalid_input", Some("name"));
@@ -424,9 +424,11 @@ async fn bad_input_is_a_400_naming_the_field() {
         .await
         .expect_error(400, "invalid_input", Some("limit"));
     for (body, field) in [
-        (json!({ "status": ["lost"] }), "status"),
+        (json!({ "status": ["lost"] }), "status[0]"),
+        (json!({ "status": ["in_flight"] }), "status[0]"),
         (json!({ "event_ids": ["nope"] }), "event_ids"),
-        (json!({ "subscription": "nobody" }), "subscription"),
+        (json!({ "subscription": null }), "subscription"),
+        (json!({ "max_events": 1.5 }), "max_events"),
         (json!({ "event_type": "lead created" }), "event_type"),
         (json!({ "max_events": 0 }), "max_events"),
         (json!({ "created_after": "soon" }), "created_after"),
@@ -436,6 +438,10 @@ async fn bad_input_is_a_400_naming_the_field() {
             .await
             .expect_error(400, "invalid_input", Some(field));
     }
+    // Well formed, but naming what does not exist: 404, as for any missing resource.
+    api.post("/admin/v1/replays", json!({ "subscription": "nobody" }))
+        .await
+        .expect_error(404, "not_found", Some("subscription"));
     assert_eq!(count(&db, "SELECT count(*) FROM outbox.replays").await, 0);
     relay.shutdown().await;
 }
@@ -770,7 +776,7 @@ async fn text_that_is_not_utf8_or_too_long_is_a_400() {
                 "retry_schedule_seconds": [1e18] }),
     )
     .await
-    .expect_error(400, "invalid_input", Some("retry_schedule_seconds"));
+    .expect_error(400, "invalid_input", Some("retry_schedule_seconds[0]"));
     assert_eq!(
         count(&db, "SELECT count(*) FROM outbox.subscriptions").await,
         0
