@@ -21,12 +21,19 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Serialize, Serializer};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::db::DbError;
 use crate::secret::{ExposeSecret, MASK, SecretString, SecretUrl, mask_url};
 use crate::webhook::{SigningSecret, generate_secret};
+
+/// A `jsonb` value as PostgreSQL prints it, passed through without being parsed into a
+/// [`serde_json::Value`]: jsonb keeps numbers of any size and precision (a producer may
+/// insert `1e400`, and `1.7976931348623157e308` comes back as a 309-digit integer), which an
+/// `f64` cannot hold, so reading them as `Value` failed, and a listing panicked on one row.
+pub type Jsonb = Box<serde_json::value::RawValue>;
 
 /// Delivery statuses `outbox.deliveries.status` can hold (what replay criteria may name).
 pub const DELIVERY_STATUSES: [&str; 5] = ["pending", "in_flight", "delivered", "failing", "dead"];
@@ -158,7 +165,7 @@ impl SubscriptionUpdate {
 }
 
 /// A subscription as operators see it. Deliberately without its secrets.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct SubscriptionInfo {
     pub id: i64,
     pub name: String,
@@ -167,13 +174,17 @@ pub struct SubscriptionInfo {
     pub url: String,
     pub event_types: Vec<String>,
     pub tenant_id: Option<String>,
-    pub filter: Option<serde_json::Value>,
+    /// As stored (see [`Jsonb`]).
+    #[schema(value_type = Option<Object>)]
+    pub filter: Option<Jsonb>,
     pub enabled: bool,
     pub disabled_reason: Option<String>,
     pub ordered: bool,
     #[serde(rename = "retry_schedule_seconds", serialize_with = "seconds_list")]
+    #[schema(value_type = Vec<f64>)]
     pub retry_schedule: Vec<Duration>,
     #[serde(rename = "timeout_seconds", serialize_with = "seconds")]
+    #[schema(value_type = f64)]
     pub timeout: Duration,
     pub max_in_flight: i32,
     pub rate_limit_per_second: Option<f64>,
@@ -195,7 +206,7 @@ pub struct CreatedSubscription {
     pub secret: SecretText,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct RemovedSubscription {
     pub id: i64,
     pub name: String,
@@ -203,10 +214,11 @@ pub struct RemovedSubscription {
     pub deliveries_ended: i64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct RotatedSecret {
     pub id: i64,
     pub name: String,
+    #[schema(value_type = String)]
     pub secret: SecretText,
     /// Until when requests also carry a signature under the previous secret; `None` when
     /// the rotation had no overlap.
@@ -258,7 +270,7 @@ pub struct Backlog {
     pub scheduled_events: i64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct SubscriptionStatus {
     pub id: i64,
     pub name: String,
@@ -272,13 +284,14 @@ pub struct SubscriptionStatus {
     pub oldest_pending_age_seconds: Option<f64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ReplaySummary {
     pub id: i64,
     #[serde(serialize_with = "rfc3339")]
     pub requested_at: DateTime<Utc>,
     pub requested_by: String,
     pub reason: Option<String>,
+    #[schema(value_type = Object)]
     pub criteria: serde_json::Value,
     pub matched: i64,
     pub dry_run: bool,
@@ -762,7 +775,7 @@ impl Default for EventSearch {
 }
 
 /// An event without (unless asked for) its payload, plus how its deliveries stand.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct EventSummary {
     /// `events.id`: the internal order, and the pagination key.
     pub id: i64,
@@ -772,7 +785,8 @@ pub struct EventSummary {
     pub source_service: Option<String>,
     pub ordering_key: Option<String>,
     pub target_services: Option<Vec<String>>,
-    pub metadata: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub metadata: Jsonb,
     pub priority: i32,
     #[serde(serialize_with = "rfc3339")]
     pub deliver_after: DateTime<Utc>,
@@ -782,12 +796,13 @@ pub struct EventSummary {
     #[serde(serialize_with = "rfc3339_option")]
     pub dispatched_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub payload: Option<serde_json::Value>,
+    #[schema(value_type = Value, nullable = false)]
+    pub payload: Option<Jsonb>,
     /// Number of deliveries per status (statuses without deliveries are left out).
     pub deliveries: BTreeMap<String, i64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct EventPage {
     /// Newest first (descending `id`).
     pub events: Vec<EventSummary>,
@@ -796,14 +811,14 @@ pub struct EventPage {
 }
 
 /// One event with its payload, its deliveries and their recorded attempts.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct EventDetail {
     #[serde(flatten)]
     pub event: EventSummary,
     pub delivery_list: Vec<DeliveryDetail>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct DeliveryDetail {
     pub id: i64,
     /// `None` once the subscription was removed.
@@ -827,7 +842,7 @@ pub struct DeliveryDetail {
     pub attempt_history: Vec<AttemptRecord>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct AttemptRecord {
     pub id: i64,
     pub attempt: i32,
@@ -841,7 +856,7 @@ pub struct AttemptRecord {
     pub replay_id: Option<i64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ReplayPage {
     /// Newest first.
     pub replays: Vec<ReplaySummary>,
@@ -1143,12 +1158,12 @@ fn event_from_row(row: &tokio_postgres::Row) -> EventSummary {
         source_service: row.get(4),
         ordering_key: row.get(5),
         target_services: row.get(6),
-        metadata: row.get(7),
+        metadata: row.get::<_, Json<Jsonb>>(7).0,
         priority: row.get(8),
         deliver_after: row.get(9),
         created_at: row.get(10),
         dispatched_at: row.get(11),
-        payload: row.get(13),
+        payload: row.get::<_, Option<Json<Jsonb>>>(13).map(|json| json.0),
         deliveries,
     }
 }
@@ -1278,7 +1293,7 @@ fn subscription_from_row(row: &tokio_postgres::Row) -> SubscriptionInfo {
         url: mask_url(row.get(2)),
         event_types: row.get(3),
         tenant_id: row.get(4),
-        filter: row.get(5),
+        filter: row.get::<_, Option<Json<Jsonb>>>(5).map(|json| json.0),
         enabled: row.get(6),
         disabled_reason: row.get(7),
         ordered: row.get(8),

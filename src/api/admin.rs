@@ -5,16 +5,21 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::openapi::{
+    EventId, EventTypePattern, Headers, JsonObject, Secret, SubscriptionName, Text, WebhookUrl,
+};
 use super::{
-    ApiError, ApiJson, ApiPath, ApiQuery, ApiState, double_option, parse_cursor, parse_time,
-    parse_uuid,
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiState, ErrorBody, double_option, integer, non_null,
+    parse_cursor, parse_time, parse_uuid,
 };
 use crate::admin::{
     self, EventSearch, NewSubscription, ReplayCriteria, SecretText, SubscriptionInfo,
@@ -29,25 +34,36 @@ pub const ADMIN_API_REQUESTER: &str = "admin-api";
 /// a day for the subscriber to switch keys.
 const DEFAULT_ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 60 * 60);
 
-pub fn routes() -> Router<ApiState> {
-    Router::new()
-        .route(
-            "/subscriptions",
-            get(list_subscriptions).post(create_subscription),
-        )
-        .route(
-            "/subscriptions/{name}",
-            get(get_subscription)
-                .patch(update_subscription)
-                .delete(remove_subscription),
-        )
-        .route("/subscriptions/{name}/disable", post(disable_subscription))
-        .route("/subscriptions/{name}/enable", post(enable_subscription))
-        .route("/subscriptions/{name}/rotate-secret", post(rotate_secret))
-        .route("/events", get(search_events))
-        .route("/events/{event_id}", get(get_event))
-        .route("/replays", get(list_replays).post(create_replay))
-        .route("/replays/{id}", get(get_replay))
+/// Limits the database would enforce less exactly: JSON numbers are checked as they were
+/// sent, before they are rounded to the microseconds of an `interval` or to a `real`, so a
+/// value just outside a limit is refused, never rounded onto it.
+pub const TIMEOUT_SECONDS_MIN: f64 = 0.1;
+pub const TIMEOUT_SECONDS_MAX: f64 = 300.0;
+/// Seven days, the `retry_schedule_sane` limit of one wait.
+pub const RETRY_WAIT_SECONDS_MAX: f64 = 604_800.0;
+pub const RETRY_WAITS_MAX: usize = 50;
+/// The smallest rate limit: one request per 1000 seconds. `rate_limit_per_second` is a
+/// `real`, in which much smaller numbers round to 0 (refused) or lose their precision.
+pub const RATE_LIMIT_MIN: f64 = 0.001;
+pub const RATE_LIMIT_MAX: f64 = 100_000.0;
+/// A rotation's overlap: at most a year, long enough for any subscriber to switch keys.
+pub const OVERLAP_SECONDS_MAX: f64 = 365.0 * 24.0 * 60.0 * 60.0;
+
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_subscriptions, create_subscription))
+        .routes(routes!(
+            get_subscription,
+            update_subscription,
+            remove_subscription
+        ))
+        .routes(routes!(disable_subscription))
+        .routes(routes!(enable_subscription))
+        .routes(routes!(rotate_secret))
+        .routes(routes!(search_events))
+        .routes(routes!(get_event))
+        .routes(routes!(list_replays, create_replay))
+        .routes(routes!(get_replay))
         .fallback(unknown_route)
 }
 
@@ -55,54 +71,173 @@ async fn unknown_route() -> ApiError {
     ApiError::not_found("no such admin API route; GET /admin/v1/openapi.json lists them")
 }
 
-/// A subscription's settings as JSON. Create needs `name` and `url`; update takes neither
-/// `name` nor `secret`. Nullable settings (`tenant_id`, `filter`, `rate_limit_per_second`)
-/// are cleared with `null` and left alone when absent.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SubscriptionBody {
-    pub name: Option<String>,
-    pub url: Option<SecretUrl>,
-    pub secret: Option<SecretText>,
-    pub event_types: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "double_option")]
-    pub tenant_id: Option<Option<String>>,
-    #[serde(default, deserialize_with = "double_option")]
-    pub filter: Option<Option<serde_json::Value>>,
-    pub headers: Option<BTreeMap<String, String>>,
-    pub timeout_seconds: Option<f64>,
-    pub max_in_flight: Option<i32>,
-    #[serde(default, deserialize_with = "double_option")]
-    pub rate_limit_per_second: Option<Option<f32>>,
-    pub retry_schedule_seconds: Option<Vec<f64>>,
-    pub ordered: Option<bool>,
+/// The settings create and update share, as fields of both bodies (serde cannot combine
+/// `flatten` with `deny_unknown_fields`). Nullable settings (`tenant_id`, `filter`,
+/// `rate_limit_per_second`) are cleared with `null` and left alone when absent; the others
+/// refuse `null`.
+macro_rules! subscription_body {
+    ($(#[$meta:meta])* $name:ident { $($fields:tt)* }) => {
+        #[derive(Debug, Deserialize, ToSchema)]
+        #[serde(deny_unknown_fields)]
+        $(#[$meta])*
+        pub struct $name {
+            $($fields)*
+            /// Exact event types or globs (lead.*, *); default ["*"].
+            #[serde(default, deserialize_with = "non_null")]
+            #[schema(value_type = Vec<EventTypePattern>, nullable = false, min_items = 1)]
+            pub event_types: Option<Vec<String>>,
+            /// Only events of this tenant; null = every tenant.
+            #[serde(default, deserialize_with = "double_option")]
+            #[schema(value_type = Option<Text>)]
+            pub tenant_id: Option<Option<String>>,
+            /// The payload must contain it (payload @> filter); null = every payload.
+            #[serde(default, deserialize_with = "double_option")]
+            #[schema(value_type = Option<JsonObject>)]
+            pub filter: Option<Option<serde_json::Value>>,
+            /// Replaces all static request headers.
+            #[serde(default, deserialize_with = "non_null")]
+            #[schema(value_type = Headers, nullable = false)]
+            pub headers: Option<BTreeMap<String, String>>,
+            /// Per request, 0.1 to 300 seconds; default 15.
+            #[serde(default, deserialize_with = "non_null")]
+            #[schema(nullable = false, minimum = 0.1, maximum = 300.0)]
+            pub timeout_seconds: Option<f64>,
+            /// Concurrent requests to this subscriber, 1 to 10000; default 64.
+            #[serde(default, deserialize_with = "integer")]
+            #[schema(nullable = false, minimum = 1, maximum = 10000)]
+            pub max_in_flight: Option<i32>,
+            /// Requests per second, 0.001 to 100000; null = unlimited.
+            #[serde(default, deserialize_with = "double_option")]
+            #[schema(minimum = 0.001, maximum = 100000.0)]
+            pub rate_limit_per_second: Option<Option<f64>>,
+            /// Waits between attempts, each 0 to 604800 seconds (7 days), at most 50;
+            /// attempts = 1 + its length, so [] means a single attempt.
+            #[serde(default, deserialize_with = "non_null")]
+            #[schema(value_type = Vec<RetryWait>, nullable = false, max_items = 50)]
+            pub retry_schedule_seconds: Option<Vec<f64>>,
+            /// Per ordering_key, one delivery at a time, in event order.
+            #[serde(default, deserialize_with = "non_null")]
+            #[schema(nullable = false)]
+            pub ordered: Option<bool>,
+        }
+
+        impl $name {
+            fn settings(&self) -> Result<SubscriptionSettings, ApiError> {
+                settings(
+                    SubscriptionSettings {
+                        event_types: self.event_types.clone(),
+                        tenant_id: self.tenant_id.clone(),
+                        filter: self.filter.clone(),
+                        headers: self.headers.clone(),
+                        max_in_flight: self.max_in_flight,
+                        ordered: self.ordered,
+                        ..SubscriptionSettings::default()
+                    },
+                    self.timeout_seconds,
+                    self.rate_limit_per_second,
+                    self.retry_schedule_seconds.as_deref(),
+                )
+            }
+        }
+    };
 }
 
-impl SubscriptionBody {
-    fn settings(&self) -> Result<SubscriptionSettings, ApiError> {
-        let retry_schedule = match &self.retry_schedule_seconds {
-            Some(waits) => Some(
-                waits
-                    .iter()
-                    .map(|wait| seconds("retry_schedule_seconds", *wait))
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            None => None,
-        };
-        Ok(SubscriptionSettings {
-            event_types: self.event_types.clone(),
-            tenant_id: self.tenant_id.clone(),
-            filter: self.filter.clone(),
-            headers: self.headers.clone(),
-            timeout: self
-                .timeout_seconds
-                .map(|t| seconds("timeout_seconds", t))
-                .transpose()?,
-            max_in_flight: self.max_in_flight,
-            rate_limit_per_second: self.rate_limit_per_second,
-            retry_schedule,
-            ordered: self.ordered,
-        })
+subscription_body! {
+    /// A new subscription.
+    SubscriptionCreate {
+        #[schema(value_type = SubscriptionName)]
+        pub name: String,
+        #[schema(value_type = WebhookUrl)]
+        pub url: SecretUrl,
+        /// Generated when omitted; shown once, in the answer.
+        #[serde(default, deserialize_with = "non_null")]
+        #[schema(value_type = Secret, nullable = false)]
+        pub secret: Option<SecretText>,
+    }
+}
+
+subscription_body! {
+    /// The settings to change; at least one. The name cannot change, and the secret changes
+    /// through rotate-secret.
+    #[schema(min_properties = 1)]
+    SubscriptionChange {
+        #[serde(default, deserialize_with = "non_null")]
+        #[schema(value_type = WebhookUrl, nullable = false)]
+        pub url: Option<SecretUrl>,
+        /// Refused with a message saying what to do instead.
+        #[serde(default)]
+        #[schema(ignore)]
+        pub name: Option<IgnoredAny>,
+        /// Refused with a message saying what to do instead.
+        #[serde(default)]
+        #[schema(ignore)]
+        pub secret: Option<IgnoredAny>,
+    }
+}
+
+/// One wait of a retry schedule, in seconds.
+#[derive(ToSchema)]
+#[schema(value_type = f64, minimum = 0.0, maximum = 604800.0)]
+pub struct RetryWait(#[allow(dead_code)] f64);
+
+/// Checks the numbers of a subscription body against the documented limits, then converts
+/// them (see [`TIMEOUT_SECONDS_MIN`] for why here and not only in the database).
+fn settings(
+    mut settings: SubscriptionSettings,
+    timeout_seconds: Option<f64>,
+    rate_limit: Option<Option<f64>>,
+    retry_schedule: Option<&[f64]>,
+) -> Result<SubscriptionSettings, ApiError> {
+    if let Some(timeout) = timeout_seconds {
+        in_range(
+            "timeout_seconds",
+            timeout,
+            TIMEOUT_SECONDS_MIN,
+            TIMEOUT_SECONDS_MAX,
+        )?;
+        settings.timeout = Some(seconds("timeout_seconds", timeout)?);
+    }
+    if let Some(rate_limit) = rate_limit {
+        if let Some(rate) = rate_limit {
+            in_range(
+                "rate_limit_per_second",
+                rate,
+                RATE_LIMIT_MIN,
+                RATE_LIMIT_MAX,
+            )?;
+        }
+        // Within the range above, f32 keeps the value positive and at most the maximum.
+        settings.rate_limit_per_second = Some(rate_limit.map(|rate| rate as f32));
+    }
+    if let Some(waits) = retry_schedule {
+        if waits.len() > RETRY_WAITS_MAX {
+            return Err(ApiError::invalid(
+                "retry_schedule_seconds",
+                format!(
+                    "{} waits is too many; give at most {RETRY_WAITS_MAX}",
+                    waits.len()
+                ),
+            ));
+        }
+        let mut schedule = Vec::with_capacity(waits.len());
+        for (index, wait) in waits.iter().enumerate() {
+            let field = format!("retry_schedule_seconds[{index}]");
+            in_range(&field, *wait, 0.0, RETRY_WAIT_SECONDS_MAX)?;
+            schedule.push(seconds(&field, *wait)?);
+        }
+        settings.retry_schedule = Some(schedule);
+    }
+    Ok(settings)
+}
+
+fn in_range(field: &str, value: f64, min: f64, max: f64) -> Result<(), ApiError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("{value} is out of range; give {min} to {max}"),
+        ))
     }
 }
 
@@ -125,11 +260,19 @@ fn from_admin(error: admin::AdminError) -> ApiError {
     ApiError::from(error).rename_field(api_field)
 }
 
-#[derive(Serialize)]
+/// Subscriptions, by name.
+#[derive(Serialize, ToSchema)]
 struct SubscriptionList {
     subscriptions: Vec<SubscriptionInfo>,
 }
 
+/// List subscriptions (by name).
+#[utoipa::path(
+    get,
+    path = "/subscriptions",
+    tag = "subscriptions",
+    responses((status = 200, description = "Every subscription.", body = SubscriptionList)),
+)]
 async fn list_subscriptions(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let client = state.client().await?;
     let subscriptions = admin::list_subscriptions(&client)
@@ -139,32 +282,38 @@ async fn list_subscriptions(State(state): State<ApiState>) -> Result<impl IntoRe
 }
 
 /// The only answer besides rotate-secret that carries a secret.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CreatedSubscription {
     #[serde(flatten)]
     subscription: SubscriptionInfo,
+    /// Shown only here and by rotate-secret: give it to the subscriber.
+    #[schema(value_type = String)]
     secret: SecretText,
 }
 
+/// Create a subscription; the answer carries its secret.
+#[utoipa::path(
+    post,
+    path = "/subscriptions",
+    tag = "subscriptions",
+    request_body = SubscriptionCreate,
+    responses(
+        (status = 201, description = "Created.", body = CreatedSubscription),
+        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
+        (status = 409, description = "A subscription with this name exists (code duplicate).", body = ErrorBody),
+    ),
+)]
 async fn create_subscription(
     State(state): State<ApiState>,
-    ApiJson(body): ApiJson<SubscriptionBody>,
+    ApiJson(body): ApiJson<SubscriptionCreate>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let name = body
-        .name
-        .clone()
-        .ok_or_else(|| ApiError::invalid("name", "name is required, e.g. \"ai-agents\""))?;
-    let url = body.url.clone().ok_or_else(|| {
-        ApiError::invalid(
-            "url",
-            "url is required, e.g. \"https://agents.internal/hooks/outbox\"",
-        )
-    })?;
+    super::check_webhook_url("url", &body.url)?;
+    let settings = body.settings()?;
     let new = NewSubscription {
-        name,
-        url,
-        secret: body.secret.clone(),
-        settings: body.settings()?,
+        name: body.name,
+        url: body.url,
+        secret: body.secret,
+        settings,
     };
     let client = state.client().await?;
     let created = admin::create_subscription(&client, &new)
@@ -182,6 +331,18 @@ async fn create_subscription(
     ))
 }
 
+/// One subscription.
+#[utoipa::path(
+    get,
+    path = "/subscriptions/{name}",
+    tag = "subscriptions",
+    params(("name" = SubscriptionName, Path, description = "Subscription name.")),
+    responses(
+        (status = 200, description = "The subscription.", body = SubscriptionInfo),
+        (status = 400, description = "Invalid input (e.g. a name holding NUL); error.field names it.", body = ErrorBody),
+        (status = 404, description = "No such subscription.", body = ErrorBody),
+    ),
+)]
 async fn get_subscription(
     State(state): State<ApiState>,
     ApiPath(name): ApiPath,
@@ -193,10 +354,23 @@ async fn get_subscription(
     Ok(axum::Json(subscription))
 }
 
+/// Change the given settings.
+#[utoipa::path(
+    patch,
+    path = "/subscriptions/{name}",
+    tag = "subscriptions",
+    params(("name" = SubscriptionName, Path, description = "Subscription name.")),
+    request_body = SubscriptionChange,
+    responses(
+        (status = 200, description = "The subscription now.", body = SubscriptionInfo),
+        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
+        (status = 404, description = "No such subscription.", body = ErrorBody),
+    ),
+)]
 async fn update_subscription(
     State(state): State<ApiState>,
     ApiPath(name): ApiPath,
-    ApiJson(body): ApiJson<SubscriptionBody>,
+    ApiJson(body): ApiJson<SubscriptionChange>,
 ) -> Result<impl IntoResponse, ApiError> {
     if body.name.is_some() {
         return Err(ApiError::invalid(
@@ -210,6 +384,9 @@ async fn update_subscription(
             "change the secret with POST /admin/v1/subscriptions/{name}/rotate-secret",
         ));
     }
+    if let Some(url) = &body.url {
+        super::check_webhook_url("url", url)?;
+    }
     let update = SubscriptionUpdate {
         url: body.url.clone(),
         settings: body.settings()?,
@@ -221,6 +398,18 @@ async fn update_subscription(
     Ok(axum::Json(subscription))
 }
 
+/// Delete a subscription; its open deliveries become dead.
+#[utoipa::path(
+    delete,
+    path = "/subscriptions/{name}",
+    tag = "subscriptions",
+    params(("name" = SubscriptionName, Path, description = "Subscription name.")),
+    responses(
+        (status = 200, description = "Removed.", body = admin::RemovedSubscription),
+        (status = 400, description = "Invalid input (e.g. a name holding NUL); error.field names it.", body = ErrorBody),
+        (status = 404, description = "No such subscription.", body = ErrorBody),
+    ),
+)]
 async fn remove_subscription(
     State(state): State<ApiState>,
     ApiPath(name): ApiPath,
@@ -232,12 +421,28 @@ async fn remove_subscription(
     Ok(axum::Json(removed))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Why a subscription is disabled.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DisableBody {
+    /// Kept in disabled_reason.
+    #[schema(value_type = Option<Text>)]
     reason: Option<String>,
 }
 
+/// Stop delivering to a subscription.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{name}/disable",
+    tag = "subscriptions",
+    params(("name" = SubscriptionName, Path, description = "Subscription name.")),
+    request_body(content = Option<DisableBody>, description = "Optional."),
+    responses(
+        (status = 200, description = "The subscription now.", body = SubscriptionInfo),
+        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
+        (status = 404, description = "No such subscription.", body = ErrorBody),
+    ),
+)]
 async fn disable_subscription(
     State(state): State<ApiState>,
     ApiPath(name): ApiPath,
@@ -250,6 +455,18 @@ async fn disable_subscription(
     Ok(axum::Json(subscription))
 }
 
+/// Deliver to a subscription again.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{name}/enable",
+    tag = "subscriptions",
+    params(("name" = SubscriptionName, Path, description = "Subscription name.")),
+    responses(
+        (status = 200, description = "The subscription now.", body = SubscriptionInfo),
+        (status = 400, description = "Invalid input (e.g. a name holding NUL); error.field names it.", body = ErrorBody),
+        (status = 404, description = "No such subscription.", body = ErrorBody),
+    ),
+)]
 async fn enable_subscription(
     State(state): State<ApiState>,
     ApiPath(name): ApiPath,
@@ -261,22 +478,44 @@ async fn enable_subscription(
     Ok(axum::Json(subscription))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// How to rotate a signing secret.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RotateBody {
-    /// How long the previous secret keeps signing too; default a day, 0 = switch at once.
+    /// How long the previous secret keeps signing too, 0 to 31536000 seconds (a year);
+    /// default a day, 0 = switch at once.
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(nullable = false, minimum = 0.0, maximum = 31536000.0)]
     overlap_seconds: Option<f64>,
     /// Use this secret instead of generating one.
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = Secret, nullable = false)]
     secret: Option<SecretText>,
 }
 
+/// Replace the signing secret; both sign during the overlap (default 86400 s).
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{name}/rotate-secret",
+    tag = "subscriptions",
+    params(("name" = SubscriptionName, Path, description = "Subscription name.")),
+    request_body(content = Option<RotateBody>, description = "Optional."),
+    responses(
+        (status = 200, description = "The new secret.", body = admin::RotatedSecret),
+        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
+        (status = 404, description = "No such subscription.", body = ErrorBody),
+    ),
+)]
 async fn rotate_secret(
     State(state): State<ApiState>,
     ApiPath(name): ApiPath,
     ApiJson(body): ApiJson<RotateBody>,
 ) -> Result<impl IntoResponse, ApiError> {
     let overlap = match body.overlap_seconds {
-        Some(value) => seconds("overlap_seconds", value)?,
+        Some(value) => {
+            in_range("overlap_seconds", value, 0.0, OVERLAP_SECONDS_MAX)?;
+            seconds("overlap_seconds", value)?
+        }
         None => DEFAULT_ROTATION_OVERLAP,
     };
     let secret = body.secret;
@@ -287,18 +526,87 @@ async fn rotate_secret(
     Ok(axum::Json(rotated))
 }
 
-#[derive(Debug, Deserialize)]
+/// A delivery status.
+#[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    Pending,
+    InFlight,
+    Delivered,
+    Failing,
+    Dead,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::InFlight => "in_flight",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failing => "failing",
+            DeliveryStatus::Dead => "dead",
+        }
+    }
+}
+
+/// A delivery status a replay can re-queue: all but in_flight, which a relay is sending.
+#[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayableStatus {
+    Pending,
+    Delivered,
+    Failing,
+    Dead,
+}
+
+impl ReplayableStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplayableStatus::Pending => "pending",
+            ReplayableStatus::Delivered => "delivered",
+            ReplayableStatus::Failing => "failing",
+            ReplayableStatus::Dead => "dead",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// Exact event type or glob.
+    #[param(value_type = EventTypePattern, required = false, nullable = false)]
     event_type: Option<String>,
+    #[param(value_type = Text, required = false, nullable = false)]
     tenant_id: Option<String>,
+    /// created_at >= since (RFC 3339); earlier than until.
+    #[param(value_type = String, format = DateTime, required = false, nullable = false)]
     since: Option<String>,
+    /// created_at < until (RFC 3339); later than since.
+    #[param(value_type = String, format = DateTime, required = false, nullable = false)]
     until: Option<String>,
-    status: Option<String>,
+    /// Only events with a delivery in this status.
+    #[param(inline, nullable = false)]
+    status: Option<DeliveryStatus>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(nullable = false, minimum = 1, maximum = 500)]
     limit: Option<i64>,
+    /// next_cursor of the previous page.
+    #[param(nullable = false, pattern = "^[1-9][0-9]{0,17}$")]
     cursor: Option<String>,
 }
 
+/// Search events, newest first, by keyset pages.
+#[utoipa::path(
+    get,
+    path = "/events",
+    tag = "events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "A page of events.", body = admin::EventPage),
+        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
+    ),
+)]
 async fn search_events(
     State(state): State<ApiState>,
     ApiQuery(query): ApiQuery<EventsQuery>,
@@ -316,7 +624,7 @@ async fn search_events(
             .as_deref()
             .map(|t| parse_time("until", t))
             .transpose()?,
-        delivery_status: query.status,
+        delivery_status: query.status.map(|s| s.as_str().to_owned()),
         before_id: query.cursor.as_deref().map(parse_cursor).transpose()?,
         limit: query.limit.unwrap_or(admin::PAGE_SIZE_DEFAULT),
         include_payload: false,
@@ -328,6 +636,18 @@ async fn search_events(
     Ok(axum::Json(page))
 }
 
+/// One event with its payload, deliveries and their attempts.
+#[utoipa::path(
+    get,
+    path = "/events/{event_id}",
+    tag = "events",
+    params(("event_id" = EventId, Path, description = "The event's event_id.")),
+    responses(
+        (status = 200, description = "The event.", body = admin::EventDetail),
+        (status = 400, description = "Not a uuid.", body = ErrorBody),
+        (status = 404, description = "No such event.", body = ErrorBody),
+    ),
+)]
 async fn get_event(
     State(state): State<ApiState>,
     ApiPath(event_id): ApiPath,
@@ -341,20 +661,50 @@ async fn get_event(
     Ok(axum::Json(event))
 }
 
-/// The criteria of `outbox.replay`, as JSON. Absent = the function's default.
-#[derive(Debug, Default, Deserialize)]
+/// The criteria of outbox.replay; absent = the function's default.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayBody {
-    pub status: Option<Vec<String>>,
+    /// Delivery statuses to re-queue; default ["dead"].
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(nullable = false)]
+    pub status: Option<Vec<ReplayableStatus>>,
+    /// Only this subscription's deliveries; 404 when there is none by this name.
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = SubscriptionName, nullable = false)]
     pub subscription: Option<String>,
+    /// Exact event type or glob.
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = EventTypePattern, nullable = false)]
     pub event_type: Option<String>,
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = Text, nullable = false)]
     pub tenant_id: Option<String>,
+    /// Events created at or after this time; earlier than created_before.
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = String, format = DateTime, nullable = false)]
     pub created_after: Option<String>,
+    /// Events created before this time; later than created_after.
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = String, format = DateTime, nullable = false)]
     pub created_before: Option<String>,
+    /// Only these events (their event_id).
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = Vec<EventId>, nullable = false)]
     pub event_ids: Option<Vec<String>>,
+    /// At most this many deliveries (default 10000).
+    #[serde(default, deserialize_with = "integer")]
+    #[schema(nullable = false, minimum = 1, maximum = 2147483647)]
     pub max_events: Option<i32>,
+    /// Recorded in outbox.replays; default (and when blank) admin-api.
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = Text, nullable = false)]
     pub requested_by: Option<String>,
+    /// Recorded in outbox.replays.
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = Text, nullable = false)]
     pub reason: Option<String>,
+    /// Only count what would be re-queued.
     #[serde(default)]
     pub dry_run: bool,
 }
@@ -397,7 +747,12 @@ impl ReplayBody {
             .map(|id| parse_uuid("event_ids", id))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ReplayCriteria {
-            statuses: self.status.unwrap_or_default(),
+            statuses: self
+                .status
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| s.as_str().to_owned())
+                .collect(),
             subscription: self.subscription,
             event_type: self.event_type,
             tenant_id: self.tenant_id,
@@ -417,7 +772,8 @@ impl ReplayBody {
 }
 
 /// Runs `outbox.replay` and answers with the recorded replay. An unknown subscription in
-/// the criteria is bad input (400), not a missing resource at this URL.
+/// the criteria is a 404 naming the field: the request is well formed, what it refers to is
+/// missing (as for an unknown event of the compatibility replay).
 pub async fn run_replay(
     state: &ApiState,
     criteria: &ReplayCriteria,
@@ -426,10 +782,12 @@ pub async fn run_replay(
     let outcome = admin::replay(&client, criteria)
         .await
         .map_err(|error| match error {
-            admin::AdminError::NotFound { name } => ApiError::invalid(
-                "subscription",
-                format!("no subscription named {name:?}; GET /admin/v1/subscriptions lists them"),
-            ),
+            admin::AdminError::NotFound { name } => ApiError {
+                field: Some("subscription".to_owned()),
+                ..ApiError::not_found(format!(
+                    "no subscription named {name:?}; GET /admin/v1/subscriptions lists them"
+                ))
+            },
             other => from_admin(other),
         })?;
     admin::get_replay(&client, outcome.replay_id)
@@ -438,7 +796,7 @@ pub async fn run_replay(
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
+                super::ErrorCode::Internal,
                 format!(
                     "replay {} was recorded but could not be read back",
                     outcome.replay_id
@@ -447,6 +805,18 @@ pub async fn run_replay(
         })
 }
 
+/// Run outbox.replay (or only count, with dry_run).
+#[utoipa::path(
+    post,
+    path = "/replays",
+    tag = "replays",
+    request_body(content = Option<ReplayBody>, description = "Optional; {} replays every dead delivery."),
+    responses(
+        (status = 201, description = "The recorded replay.", body = admin::ReplaySummary),
+        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
+        (status = 404, description = "No subscription by the name given (error.field is subscription).", body = ErrorBody),
+    ),
+)]
 async fn create_replay(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<ReplayBody>,
@@ -456,13 +826,29 @@ async fn create_replay(
     Ok((StatusCode::CREATED, axum::Json(replay)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct PageQuery {
+    /// Page size, 1 to 500 (default 50).
+    #[param(nullable = false, minimum = 1, maximum = 500)]
     limit: Option<i64>,
+    /// next_cursor of the previous page.
+    #[param(nullable = false, pattern = "^[1-9][0-9]{0,17}$")]
     cursor: Option<String>,
 }
 
+/// Replays and backfills, newest first.
+#[utoipa::path(
+    get,
+    path = "/replays",
+    tag = "replays",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of replays.", body = admin::ReplayPage),
+        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
+    ),
+)]
 async fn list_replays(
     State(state): State<ApiState>,
     ApiQuery(query): ApiQuery<PageQuery>,
@@ -476,6 +862,18 @@ async fn list_replays(
     Ok(axum::Json(page))
 }
 
+/// One replay.
+#[utoipa::path(
+    get,
+    path = "/replays/{id}",
+    tag = "replays",
+    params(("id" = i64, Path, description = "Replay id.", minimum = 1)),
+    responses(
+        (status = 200, description = "The replay.", body = admin::ReplaySummary),
+        (status = 400, description = "Not an id.", body = ErrorBody),
+        (status = 404, description = "No such replay.", body = ErrorBody),
+    ),
+)]
 async fn get_replay(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath,

@@ -17,16 +17,24 @@
 //!   (`duplicate_event`): the first one was stored and will be delivered, so a retrying
 //!   client can treat 409 as done. This is the SPEC's idempotency of `event_id`.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use std::collections::BTreeMap;
+
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::admin::run_replay;
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, parse_uuid};
+use super::openapi::{
+    EventId, EventType, EventTypePattern, JsonObject, JsonValue, MaskedUrl, SubscriptionName, Text,
+    WebhookUrl,
+};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, ErrorBody, ErrorCode, parse_uuid};
 use crate::admin::{self, EventSearch, NewEvent, Published, ReplayCriteria};
 use crate::secret::SecretUrl;
 
@@ -51,37 +59,62 @@ pub const BATCH_REPLAY_MAX: i32 = 10_000;
 /// in-flight deliveries are being sent anyway.
 const SINGLE_REPLAY_STATUSES: [&str; 3] = ["dead", "failing", "delivered"];
 
-pub fn routes() -> Router<ApiState> {
-    Router::new()
-        .route("/events/publish", post(publish))
-        .route("/events/subscribe", post(subscribe))
-        .route("/subscriptions", get(list_subscriptions))
-        .route("/events/history", post(history))
-        .route("/api/events/{event_id}/replay", post(replay_event))
-        .route("/api/events/replay/batch", post(replay_batch))
-        .route("/api/events/status/pending", get(pending_status))
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(publish))
+        .routes(routes!(subscribe))
+        .routes(routes!(list_subscriptions))
+        .routes(routes!(history))
+        .routes(routes!(replay_event))
+        .routes(routes!(replay_batch))
+        .routes(routes!(pending_status))
 }
 
-#[derive(Debug, Deserialize)]
+/// An event to publish. Unknown fields are ignored and `null` means absent: old clients
+/// send both.
+#[derive(Debug, Deserialize, ToSchema)]
 struct PublishBody {
+    #[schema(value_type = EventType)]
     event_type: String,
+    #[schema(value_type = Option<Text>)]
     tenant_id: Option<String>,
+    #[schema(value_type = Option<Text>)]
     source_service: Option<String>,
-    /// Becomes the payload; `{}` when absent.
+    /// Becomes the payload (at most 1 MiB of JSON); `{}` when absent or null.
+    #[schema(value_type = JsonValue, required = false)]
     data: Option<serde_json::Value>,
+    /// low, normal (default) or high, in any case: -10, 0, 10 in events.priority.
+    #[schema(
+        value_type = Option<String>,
+        pattern = "^([Ll][Oo][Ww]|[Nn][Oo][Rr][Mm][Aa][Ll]|[Hh][Ii][Gg][Hh])$"
+    )]
     priority: Option<String>,
-    /// Empty or absent = every matching subscription.
+    /// Subscription names; empty or absent = every matching subscription.
+    #[schema(value_type = Option<Vec<Text>>)]
     target_services: Option<Vec<String>>,
+    /// Your own event_id (idempotency: a second publish with it is a 409).
+    #[schema(value_type = Option<EventId>)]
     event_id: Option<String>,
+    /// Stored as metadata.correlation_id.
+    #[schema(value_type = Option<Text>)]
     correlation_id: Option<String>,
     /// Extra metadata, passed through to subscribers.
+    #[schema(value_type = Option<JsonObject>)]
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// e.g. lead:42; 1 to 255 characters.
+    #[schema(value_type = Option<String>, pattern = r"^[^\u0000]{1,255}$")]
     ordering_key: Option<String>,
+    /// Fields of older clients, ignored; like all text they must not hold NUL.
+    #[serde(flatten)]
+    #[schema(value_type = BTreeMap<String, JsonValue>)]
+    _ignored: BTreeMap<String, IgnoredAny>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PublishAnswer {
     event_id: Uuid,
+    /// Always accepted.
+    #[schema(value_type = String, pattern = "^accepted$")]
     status: &'static str,
 }
 
@@ -105,6 +138,18 @@ fn publish_field(field: &str) -> Option<&'static str> {
     }
 }
 
+/// Compatibility: publish an event (inserts into outbox.events).
+#[utoipa::path(
+    post,
+    path = "/events/publish",
+    tag = "compatibility",
+    request_body = PublishBody,
+    responses(
+        (status = 201, description = "Stored.", body = PublishAnswer),
+        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
+        (status = 409, description = "event_id already published (code duplicate_event).", body = ErrorBody),
+    ),
+)]
 async fn publish(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<PublishBody>,
@@ -151,31 +196,45 @@ async fn publish(
             field: Some("event_id".to_owned()),
             ..ApiError::new(
                 StatusCode::CONFLICT,
-                "duplicate_event",
+                ErrorCode::DuplicateEvent,
                 format!("event {event_id} was already published; it is not stored twice"),
             )
         }),
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// Subscribe a service to an event type. Unknown fields are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
 struct SubscribeBody {
+    /// Exact event type or glob, added to the service's subscription.
+    #[schema(value_type = EventTypePattern)]
     event_type: String,
+    /// Names the subscription.
+    #[schema(value_type = SubscriptionName)]
     service_name: String,
+    /// Replaces the subscription's URL.
+    #[schema(value_type = WebhookUrl)]
     webhook_url: SecretUrl,
-    /// The payload must contain this object; `{}` or `null` = every payload.
+    /// The payload must contain this object; `{}` or `null` = every payload; absent = keep.
     #[serde(default, deserialize_with = "super::double_option")]
+    #[schema(value_type = Option<JsonObject>)]
     filters: Option<Option<serde_json::Value>>,
+    /// Fields of older clients, ignored; like all text they must not hold NUL.
+    #[serde(flatten)]
+    #[schema(value_type = BTreeMap<String, JsonValue>)]
+    _ignored: BTreeMap<String, IgnoredAny>,
 }
 
 /// A subscription in the old bus's words.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CompatSubscription {
     id: i64,
     service_name: String,
     event_types: Vec<String>,
+    #[schema(value_type = MaskedUrl)]
     webhook_url: String,
-    filters: Option<serde_json::Value>,
+    #[schema(value_type = Option<Object>)]
+    filters: Option<admin::Jsonb>,
     tenant_id: Option<String>,
     enabled: bool,
 }
@@ -194,13 +253,14 @@ impl From<admin::SubscriptionInfo> for CompatSubscription {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct SubscribeAnswer {
     #[serde(flatten)]
     subscription: CompatSubscription,
     created: bool,
     /// Only when the subscription was created by this call: give it to the subscriber.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, nullable = false)]
     secret: Option<admin::SecretText>,
 }
 
@@ -214,10 +274,23 @@ fn subscribe_field(field: &str) -> Option<&'static str> {
     }
 }
 
+/// Compatibility: create or extend the subscription named service_name.
+#[utoipa::path(
+    post,
+    path = "/events/subscribe",
+    tag = "compatibility",
+    request_body = SubscribeBody,
+    responses(
+        (status = 201, description = "Created; carries the secret.", body = SubscribeAnswer),
+        (status = 200, description = "Updated (no secret).", body = SubscribeAnswer),
+        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
+    ),
+)]
 async fn subscribe(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<SubscribeBody>,
 ) -> Result<impl IntoResponse, ApiError> {
+    super::check_webhook_url("webhook_url", &body.webhook_url)?;
     // An empty filter matches every payload; store it as NULL, which says so plainly.
     let filter = body
         .filters
@@ -247,11 +320,18 @@ async fn subscribe(
     ))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CompatSubscriptionList {
     subscriptions: Vec<CompatSubscription>,
 }
 
+/// Compatibility: list subscriptions.
+#[utoipa::path(
+    get,
+    path = "/subscriptions",
+    tag = "compatibility",
+    responses((status = 200, description = "Subscriptions.", body = CompatSubscriptionList)),
+)]
 async fn list_subscriptions(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let client = state.client().await?;
     let subscriptions = admin::list_subscriptions(&client)
@@ -262,37 +342,63 @@ async fn list_subscriptions(State(state): State<ApiState>) -> Result<impl IntoRe
     }))
 }
 
-#[derive(Debug, Deserialize)]
+/// Which events. Unknown fields are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
 struct HistoryBody {
+    #[schema(value_type = Option<Text>)]
     tenant_id: Option<String>,
+    /// Exact event types or globs; none = every type.
     #[serde(default)]
+    #[schema(value_type = Vec<EventTypePattern>)]
     event_types: Vec<String>,
+    /// 1 to 100 (default 50).
+    #[serde(default, deserialize_with = "super::nullable_integer")]
+    #[schema(minimum = 1, maximum = 100)]
     limit: Option<i64>,
+    /// Fields of older clients, ignored; like all text they must not hold NUL.
+    #[serde(flatten)]
+    #[schema(value_type = BTreeMap<String, JsonValue>)]
+    _ignored: BTreeMap<String, IgnoredAny>,
 }
 
 /// An event in the old bus's words (`data` is the payload).
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct HistoryEvent {
     event_id: Uuid,
     event_type: String,
     tenant_id: Option<String>,
     source_service: Option<String>,
-    data: Option<serde_json::Value>,
-    metadata: serde_json::Value,
+    /// The payload: any JSON.
+    #[schema(value_type = Value)]
+    data: Option<admin::Jsonb>,
+    #[schema(value_type = Object)]
+    metadata: admin::Jsonb,
     priority: i32,
     target_services: Option<Vec<String>>,
+    #[schema(format = DateTime)]
     created_at: String,
     dispatched: bool,
     /// Number of deliveries per status.
     deliveries: std::collections::BTreeMap<String, i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct HistoryAnswer {
     events: Vec<HistoryEvent>,
     count: usize,
 }
 
+/// Compatibility: the latest events with their data, newest first.
+#[utoipa::path(
+    post,
+    path = "/events/history",
+    tag = "compatibility",
+    request_body(content = Option<HistoryBody>, description = "Optional."),
+    responses(
+        (status = 200, description = "Events.", body = HistoryAnswer),
+        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
+    ),
+)]
 async fn history(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<HistoryBody>,
@@ -340,15 +446,28 @@ async fn history(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ReplayAnswer {
     replay_id: i64,
     matched: i64,
     dry_run: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     event_id: Option<Uuid>,
 }
 
+/// Compatibility: re-send one event's dead, failing and delivered deliveries.
+#[utoipa::path(
+    post,
+    path = "/api/events/{event_id}/replay",
+    tag = "compatibility",
+    params(("event_id" = EventId, Path, description = "The event's event_id.")),
+    responses(
+        (status = 200, description = "Replayed (through outbox.replay).", body = ReplayAnswer),
+        (status = 400, description = "Not a uuid.", body = ErrorBody),
+        (status = 404, description = "No such event.", body = ErrorBody),
+    ),
+)]
 async fn replay_event(
     State(state): State<ApiState>,
     ApiPath(event_id): ApiPath,
@@ -382,18 +501,41 @@ async fn replay_event(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct BatchQuery {
+    /// Exact event type or glob.
+    #[param(value_type = EventTypePattern, required = false, nullable = false)]
     event_type: Option<String>,
+    #[param(value_type = Text, required = false, nullable = false)]
     tenant_id: Option<String>,
-    /// Comma-separated delivery statuses; default `dead`.
+    /// Comma-separated delivery statuses (not in_flight); default dead.
+    #[param(
+        nullable = false,
+        pattern = "^( *(pending|delivered|failing|dead) *(, *(pending|delivered|failing|dead) *)*)?$"
+    )]
     status: Option<String>,
+    /// Deliveries at most, 1 to 10000 (default 100).
+    #[param(nullable = false, minimum = 1, maximum = 10000)]
     limit: Option<i32>,
+    /// Only count.
     #[serde(default)]
+    #[param(required = false)]
     dry_run: bool,
 }
 
+/// Compatibility: replay many deliveries.
+#[utoipa::path(
+    post,
+    path = "/api/events/replay/batch",
+    tag = "compatibility",
+    params(BatchQuery),
+    responses(
+        (status = 200, description = "Replayed (through outbox.replay).", body = ReplayAnswer),
+        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
+    ),
+)]
 async fn replay_batch(
     State(state): State<ApiState>,
     ApiQuery(query): ApiQuery<BatchQuery>,
@@ -436,7 +578,7 @@ async fn replay_batch(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PendingAnswer {
     /// Events committed and due but not yet fanned out into deliveries.
     undispatched_events: i64,
@@ -450,6 +592,13 @@ struct PendingAnswer {
     subscriptions: Vec<admin::SubscriptionStatus>,
 }
 
+/// Compatibility: backlog and open deliveries.
+#[utoipa::path(
+    get,
+    path = "/api/events/status/pending",
+    tag = "compatibility",
+    responses((status = 200, description = "Backlog.", body = PendingAnswer)),
+)]
 async fn pending_status(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
     let client = state.client().await?;
     let report = admin::status(&client).await.map_err(ApiError::from)?;

@@ -17,6 +17,10 @@
 //! not UTF-8 are a 400 naming the field (`name`, `headers.X-Team`, `event_types[1]`) before
 //! a handler runs. What still reaches the database as bad data (SQLSTATE classes 22 and
 //! 23) comes back from [`crate::admin`] as invalid input, also a 400.
+//!
+//! Routes are registered with `utoipa_axum`'s `routes!`, which takes each handler's path and
+//! method from its `#[utoipa::path]`: the router and the OpenAPI document ([`openapi`]) are
+//! built from the same list, so a route cannot be served undocumented or documented unserved.
 
 pub mod admin;
 pub mod compat;
@@ -34,9 +38,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
 use uuid::Uuid;
 
 use crate::admin::AdminError;
@@ -95,19 +102,29 @@ impl ApiState {
 
 /// The admin API and the compatibility endpoints, to merge into the HTTP listener's router.
 pub fn router(state: ApiState) -> Router {
-    let guarded = Router::new()
+    let guarded =
+        guarded_routes().route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let (router, _) = open_routes().merge(guarded).split_for_parts();
+    router.with_state(state)
+}
+
+/// Routes every request to which needs the bearer token.
+fn guarded_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
         .nest("/admin/v1", admin::routes())
         .merge(compat::routes())
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
-        // The document describes the API and holds nothing secret, so tools can fetch it
-        // without the token; it is still only served when the API is on.
-        .route(
-            "/admin/v1/openapi.json",
-            axum::routing::get(openapi::document),
-        )
-        .merge(guarded)
-        .with_state(state)
+}
+
+/// The document describes the API and holds nothing secret, so tools can fetch it without the
+/// token; it is still only served when the API is on.
+fn open_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new().routes(utoipa_axum::routes!(openapi::document))
+}
+
+/// The OpenAPI document of exactly the routes [`router`] serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let guarded = openapi::guarded(guarded_routes().into_openapi());
+    openapi::root(open_routes().into_openapi().merge_from(guarded))
 }
 
 /// Refuses requests without the right bearer token (401 with `WWW-Authenticate: Bearer`).
@@ -135,7 +152,7 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
 
 fn unauthorized(message: &str, challenge: &'static str) -> Response {
     let mut response =
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+        ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message).into_response();
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static(challenge),
@@ -143,18 +160,59 @@ fn unauthorized(message: &str, challenge: &'static str) -> Response {
     response
 }
 
+/// What kind of error an [`ApiError`] is; stable, for programs to act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the request is wrong; `field` names what to fix.
+    InvalidInput,
+    /// 401: missing or wrong bearer token.
+    Unauthorized,
+    /// 404: no such route or resource.
+    NotFound,
+    /// 409: a subscription with this name exists.
+    Duplicate,
+    /// 409 (compatibility publish): an event with this `event_id` was already stored.
+    DuplicateEvent,
+    /// 503: the database schema is older than this relay; run `outbox-relay migrate`.
+    SchemaOutdated,
+    /// 503: no database connection available; retry shortly.
+    Unavailable,
+    /// 500: a database query failed; the relay's log has the cause.
+    Internal,
+}
+
+/// The body of every error answer.
+#[derive(serde::Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+pub struct ErrorDetail {
+    code: ErrorCode,
+    /// For people; may change between versions.
+    message: String,
+    /// The input to blame, when there is one, as the request spells it: `name`,
+    /// `headers.X-Team`, `event_types[1]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    field: Option<String>,
+}
+
 /// Every error of the API, as `{"error": {"code": "...", "message": "...", "field": "..."}}`
 /// (`field` only when one input is to blame). `code` is stable; `message` is for people.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub field: Option<String>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -167,12 +225,12 @@ impl ApiError {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
         ApiError {
             field: Some(field.into()),
-            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", message)
+            ..ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, message)
         }
     }
 
     pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
     }
 
     /// Renames the field an [`AdminError`] named to the name this endpoint's callers use.
@@ -191,12 +249,16 @@ impl From<AdminError> for ApiError {
             AdminError::NotFound { .. } => ApiError::not_found(message),
             AdminError::Duplicate { .. } => ApiError {
                 field: Some("name".to_owned()),
-                ..ApiError::new(StatusCode::CONFLICT, "duplicate", message)
+                ..ApiError::new(StatusCode::CONFLICT, ErrorCode::Duplicate, message)
             },
             AdminError::Invalid { field, .. } => ApiError::invalid(field, message),
             AdminError::SchemaOutdated { .. } => {
                 tracing::error!(error = %message, "admin API request failed");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "schema_outdated", message)
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::SchemaOutdated,
+                    message,
+                )
             }
             AdminError::Db(db) => {
                 let unavailable = matches!(db, DbError::Pool { .. });
@@ -209,13 +271,13 @@ impl From<AdminError> for ApiError {
                 if unavailable {
                     ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "unavailable",
+                        ErrorCode::Unavailable,
                         "no database connection available; retry shortly",
                     )
                 } else {
                     ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
+                        ErrorCode::Internal,
                         "the database query failed; the relay's log has the cause",
                     )
                 }
@@ -226,20 +288,20 @@ impl From<AdminError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = serde_json::json!({ "code": self.code, "message": self.message });
-        if let Some(field) = self.field {
-            error["field"] = serde_json::Value::String(field);
-        }
-        (
-            self.status,
-            axum::Json(serde_json::json!({ "error": error })),
-        )
-            .into_response()
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+                field: self.field,
+            },
+        };
+        (self.status, axum::Json(body)).into_response()
     }
 }
 
 /// A JSON body whose parse errors are 400s in the API's shape, naming the field. An empty
-/// body reads as `{}`, so endpoints whose fields are all optional accept no body at all.
+/// body, or `null`, reads as `{}`, so endpoints whose fields are all optional accept no body
+/// at all (the document says such a body is optional or `null`).
 /// The content type is not checked: the previous event bus's clients do not all send it.
 pub struct ApiJson<T>(pub T);
 
@@ -250,11 +312,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         let bytes = Bytes::from_request(request, state)
             .await
             .map_err(|rejection| ApiError::invalid("body", rejection.body_text()))?;
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
+        let bytes: &[u8] =
+            if bytes.iter().all(u8::is_ascii_whitespace) || bytes.trim_ascii() == b"null" {
+                b"{}"
+            } else {
+                &bytes
+            };
         refuse_nul_in_json(bytes)?;
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
         serde_path_to_error::deserialize(&mut deserializer)
@@ -419,6 +482,89 @@ where
     <Option<T> as serde::Deserialize>::deserialize(deserializer).map(Some)
 }
 
+/// For `#[serde(default, deserialize_with = "non_null")]` on optional fields of the admin API
+/// for which `null` would mean nothing: absent = `None`, a value = `Some(v)`, and `null` is
+/// refused (400 naming the field) instead of being read as "absent", so a client that meant
+/// to clear a setting learns it cannot, and the document can say "a string" and be right.
+pub fn non_null<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+/// For `#[serde(default, deserialize_with = "integer")]` on optional integer fields: what
+/// JSON Schema calls an integer, which includes `7.0`, so a client that writes every number
+/// as a float is not refused. Absent = `None`; `null`, fractions and values out of `T`'s range
+/// are refused.
+pub fn integer<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    let number = serde_json::Number::deserialize(deserializer)?;
+    whole(&number)
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("{number} is not an integer in range")))
+}
+
+/// [`integer`] for fields where `null` means absent too (the compatibility endpoints).
+pub fn nullable_integer<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    match Option::<serde_json::Number>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(number) => whole(&number).map(Some).ok_or_else(|| {
+            serde::de::Error::custom(format!("{number} is not an integer in range"))
+        }),
+    }
+}
+
+fn whole<T: TryFrom<i64>>(number: &serde_json::Number) -> Option<T> {
+    let value = match number.as_i64() {
+        Some(value) => value,
+        None => {
+            let float = number.as_f64()?;
+            // Beyond ±2^63 the cast saturates; such values are out of every T's range anyway,
+            // and the fraction check below refuses 7.5.
+            if float.fract() != 0.0 || float.abs() >= 9.2e18 {
+                return None;
+            }
+            float as i64
+        }
+    };
+    T::try_from(value).ok()
+}
+
+/// Refuses a subscription URL outside [`openapi::WEBHOOK_URL`], the form the document
+/// promises. The URL parser alone takes more (`http://a*`, hosts in any script), and the
+/// API should refuse what its document calls invalid rather than store it. The CLI and SQL
+/// keep the database's looser rule.
+pub fn check_webhook_url(field: &str, url: &crate::secret::SecretUrl) -> Result<(), ApiError> {
+    static PATTERN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let pattern = PATTERN.get_or_init(|| {
+        // A constant pattern, compiled by the unit test below: it cannot fail here.
+        regex::Regex::new(openapi::WEBHOOK_URL).expect("WEBHOOK_URL is a valid regex")
+    });
+    let raw = url.expose_secret();
+    if raw.chars().count() <= openapi::WEBHOOK_URL_MAX && pattern.is_match(raw) {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        field,
+        format!(
+            "{} is not a URL this API takes: give http:// or https://, an optional user:password@, \
+             a host name of letters, digits, - and _ (or an IPv4 or bracketed IPv6 address), an \
+             optional port, then printable ASCII without spaces; at most {} characters",
+            url.masked(),
+            openapi::WEBHOOK_URL_MAX
+        ),
+    ))
+}
+
 pub fn parse_uuid(field: &str, raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw.trim()).map_err(|error| {
         ApiError::invalid(
@@ -441,13 +587,16 @@ pub fn parse_time(field: &str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
         })
 }
 
-/// Cursors are the decimal `id` of the last row of the previous page; any other text is
-/// refused rather than read as "from the start".
+/// Cursors are the decimal `id` of the last row of the previous page, as `next_cursor` spells
+/// it (no sign, spaces or leading zeros; at most 18 digits, far above any id); any other text
+/// is refused rather than read as "from the start". The document states the same pattern.
 pub fn parse_cursor(raw: &str) -> Result<i64, ApiError> {
-    raw.trim()
-        .parse::<i64>()
-        .ok()
-        .filter(|id| *id > 0)
+    let canonical = (1..=CURSOR_MAX_DIGITS).contains(&raw.len())
+        && raw.bytes().all(|b| b.is_ascii_digit())
+        && !raw.starts_with('0');
+    canonical
+        .then(|| raw.parse::<i64>().ok())
+        .flatten()
         .ok_or_else(|| {
             ApiError::invalid(
                 "cursor",
@@ -455,6 +604,9 @@ pub fn parse_cursor(raw: &str) -> Result<i64, ApiError> {
             )
         })
 }
+
+/// Longest cursor [`parse_cursor`] takes: 18 digits always fit an `i64`.
+pub const CURSOR_MAX_DIGITS: usize = 18;
 
 #[cfg(test)]
 mod tests {
@@ -469,6 +621,39 @@ mod tests {
         assert!(!token.matches(""));
         assert!(AdminToken::new("  ").is_none());
         assert!(!format!("{token:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_documented_url_pattern_is_what_the_server_checks() {
+        use crate::secret::SecretUrl;
+        for good in [
+            "https://agents.internal/hooks",
+            "http://127.0.0.1:8080/x?y=1#z",
+            "HTTP://user:pass@my_service:65535/",
+            "http://[::1]:9000/hook",
+            "http://localhost",
+        ] {
+            assert!(
+                check_webhook_url("url", &SecretUrl::from(good)).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "http://a*",
+            "ftp://a/",
+            "http://a b/",
+            "http://1.2.3.999/",
+            "http://a:65536/",
+            "http://é.example/",
+            "http://a/\u{0}",
+        ] {
+            assert!(
+                check_webhook_url("url", &SecretUrl::from(bad)).is_err(),
+                "{bad}"
+            );
+        }
+        let long = format!("http://a/{}", "x".repeat(openapi::WEBHOOK_URL_MAX));
+        assert!(check_webhook_url("url", &SecretUrl::from(long.as_str())).is_err());
     }
 
     #[test]

@@ -1,336 +1,371 @@
-//! The OpenAPI 3 description of the admin API and the compatibility endpoints, served at
-//! `/admin/v1/openapi.json`. Written by hand (a document, not derived from the handlers),
-//! so a test checks that it lists every route the router serves.
+//! The OpenAPI 3.1 description of the admin API and the compatibility endpoints, served at
+//! `/admin/v1/openapi.json`. Derived, not written: `utoipa` builds it from the request and
+//! response types (`#[derive(ToSchema)]`, `#[derive(IntoParams)]`) and from each handler's
+//! `#[utoipa::path]`, and [`super::openapi`] collects the paths from the very router that
+//! serves them.
+//!
+//! What the types alone cannot say lives here, once: the constrained strings the server
+//! and the database enforce (event types, names, URLs, secrets, header names, text without
+//! NUL, JSON without NUL), each a named schema that the fields refer to, and the responses
+//! every guarded operation can give (401, 503). A schema fuzzer (schemathesis, run by
+//! `tests/it/openapi_fuzz.rs`) checks that the server accepts what this says is valid and
+//! refuses what it says is not.
 
+use std::sync::OnceLock;
+
+use axum::http::header;
 use axum::response::IntoResponse;
-use serde_json::{Value, json};
+use utoipa::openapi::path::Operation;
+use utoipa::openapi::schema::{
+    AdditionalProperties, AnyOfBuilder, ArrayBuilder, ObjectBuilder, Schema, SchemaType, Type,
+};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, ResponseBuilder};
+use utoipa::{Modify, OpenApi as _, PartialSchema, ToSchema};
 
-pub async fn document() -> impl IntoResponse {
-    axum::Json(build())
+/// Text PostgreSQL can store: anything but U+0000.
+pub const NO_NUL: &str = r"^[^\u0000]*$";
+/// `events.event_type` (`outbox.is_valid_event_type`).
+pub const EVENT_TYPE: &str = "^[A-Za-z0-9._:-]{1,255}$";
+/// An event type or a glob with `*` (`outbox.are_valid_event_type_patterns`).
+pub const EVENT_TYPE_PATTERN: &str = "^[A-Za-z0-9._:*-]{1,255}$";
+/// `subscriptions.name` (constraint `name_format`).
+pub const SUBSCRIPTION_NAME: &str = "^[A-Za-z0-9._:-]{1,255}$";
+/// `subscriptions.url` (constraint `url_scheme`, plus what a URL parser accepts): http or
+/// https, an optional `user[:password]@`, a host (a DNS name whose last label starts with a
+/// letter or `_`, a dotted IPv4 address or a bracketed IPv6 address), an optional port, then
+/// any printable ASCII without spaces. The server accepts a little more (names with other
+/// characters, non-ASCII paths); this is what it is guaranteed to accept.
+pub const WEBHOOK_URL: &str = concat!(
+    "^[Hh][Tt][Tt][Pp][Ss]?://",
+    "([A-Za-z0-9._~-]+(:[A-Za-z0-9._~-]+)?@)?",
+    "(",
+    "([A-Za-z0-9_-]+\\.)*[A-Za-z_][A-Za-z0-9_-]*\\.?",
+    "|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
+    "|\\[(",
+    "([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}",
+    "|([0-9A-Fa-f]{1,4}:){1,7}:",
+    "|([0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}",
+    "|([0-9A-Fa-f]{1,4}:){1,5}(:[0-9A-Fa-f]{1,4}){1,2}",
+    "|([0-9A-Fa-f]{1,4}:){1,4}(:[0-9A-Fa-f]{1,4}){1,3}",
+    "|([0-9A-Fa-f]{1,4}:){1,3}(:[0-9A-Fa-f]{1,4}){1,4}",
+    "|([0-9A-Fa-f]{1,4}:){1,2}(:[0-9A-Fa-f]{1,4}){1,5}",
+    "|[0-9A-Fa-f]{1,4}:(:[0-9A-Fa-f]{1,4}){1,6}",
+    "|:((:[0-9A-Fa-f]{1,4}){1,7}|:)",
+    ")\\]",
+    ")",
+    "(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?",
+    "([/?#][!-~]*)?$"
+);
+/// Longest `subscriptions.url` (constraint `url_scheme`).
+pub const WEBHOOK_URL_MAX: usize = 2048;
+/// `whsec_` and the canonical, padded base64 of at least 16 bytes: what the constraint
+/// `secret_format` and the signer's decoder both accept.
+pub const SECRET: &str = concat!(
+    "^whsec_([A-Za-z0-9+/]{4}){5,}",
+    "([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=|[A-Za-z0-9+/][AQgw]==)$"
+);
+/// An `event_id` as the API takes it: a hyphenated UUID. (The server also takes other
+/// spellings of a UUID; this is the one every answer uses.) A pattern, because `format` alone
+/// only annotates in JSON Schema 2020-12: a fuzzer may send "" as a "uuid".
+pub const EVENT_ID: &str =
+    "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$";
+/// Header names the relay sets itself, which a subscription's `headers` cannot override
+/// (`outbox.are_valid_headers`, compared without case).
+pub const RESERVED_HEADERS: [&str; 9] = [
+    "content-type",
+    "content-length",
+    "host",
+    "user-agent",
+    "transfer-encoding",
+    "connection",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
+/// A header name (an HTTP token of 1 to 128 characters) that is none of
+/// [`RESERVED_HEADERS`] in any case. JSON Schema patterns have no case-insensitive flag, so
+/// each letter of a reserved name becomes a class of both cases.
+pub fn header_name_pattern() -> String {
+    let reserved: Vec<String> = RESERVED_HEADERS
+        .iter()
+        .map(|name| {
+            name.chars()
+                .map(|c| {
+                    if c.is_ascii_alphabetic() {
+                        format!("[{}{}]", c.to_ascii_uppercase(), c.to_ascii_lowercase())
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    format!(
+        "^(?!({})$)[A-Za-z0-9!#$%&'*+.^_`|~-]{{1,128}}$",
+        reserved.join("|")
+    )
 }
 
-fn reference(name: &str) -> Value {
-    json!({ "$ref": format!("#/components/schemas/{name}") })
+fn string(pattern: &str, description: &str) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(pattern))
+        .description(Some(description))
 }
 
-fn json_body(schema: Value) -> Value {
-    json!({ "content": { "application/json": { "schema": schema } } })
+/// A named schema for a constrained string or JSON shape: a marker type whose only use is
+/// `#[schema(value_type = …)]` on the fields it describes.
+macro_rules! named_schema {
+    ($(#[doc = $doc:literal])* $name:ident => $schema:expr) => {
+        $(#[doc = $doc])*
+        pub struct $name;
+
+        impl PartialSchema for $name {
+            fn schema() -> RefOr<Schema> {
+                $schema.into()
+            }
+        }
+
+        impl ToSchema for $name {}
+    };
 }
 
-fn ok(description: &str, schema: Value) -> Value {
-    json!({ "description": description, "content": { "application/json": { "schema": schema } } })
+named_schema! {
+    /// Text without NUL.
+    Text => string(NO_NUL, "Text; PostgreSQL cannot store NUL (\\u0000), so it is refused (400).")
 }
 
-fn error(description: &str) -> Value {
-    ok(description, reference("Error"))
+named_schema! {
+    EventType => string(EVENT_TYPE, "An event type: 1 to 255 letters, digits and . _ : -, e.g. lead.created.")
+        .min_length(Some(1))
+        .max_length(Some(255))
 }
 
-/// The responses every guarded operation can give besides its own.
-fn with_errors(mut responses: Value, extra: &[(&str, &str)]) -> Value {
-    let map = responses
-        .as_object_mut()
-        .expect("responses are built as a JSON object literal");
-    map.insert(
-        "401".into(),
-        error("Missing or wrong bearer token (WWW-Authenticate: Bearer)."),
-    );
-    map.insert(
-        "503".into(),
-        error("Database unavailable or schema outdated."),
-    );
-    for (status, description) in extra {
-        map.insert((*status).into(), error(description));
+named_schema! {
+    EventTypePattern => string(
+        EVENT_TYPE_PATTERN,
+        "An event type or a glob with * as the wildcard: 1 to 255 letters, digits, . _ : - and *, e.g. lead.*.",
+    )
+    .min_length(Some(1))
+    .max_length(Some(255))
+}
+
+named_schema! {
+    SubscriptionName => string(
+        SUBSCRIPTION_NAME,
+        "A subscription name (the subscribing service): 1 to 255 letters, digits and . _ : -, e.g. ai-agents.",
+    )
+    .min_length(Some(1))
+    .max_length(Some(255))
+}
+
+named_schema! {
+    WebhookUrl => string(
+        WEBHOOK_URL,
+        "An absolute http:// or https:// URL with a host, without spaces, at most 2048 characters. \
+         A password in it is shown as *** in every answer.",
+    )
+    .max_length(Some(WEBHOOK_URL_MAX))
+}
+
+named_schema! {
+    EventId => string(EVENT_ID, "An event's event_id (a UUID).")
+        .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+            utoipa::openapi::KnownFormat::Uuid,
+        )))
+}
+
+named_schema! {
+    Secret => string(
+        SECRET,
+        "A signing secret: whsec_ followed by the base64 of at least 16 random bytes.",
+    )
+}
+
+named_schema! {
+    /// The text of a stored URL or secret as the API shows it.
+    MaskedUrl => ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some("The URL with any password shown as ***."))
+}
+
+named_schema! {
+    Headers => ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(
+            "Static extra request headers. Names are HTTP tokens of at most 128 characters; \
+             content-type, content-length, host, user-agent, transfer-encoding, connection and \
+             the webhook-* headers are set by the relay and cannot be given.",
+        ))
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(header_name_pattern())),
+        ))
+        .additional_properties(Some(Ref::from_schema_name(Text::name())))
+}
+
+named_schema! {
+    /// Any JSON value without NUL in a string or key, at any depth.
+    JsonValue => AnyOfBuilder::new()
+        .description(Some(
+            "Any JSON value; no string or key in it may hold NUL (\\u0000), which PostgreSQL \
+             cannot store in jsonb.",
+        ))
+        .item(ObjectBuilder::new().schema_type(SchemaType::from_iter([Type::Null, Type::Boolean, Type::Number])))
+        .item(Ref::from_schema_name(Text::name()))
+        .item(ArrayBuilder::new().items(Ref::from_schema_name("JsonValue")))
+        .item(json_object())
+}
+
+named_schema! {
+    /// A JSON object whose values are [`JsonValue`]s.
+    JsonObject => json_object().description(Some(
+        "A JSON object; no string or key in it may hold NUL (\\u0000), at any depth.",
+    ))
+}
+
+fn json_object() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(NO_NUL)),
+        ))
+        .additional_properties(Some(AdditionalProperties::RefOr(
+            Ref::from_schema_name("JsonValue").into(),
+        )))
+}
+
+const DESCRIPTION: &str = "Admin API (/admin/v1) and the previous event bus's compatibility \
+endpoints. Enabled only when OUTBOX_ADMIN_TOKEN is set; every operation but this document \
+needs Authorization: Bearer <token>. Errors: {\"error\": {\"code\", \"message\", \"field\"}}. \
+Text anywhere in a request (body strings and keys at any depth, query and path parameters) \
+must be UTF-8 without NUL (\\u0000), which PostgreSQL cannot store: such input is a 400 \
+invalid_input naming the field. Derived from the server's types; a schema fuzzer checks it \
+against the server.";
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "outbox-relay admin API", description = DESCRIPTION),
+    modifiers(&BearerScheme),
+    security(("bearer" = [])),
+)]
+struct ApiDoc;
+
+struct BearerScheme;
+
+impl Modify for BearerScheme {
+    fn modify(&self, openapi: &mut OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
-    responses
 }
 
-fn path_param(name: &str, description: &str) -> Value {
-    json!({ "name": name, "in": "path", "required": true, "description": description,
-            "schema": { "type": "string" } })
-}
-
-fn query_param(name: &str, description: &str, schema: Value) -> Value {
-    json!({ "name": name, "in": "query", "required": false, "description": description,
-            "schema": schema })
-}
-
-fn operation(
-    summary: &str,
-    parameters: Vec<Value>,
-    body: Option<Value>,
-    responses: Value,
-) -> Value {
-    let mut op = json!({ "summary": summary, "parameters": parameters, "responses": responses });
-    if let Some(body) = body {
-        op["requestBody"] = body;
+/// The whole document: info, security and `paths` (with the schemas they use).
+pub fn root(paths: OpenApi) -> OpenApi {
+    let mut api = ApiDoc::openapi().merge_from(paths);
+    if let Some(components) = api.components.as_mut() {
+        for schema in components.schemas.values_mut() {
+            keys_without_nul(schema);
+        }
     }
-    op
+    api
 }
 
-fn subscription_name() -> Value {
-    path_param("name", "Subscription name.")
+/// Object schemas that take keys of their own (a map, or a compatibility body's ignored
+/// fields) get `propertyNames` without NUL: the server refuses NUL in keys too, and a derive
+/// cannot say so for a `#[serde(flatten)]` map.
+fn keys_without_nul(schema: &mut RefOr<Schema>) {
+    if let RefOr::T(Schema::Object(object)) = schema
+        && object.additional_properties.is_some()
+        && object.property_names.is_none()
+    {
+        object.property_names = Some(Box::new(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(NO_NUL))
+                .into(),
+        ));
+    }
 }
 
-fn page_params() -> Vec<Value> {
-    vec![
-        query_param(
-            "limit",
-            "Page size, 1 to 500 (default 50).",
-            json!({ "type": "integer", "minimum": 1, "maximum": 500 }),
-        ),
-        query_param(
-            "cursor",
-            "next_cursor of the previous page.",
-            json!({ "type": "string" }),
-        ),
+/// Adds to every operation of `api` the answers the token check and the database pool can
+/// give whatever the operation: 401 and 503.
+pub fn guarded(mut api: OpenApi) -> OpenApi {
+    for item in api.paths.paths.values_mut() {
+        for operation in operations(item) {
+            add_error(
+                operation,
+                "401",
+                "Missing or wrong bearer token (WWW-Authenticate: Bearer).",
+            );
+            add_error(
+                operation,
+                "503",
+                "No database connection available, or the schema needs `outbox-relay migrate`.",
+            );
+        }
+    }
+    api
+}
+
+fn operations(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut Operation> {
+    [
+        item.get.as_mut(),
+        item.put.as_mut(),
+        item.post.as_mut(),
+        item.delete.as_mut(),
+        item.options.as_mut(),
+        item.head.as_mut(),
+        item.patch.as_mut(),
+        item.trace.as_mut(),
     ]
+    .into_iter()
+    .flatten()
 }
 
-pub fn build() -> Value {
-    let string = json!({ "type": "string" });
-    let nullable_string = json!({ "type": ["string", "null"] });
-    let time = json!({ "type": "string", "format": "date-time" });
-    let nullable_time = json!({ "type": ["string", "null"], "format": "date-time" });
-    let object = json!({ "type": "object" });
-    let strings = json!({ "type": "array", "items": { "type": "string" } });
+fn add_error(operation: &mut Operation, status: &str, description: &str) {
+    let response = ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name(super::ErrorBody::name())))
+                .build(),
+        )
+        .build();
+    operation
+        .responses
+        .responses
+        .entry(status.to_owned())
+        .or_insert_with(|| response.into());
+}
 
-    let subscription_settings = json!({
-        "event_types": { "type": "array", "items": { "type": "string" }, "description": "Exact names or globs (lead.*, *)." },
-        "tenant_id": { "type": ["string", "null"], "description": "null = every tenant." },
-        "filter": { "type": ["object", "null"], "description": "The payload must contain it (payload @> filter)." },
-        "headers": { "type": "object", "additionalProperties": { "type": "string" } },
-        "timeout_seconds": { "type": "number" },
-        "max_in_flight": { "type": "integer" },
-        "rate_limit_per_second": { "type": ["number", "null"] },
-        "retry_schedule_seconds": { "type": "array", "items": { "type": "number" } },
-        "ordered": { "type": "boolean" }
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/openapi.json",
+    tag = "meta",
+    security(()),
+    responses((status = 200, description = "This OpenAPI 3.1 document.", body = Object)),
+)]
+pub async fn document() -> impl IntoResponse {
+    static DOCUMENT: OnceLock<String> = OnceLock::new();
+    let document = DOCUMENT.get_or_init(|| {
+        // Serialising a document of string keys and JSON values cannot fail.
+        super::openapi()
+            .to_json()
+            .expect("the OpenAPI document serialises to JSON")
     });
-    let mut create_properties = subscription_settings.clone();
-    create_properties["name"] = string.clone();
-    create_properties["url"] = json!({ "type": "string", "format": "uri" });
-    create_properties["secret"] =
-        json!({ "type": "string", "description": "whsec_…; generated when omitted." });
-    let mut update_properties = subscription_settings;
-    update_properties["url"] = json!({ "type": "string", "format": "uri" });
-
-    let schemas = json!({
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": { "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {
-                    "code": { "type": "string", "enum": ["invalid_input", "unauthorized", "not_found", "duplicate", "duplicate_event", "schema_outdated", "unavailable", "internal"] },
-                    "message": { "type": "string" },
-                    "field": { "type": "string", "description": "The input to blame, when there is one, as the request spells it: name, headers.X-Team, event_types[1]." }
-                }
-            }}
-        },
-        "Subscription": {
-            "type": "object",
-            "description": "A subscription; never carries its secret.",
-            "properties": {
-                "id": { "type": "integer" }, "name": string, "url": string,
-                "event_types": strings, "tenant_id": nullable_string, "filter": { "type": ["object", "null"] },
-                "enabled": { "type": "boolean" }, "disabled_reason": nullable_string,
-                "ordered": { "type": "boolean" },
-                "retry_schedule_seconds": { "type": "array", "items": { "type": "number" } },
-                "timeout_seconds": { "type": "number" }, "max_in_flight": { "type": "integer" },
-                "rate_limit_per_second": { "type": ["number", "null"] },
-                "headers": { "type": "object", "additionalProperties": { "type": "string" } },
-                "created_at": time, "updated_at": time, "previous_secret_expires_at": nullable_time
-            }
-        },
-        "SubscriptionCreate": { "type": "object", "required": ["name", "url"], "additionalProperties": false, "properties": create_properties },
-        "SubscriptionUpdate": { "type": "object", "additionalProperties": false, "properties": update_properties,
-                                "description": "Only the given settings change; null clears tenant_id, filter, rate_limit_per_second." },
-        "CreatedSubscription": { "allOf": [ reference("Subscription"),
-            { "type": "object", "properties": { "secret": { "type": "string", "description": "Shown only here and by rotate-secret." } } } ] },
-        "RemovedSubscription": { "type": "object", "properties": { "id": { "type": "integer" }, "name": string, "deliveries_ended": { "type": "integer" } } },
-        "RotatedSecret": { "type": "object", "properties": { "id": { "type": "integer" }, "name": string, "secret": string, "previous_secret_expires_at": nullable_time } },
-        "EventSummary": {
-            "type": "object",
-            "properties": {
-                "id": { "type": "integer", "description": "Internal order; the pagination key." },
-                "event_id": { "type": "string", "format": "uuid" }, "event_type": string,
-                "tenant_id": nullable_string, "source_service": nullable_string, "ordering_key": nullable_string,
-                "target_services": { "type": ["array", "null"], "items": { "type": "string" } },
-                "metadata": object, "priority": { "type": "integer" },
-                "deliver_after": time, "created_at": time, "dispatched_at": nullable_time,
-                "deliveries": { "type": "object", "additionalProperties": { "type": "integer" }, "description": "Deliveries per status." }
-            }
-        },
-        "EventPage": { "type": "object", "properties": {
-            "events": { "type": "array", "items": reference("EventSummary") },
-            "next_cursor": nullable_string } },
-        "Attempt": { "type": "object", "properties": {
-            "id": { "type": "integer" }, "attempt": { "type": "integer" }, "started_at": time,
-            "duration_ms": { "type": "integer" }, "status_code": { "type": ["integer", "null"] },
-            "error": nullable_string, "response_body": nullable_string, "replay_id": { "type": ["integer", "null"] } } },
-        "Delivery": { "type": "object", "properties": {
-            "id": { "type": "integer" }, "subscription_id": { "type": ["integer", "null"] }, "subscription": nullable_string,
-            "status": { "type": "string", "enum": ["pending", "in_flight", "delivered", "failing", "dead"] },
-            "attempts": { "type": "integer" }, "next_attempt_at": time, "last_status_code": { "type": ["integer", "null"] },
-            "last_error": nullable_string, "created_at": time, "delivered_at": nullable_time,
-            "replay_id": { "type": ["integer", "null"] },
-            "attempt_history": { "type": "array", "items": reference("Attempt"), "description": "Latest first, at most 100." } } },
-        "EventDetail": { "allOf": [ reference("EventSummary"), { "type": "object", "properties": {
-            "payload": {}, "delivery_list": { "type": "array", "items": reference("Delivery") } } } ] },
-        "ReplayRequest": { "type": "object", "additionalProperties": false, "description": "The criteria of outbox.replay.", "properties": {
-            "status": { "type": "array", "items": { "type": "string" }, "description": "Default [dead]." },
-            "subscription": string, "event_type": { "type": "string", "description": "Exact or glob." },
-            "tenant_id": string, "created_after": time, "created_before": time,
-            "event_ids": { "type": "array", "items": { "type": "string", "format": "uuid" } },
-            "max_events": { "type": "integer", "minimum": 1 },
-            "requested_by": { "type": "string", "description": "Default admin-api." },
-            "reason": string, "dry_run": { "type": "boolean" } } },
-        "Replay": { "type": "object", "properties": {
-            "id": { "type": "integer" }, "requested_at": time, "requested_by": string, "reason": nullable_string,
-            "criteria": object, "matched": { "type": "integer" }, "dry_run": { "type": "boolean" } } },
-        "ReplayPage": { "type": "object", "properties": {
-            "replays": { "type": "array", "items": reference("Replay") }, "next_cursor": nullable_string } },
-        "CompatSubscription": { "type": "object", "properties": {
-            "id": { "type": "integer" }, "service_name": string, "event_types": strings, "webhook_url": string,
-            "filters": { "type": ["object", "null"] }, "tenant_id": nullable_string, "enabled": { "type": "boolean" } } },
-        "CompatReplay": { "type": "object", "properties": {
-            "replay_id": { "type": "integer" }, "matched": { "type": "integer" }, "dry_run": { "type": "boolean" },
-            "event_id": { "type": "string", "format": "uuid" } } }
-    });
-
-    let subscriptions_list = json!({ "type": "object", "properties": { "subscriptions": { "type": "array", "items": reference("Subscription") } } });
-
-    let mut paths = serde_json::Map::new();
-    paths.insert(
-        "/admin/v1/openapi.json".into(),
-        json!({ "get": {
-            "summary": "This document (no token needed).", "security": [],
-            "responses": { "200": ok("OpenAPI 3 document.", object.clone()) } } }),
-    );
-    paths.insert("/admin/v1/subscriptions".into(), json!({
-            "get": operation("List subscriptions (by name).", vec![], None,
-                with_errors(json!({ "200": ok("Subscriptions.", subscriptions_list) }), &[])),
-            "post": operation("Create a subscription; the answer carries its secret.", vec![],
-                Some(json_body(reference("SubscriptionCreate"))),
-                with_errors(json!({ "201": ok("Created.", reference("CreatedSubscription")) }),
-                    &[("400", "Invalid input; error.field names it."), ("409", "A subscription with this name exists.")]))
-        }));
-    paths.insert("/admin/v1/subscriptions/{name}".into(), json!({
-            "get": operation("One subscription.", vec![subscription_name()], None,
-                with_errors(json!({ "200": ok("The subscription.", reference("Subscription")) }), &[("400", "Invalid input (e.g. a name holding NUL); error.field names it."), ("404", "No such subscription.")])),
-            "patch": operation("Change the given settings.", vec![subscription_name()],
-                Some(json_body(reference("SubscriptionUpdate"))),
-                with_errors(json!({ "200": ok("The subscription now.", reference("Subscription")) }),
-                    &[("400", "Invalid input; error.field names it."), ("404", "No such subscription.")])),
-            "delete": operation("Delete; its open deliveries become dead.", vec![subscription_name()], None,
-                with_errors(json!({ "200": ok("Removed.", reference("RemovedSubscription")) }), &[("400", "Invalid input (e.g. a name holding NUL); error.field names it."), ("404", "No such subscription.")]))
-        }));
-    paths.insert("/admin/v1/subscriptions/{name}/disable".into(), json!({ "post": operation("Stop delivering to it.", vec![subscription_name()],
-            Some(json_body(json!({ "type": "object", "properties": { "reason": string } }))),
-            with_errors(json!({ "200": ok("The subscription now.", reference("Subscription")) }), &[("400", "Invalid input (e.g. a name holding NUL); error.field names it."), ("404", "No such subscription.")])) }));
-    paths.insert("/admin/v1/subscriptions/{name}/enable".into(), json!({ "post": operation("Deliver to it again.", vec![subscription_name()], None,
-            with_errors(json!({ "200": ok("The subscription now.", reference("Subscription")) }), &[("400", "Invalid input (e.g. a name holding NUL); error.field names it."), ("404", "No such subscription.")])) }));
-    paths.insert("/admin/v1/subscriptions/{name}/rotate-secret".into(), json!({ "post": operation(
-            "Replace the signing secret; both sign during the overlap (default 86400 s).", vec![subscription_name()],
-            Some(json_body(json!({ "type": "object", "properties": { "overlap_seconds": { "type": "number" }, "secret": string } }))),
-            with_errors(json!({ "200": ok("The new secret.", reference("RotatedSecret")) }),
-                &[("400", "Invalid input; error.field names it."), ("404", "No such subscription.")])) }));
-    paths.insert("/admin/v1/events".into(), json!({ "get": operation("Search events, newest first, by keyset pages.",
-            [vec![
-                query_param("event_type", "Exact or glob.", string.clone()),
-                query_param("tenant_id", "", string.clone()),
-                query_param("since", "created_at >= since (RFC 3339).", time.clone()),
-                query_param("until", "created_at < until (RFC 3339).", time.clone()),
-                query_param("status", "Only events with a delivery in this status.",
-                    json!({ "type": "string", "enum": ["pending", "in_flight", "delivered", "failing", "dead"] })),
-            ], page_params()].concat(), None,
-            with_errors(json!({ "200": ok("A page of events.", reference("EventPage")) }), &[("400", "Invalid input; error.field names it.")])) }));
-    paths.insert(
-        "/admin/v1/events/{event_id}".into(),
-        json!({ "get": operation("One event with payload, deliveries and attempts.",
-            vec![path_param("event_id", "The event's uuid.")], None,
-            with_errors(json!({ "200": ok("The event.", reference("EventDetail")) }),
-                &[("400", "Not a uuid."), ("404", "No such event.")])) }),
-    );
-    paths.insert("/admin/v1/replays".into(), json!({
-            "get": operation("Replays and backfills, newest first.", page_params(), None,
-                with_errors(json!({ "200": ok("A page of replays.", reference("ReplayPage")) }), &[("400", "Invalid input; error.field names it.")])),
-            "post": operation("Run outbox.replay (or count with dry_run).", vec![],
-                Some(json_body(reference("ReplayRequest"))),
-                with_errors(json!({ "201": ok("The recorded replay.", reference("Replay")) }), &[("400", "Invalid input; error.field names it.")]))
-        }));
-    paths.insert("/admin/v1/replays/{id}".into(), json!({ "get": operation("One replay.", vec![path_param("id", "Replay id.")], None,
-            with_errors(json!({ "200": ok("The replay.", reference("Replay")) }), &[("400", "Not an id."), ("404", "No such replay.")])) }));
-    paths.insert("/events/publish".into(), json!({ "post": operation("Compatibility: publish an event (inserts into outbox.events).", vec![],
-            Some(json_body(json!({ "type": "object", "required": ["event_type"], "properties": {
-                "event_type": string, "tenant_id": string, "source_service": string,
-                "data": { "description": "Becomes the payload; {} when absent." },
-                "priority": { "type": "string", "enum": ["low", "normal", "high"], "description": "-10, 0, 10 in events.priority." },
-                "target_services": strings, "event_id": { "type": "string", "format": "uuid" },
-                "correlation_id": { "type": "string", "description": "Stored as metadata.correlation_id." },
-                "metadata": object, "ordering_key": string } }))),
-            with_errors(json!({ "201": ok("Stored.", json!({ "type": "object", "properties": {
-                "event_id": { "type": "string", "format": "uuid" }, "status": { "type": "string", "enum": ["accepted"] } } })) }),
-                &[("400", "Invalid input; error.field names it."), ("409", "event_id already published (code duplicate_event).")])) }));
-    paths.insert("/events/subscribe".into(), json!({ "post": operation(
-            "Compatibility: create or extend the subscription named service_name.", vec![],
-            Some(json_body(json!({ "type": "object", "required": ["event_type", "service_name", "webhook_url"], "properties": {
-                "event_type": string, "service_name": string, "webhook_url": string,
-                "filters": { "type": ["object", "null"] } } }))),
-            with_errors(json!({
-                "201": ok("Created; carries the secret.", json!({ "allOf": [reference("CompatSubscription"),
-                    { "type": "object", "properties": { "created": { "type": "boolean" }, "secret": string } }] })),
-                "200": ok("Updated (no secret).", json!({ "allOf": [reference("CompatSubscription"),
-                    { "type": "object", "properties": { "created": { "type": "boolean" } } }] })) }),
-                &[("400", "Invalid input; error.field names it.")])) }));
-    paths.insert("/subscriptions".into(), json!({ "get": operation("Compatibility: list subscriptions.", vec![], None,
-            with_errors(json!({ "200": ok("Subscriptions.", json!({ "type": "object", "properties": {
-                "subscriptions": { "type": "array", "items": reference("CompatSubscription") } } })) }), &[])) }));
-    paths.insert("/events/history".into(), json!({ "post": operation("Compatibility: latest events with their data, newest first.", vec![],
-            Some(json_body(json!({ "type": "object", "properties": {
-                "tenant_id": string, "event_types": strings, "limit": { "type": "integer", "minimum": 1, "maximum": 100 } } }))),
-            with_errors(json!({ "200": ok("Events.", json!({ "type": "object", "properties": {
-                "count": { "type": "integer" },
-                "events": { "type": "array", "items": { "type": "object", "properties": {
-                    "event_id": { "type": "string", "format": "uuid" }, "event_type": string, "tenant_id": nullable_string,
-                    "source_service": nullable_string, "data": {}, "metadata": object, "priority": { "type": "integer" },
-                    "target_services": { "type": ["array", "null"], "items": { "type": "string" } },
-                    "created_at": time, "dispatched": { "type": "boolean" },
-                    "deliveries": { "type": "object", "additionalProperties": { "type": "integer" } } } } } } })) }),
-                &[("400", "Invalid input; error.field names it.")])) }));
-    paths.insert("/api/events/{event_id}/replay".into(), json!({ "post": operation(
-            "Compatibility: re-send one event's dead, failing and delivered deliveries (via outbox.replay).",
-            vec![path_param("event_id", "The event's uuid.")], None,
-            with_errors(json!({ "200": ok("Replayed.", reference("CompatReplay")) }), &[("400", "Not a uuid."), ("404", "No such event.")])) }));
-    paths.insert("/api/events/replay/batch".into(), json!({ "post": operation("Compatibility: replay many deliveries (via outbox.replay).",
-            vec![
-                query_param("event_type", "Exact or glob.", string.clone()),
-                query_param("tenant_id", "", string.clone()),
-                query_param("status", "Comma-separated delivery statuses (default dead).", string.clone()),
-                query_param("limit", "Deliveries at most, 1 to 10000 (default 100).", json!({ "type": "integer", "minimum": 1, "maximum": 10000 })),
-                query_param("dry_run", "Only count.", json!({ "type": "boolean" })),
-            ], None,
-            with_errors(json!({ "200": ok("Replayed.", reference("CompatReplay")) }), &[("400", "Invalid input; error.field names it.")])) }));
-    paths.insert("/api/events/status/pending".into(), json!({ "get": operation("Compatibility: backlog and open deliveries.", vec![], None,
-            with_errors(json!({ "200": ok("Backlog.", json!({ "type": "object", "properties": {
-                "undispatched_events": { "type": "integer" }, "oldest_undispatched_age_seconds": { "type": ["number", "null"] },
-                "scheduled_events": { "type": "integer" }, "pending_deliveries": { "type": "integer" },
-                "in_flight_deliveries": { "type": "integer" }, "failing_deliveries": { "type": "integer" },
-                "dead_deliveries": { "type": "integer" },
-                "subscriptions": { "type": "array", "items": { "type": "object" } } } })) }), &[])) }));
-
-    json!({
-        "openapi": "3.1.0",
-        "info": {
-            "title": "outbox-relay admin API",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": "Admin API (/admin/v1) and the previous event bus's compatibility endpoints. Enabled only when OUTBOX_ADMIN_TOKEN is set; every operation but this document needs Authorization: Bearer <token>. Errors: {\"error\": {\"code\", \"message\", \"field\"}}. Text anywhere in a request (body strings at any depth, query and path parameters) must be UTF-8 without NUL (\\u0000), which PostgreSQL cannot store: such input is a 400 invalid_input naming the field."
-        },
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } }
-        },
-        "security": [ { "bearer": [] } ],
-        "paths": paths
-    })
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        document.as_str(),
+    )
 }

@@ -588,3 +588,29 @@ async fn concurrent_subscribes_of_one_service_keep_every_event_type() {
     assert_eq!(stored, wanted, "every subscribed type, once each");
     relay.shutdown().await;
 }
+
+/// The bus endpoints take what their document says: a webhook_url of the documented form
+/// only, `limit` as any JSON integer (5.0 too) or null, and unknown fields of any JSON.
+#[tokio::test]
+async fn bus_bodies_are_judged_as_the_document_says() {
+    let db = TestDb::new().await;
+    let (relay, api) = Api::spawn(&db).await;
+    api.post(
+        "/events/subscribe",
+        json!({ "event_type": "lead.created", "service_name": "crm", "webhook_url": "http://a*" }),
+    )
+    .await
+    .expect_error(400, "invalid_input", Some("webhook_url"));
+    for limit in [json!(5.0), Value::Null] {
+        api.post(
+            "/events/history",
+            json!({ "limit": limit, "extra": [1, {"a": null}] }),
+        )
+        .await
+        .expect(200);
+    }
+    api.post("/events/history", json!({ "limit": 5.5 }))
+        .await
+        .expect_error(400, "invalid_input", Some("limit"));
+    relay.shutdown().await;
+}

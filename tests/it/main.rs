@@ -14,6 +14,7 @@ mod failures;
 mod health_and_metrics;
 mod leases;
 mod locks;
+mod openapi_fuzz;
 mod operator_sql;
 mod ordered;
 mod ordered_switch;
