@@ -3,7 +3,7 @@
 -- test written as a `+` class and a length bound about 0.3 µs. events.event_type_format runs on
 -- every INSERT (the producer's cost) and again on every UPDATE of the row (PostgreSQL checks
 -- every CHECK constraint on UPDATE, so the dispatcher's `dispatched_at` paid it too: 7 % of the
--- database's CPU in a drain). What each accepts is unchanged: the same characters, 1 to 255 of
+-- CPU sampled in a drain). What each accepts is unchanged: the same characters, 1 to 255 of
 -- them (all ASCII, so characters and bytes agree). The constraints keep their names; replacing
 -- the functions they call changes no row and takes no table lock.
 
