@@ -1,79 +1,16 @@
-//! Endpoints of the previous in-house HTTP event bus, so services built against it keep
-//! working unchanged while they move to inserting into `outbox.events` themselves. Same
-//! bearer token as the admin API. Everything goes through [`crate::admin`]: a publish is an
-//! ordinary event row, a subscribe an ordinary subscription, a replay an `outbox.replay`
-//! call recorded in `outbox.replays`.
-//!
-//! Request bodies here ignore fields they do not know (old clients send extras such as a
-//! timestamp); the admin API, a new interface, refuses them instead.
-//!
-//! Decisions the old bus left open:
-//! - A subscription is named after `service_name` alone, so `target_services` (which names
-//!   subscriptions) keeps addressing services. Subscribing the same service to another
-//!   event type adds the type to that subscription; `webhook_url` and `filters` are the
-//!   service's, the last subscribe wins. Concurrent subscribes of one service each add
-//!   their type ([`admin::subscribe_event_type`] is one statement).
-//! - A publish with an `event_id` that exists already is refused with 409
-//!   (`duplicate_event`): the first one was stored and will be delivered, so a retrying
-//!   client can treat 409 as done. This is the SPEC's idempotency of `event_id`.
+//! The previous bus's event endpoints: publish, history, replay one event or a batch, and the
+//! pending backlog.
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use std::collections::BTreeMap;
-
-use serde::de::IgnoredAny;
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
-use uuid::Uuid;
-
-use super::admin::run_replay;
-use super::openapi::{
-    EventId, EventType, EventTypePattern, JsonObject, JsonValue, MaskedUrl, SubscriptionName, Text,
-    WebhookUrl,
-};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, ErrorBody, ErrorCode, parse_uuid};
-use crate::admin::{self, EventSearch, NewEvent, Published, ReplayCriteria};
-use crate::secret::SecretUrl;
-
-/// Who compatibility replays are recorded as in `outbox.replays`.
-pub const COMPAT_REQUESTER: &str = "event-bus-compat";
-
-/// `priority` of the old bus to `events.priority` (higher is dispatched sooner). Spaced out
-/// so producers writing SQL can still place an event between two of them.
-pub const PRIORITY_LOW: i32 = -10;
-pub const PRIORITY_NORMAL: i32 = 0;
-pub const PRIORITY_HIGH: i32 = 10;
-
-/// Largest `limit` of `/events/history`: unlike the admin search it returns payloads (up to
-/// 1 MiB each), so its pages are smaller.
-pub const HISTORY_LIMIT_MAX: i64 = 100;
-/// `limit` of a batch replay when none is given, and the largest accepted (the default
-/// `max_events` of `outbox.replay`).
-pub const BATCH_REPLAY_DEFAULT: i32 = 100;
-pub const BATCH_REPLAY_MAX: i32 = 10_000;
+use super::*;
 
 /// Statuses a single-event replay re-sends: everything finished or given up on. Pending and
 /// in-flight deliveries are being sent anyway.
-const SINGLE_REPLAY_STATUSES: [&str; 3] = ["dead", "failing", "delivered"];
-
-pub fn routes() -> OpenApiRouter<ApiState> {
-    OpenApiRouter::new()
-        .routes(routes!(publish))
-        .routes(routes!(subscribe))
-        .routes(routes!(list_subscriptions))
-        .routes(routes!(history))
-        .routes(routes!(replay_event))
-        .routes(routes!(replay_batch))
-        .routes(routes!(pending_status))
-}
+pub(super) const SINGLE_REPLAY_STATUSES: [&str; 3] = ["dead", "failing", "delivered"];
 
 /// An event to publish. Unknown fields are ignored and `null` means absent: old clients
 /// send both.
 #[derive(Debug, Deserialize, ToSchema)]
-struct PublishBody {
+pub(super) struct PublishBody {
     #[schema(value_type = EventType)]
     event_type: String,
     #[schema(value_type = Option<Text>)]
@@ -111,14 +48,14 @@ struct PublishBody {
 }
 
 #[derive(Serialize, ToSchema)]
-struct PublishAnswer {
+pub(super) struct PublishAnswer {
     event_id: Uuid,
     /// Always accepted.
     #[schema(value_type = String, pattern = "^accepted$")]
     status: &'static str,
 }
 
-fn priority(raw: Option<&str>) -> Result<i32, ApiError> {
+pub(super) fn priority(raw: Option<&str>) -> Result<i32, ApiError> {
     match raw.map(str::to_ascii_lowercase).as_deref() {
         None | Some("normal") => Ok(PRIORITY_NORMAL),
         Some("low") => Ok(PRIORITY_LOW),
@@ -131,7 +68,7 @@ fn priority(raw: Option<&str>) -> Result<i32, ApiError> {
 }
 
 /// Field names of [`crate::admin`] (the table's) to this endpoint's.
-fn publish_field(field: &str) -> Option<&'static str> {
+pub(super) fn publish_field(field: &str) -> Option<&'static str> {
     match field {
         "payload" => Some("data"),
         _ => None,
@@ -150,7 +87,7 @@ fn publish_field(field: &str) -> Option<&'static str> {
         (status = 409, description = "event_id already published (code duplicate_event).", body = ErrorBody),
     ),
 )]
-async fn publish(
+pub(super) async fn publish(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<PublishBody>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -203,148 +140,9 @@ async fn publish(
     }
 }
 
-/// Subscribe a service to an event type. Unknown fields are ignored.
-#[derive(Debug, Deserialize, ToSchema)]
-struct SubscribeBody {
-    /// Exact event type or glob, added to the service's subscription.
-    #[schema(value_type = EventTypePattern)]
-    event_type: String,
-    /// Names the subscription.
-    #[schema(value_type = SubscriptionName)]
-    service_name: String,
-    /// Replaces the subscription's URL.
-    #[schema(value_type = WebhookUrl)]
-    webhook_url: SecretUrl,
-    /// The payload must contain this object; `{}` or `null` = every payload; absent = keep.
-    #[serde(default, deserialize_with = "super::double_option")]
-    #[schema(value_type = Option<JsonObject>)]
-    filters: Option<Option<serde_json::Value>>,
-    /// Fields of older clients, ignored; like all text they must not hold NUL.
-    #[serde(flatten)]
-    #[schema(value_type = BTreeMap<String, JsonValue>)]
-    _ignored: BTreeMap<String, IgnoredAny>,
-}
-
-/// A subscription in the old bus's words.
-#[derive(Serialize, ToSchema)]
-struct CompatSubscription {
-    id: i64,
-    service_name: String,
-    event_types: Vec<String>,
-    #[schema(value_type = MaskedUrl)]
-    webhook_url: String,
-    #[schema(value_type = Option<Object>)]
-    filters: Option<admin::Jsonb>,
-    tenant_id: Option<String>,
-    enabled: bool,
-}
-
-impl From<admin::SubscriptionInfo> for CompatSubscription {
-    fn from(info: admin::SubscriptionInfo) -> Self {
-        CompatSubscription {
-            id: info.id,
-            service_name: info.name,
-            event_types: info.event_types,
-            webhook_url: info.url,
-            filters: info.filter,
-            tenant_id: info.tenant_id,
-            enabled: info.enabled,
-        }
-    }
-}
-
-#[derive(Serialize, ToSchema)]
-struct SubscribeAnswer {
-    #[serde(flatten)]
-    subscription: CompatSubscription,
-    created: bool,
-    /// Only when the subscription was created by this call: give it to the subscriber.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = String, nullable = false)]
-    secret: Option<admin::SecretText>,
-}
-
-fn subscribe_field(field: &str) -> Option<&'static str> {
-    match field {
-        "name" => Some("service_name"),
-        "url" => Some("webhook_url"),
-        "event_types" => Some("event_type"),
-        "filter" => Some("filters"),
-        _ => None,
-    }
-}
-
-/// Compatibility: create or extend the subscription named service_name.
-#[utoipa::path(
-    post,
-    path = "/events/subscribe",
-    tag = "compatibility",
-    request_body = SubscribeBody,
-    responses(
-        (status = 201, description = "Created; carries the secret.", body = SubscribeAnswer),
-        (status = 200, description = "Updated (no secret).", body = SubscribeAnswer),
-        (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
-    ),
-)]
-async fn subscribe(
-    State(state): State<ApiState>,
-    ApiJson(body): ApiJson<SubscribeBody>,
-) -> Result<impl IntoResponse, ApiError> {
-    super::check_webhook_url("webhook_url", &body.webhook_url)?;
-    // An empty filter matches every payload; store it as NULL, which says so plainly.
-    let filter = body
-        .filters
-        .map(|f| f.filter(|f| f.as_object().is_none_or(|o| !o.is_empty())));
-    let client = state.client().await?;
-    let subscribed = admin::subscribe_event_type(
-        &client,
-        &body.service_name,
-        &body.webhook_url,
-        &body.event_type,
-        filter.as_ref().map(Option::as_ref),
-    )
-    .await
-    .map_err(|e| ApiError::from(e).rename_field(subscribe_field))?;
-    let created = subscribed.created_secret.is_some();
-    Ok((
-        if created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        },
-        axum::Json(SubscribeAnswer {
-            subscription: subscribed.subscription.into(),
-            created,
-            secret: subscribed.created_secret,
-        }),
-    ))
-}
-
-#[derive(Serialize, ToSchema)]
-struct CompatSubscriptionList {
-    subscriptions: Vec<CompatSubscription>,
-}
-
-/// Compatibility: list subscriptions.
-#[utoipa::path(
-    get,
-    path = "/subscriptions",
-    tag = "compatibility",
-    responses((status = 200, description = "Subscriptions.", body = CompatSubscriptionList)),
-)]
-async fn list_subscriptions(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    let client = state.client().await?;
-    let subscriptions = admin::list_subscriptions(&client)
-        .await
-        .map_err(ApiError::from)?;
-    Ok(axum::Json(CompatSubscriptionList {
-        subscriptions: subscriptions.into_iter().map(Into::into).collect(),
-    }))
-}
-
 /// Which events. Unknown fields are ignored.
 #[derive(Debug, Deserialize, ToSchema)]
-struct HistoryBody {
+pub(super) struct HistoryBody {
     #[schema(value_type = Option<Text>)]
     tenant_id: Option<String>,
     /// Exact event types or globs; none = every type.
@@ -352,7 +150,7 @@ struct HistoryBody {
     #[schema(value_type = Vec<EventTypePattern>)]
     event_types: Vec<String>,
     /// 1 to 100 (default 50).
-    #[serde(default, deserialize_with = "super::nullable_integer")]
+    #[serde(default, deserialize_with = "super::super::nullable_integer")]
     #[schema(minimum = 1, maximum = 100)]
     limit: Option<i64>,
     /// Fields of older clients, ignored; like all text they must not hold NUL.
@@ -363,7 +161,7 @@ struct HistoryBody {
 
 /// An event in the old bus's words (`data` is the payload).
 #[derive(Serialize, ToSchema)]
-struct HistoryEvent {
+pub(super) struct HistoryEvent {
     event_id: Uuid,
     event_type: String,
     tenant_id: Option<String>,
@@ -383,7 +181,7 @@ struct HistoryEvent {
 }
 
 #[derive(Serialize, ToSchema)]
-struct HistoryAnswer {
+pub(super) struct HistoryAnswer {
     events: Vec<HistoryEvent>,
     count: usize,
 }
@@ -399,7 +197,7 @@ struct HistoryAnswer {
         (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
     ),
 )]
-async fn history(
+pub(super) async fn history(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<HistoryBody>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -447,7 +245,7 @@ async fn history(
 }
 
 #[derive(Serialize, ToSchema)]
-struct ReplayAnswer {
+pub(super) struct ReplayAnswer {
     replay_id: i64,
     matched: i64,
     dry_run: bool,
@@ -468,7 +266,7 @@ struct ReplayAnswer {
         (status = 404, description = "No such event.", body = ErrorBody),
     ),
 )]
-async fn replay_event(
+pub(super) async fn replay_event(
     State(state): State<ApiState>,
     ApiPath(event_id): ApiPath,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -504,7 +302,7 @@ async fn replay_event(
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-struct BatchQuery {
+pub(super) struct BatchQuery {
     /// Exact event type or glob.
     #[param(value_type = EventTypePattern, required = false, nullable = false)]
     event_type: Option<String>,
@@ -536,7 +334,7 @@ struct BatchQuery {
         (status = 400, description = "Invalid input; error.field names it.", body = ErrorBody),
     ),
 )]
-async fn replay_batch(
+pub(super) async fn replay_batch(
     State(state): State<ApiState>,
     ApiQuery(query): ApiQuery<BatchQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -579,7 +377,7 @@ async fn replay_batch(
 }
 
 #[derive(Serialize, ToSchema)]
-struct PendingAnswer {
+pub(super) struct PendingAnswer {
     /// Events committed and due but not yet fanned out into deliveries.
     undispatched_events: i64,
     oldest_undispatched_age_seconds: Option<f64>,
@@ -599,7 +397,9 @@ struct PendingAnswer {
     tag = "compatibility",
     responses((status = 200, description = "Backlog.", body = PendingAnswer)),
 )]
-async fn pending_status(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+pub(super) async fn pending_status(
+    State(state): State<ApiState>,
+) -> Result<impl IntoResponse, ApiError> {
     let client = state.client().await?;
     let report = admin::status(&client).await.map_err(ApiError::from)?;
     let total = |count: fn(&admin::SubscriptionStatus) -> i64| {
