@@ -1,5 +1,5 @@
 //! The admin HTTP API (`/admin/v1`), end to end: a relay with an admin token, real HTTP,
-//! real PostgreSQL. Shared helpers for `compat_api.rs` live here too.
+//! real PostgreSQL. Shared helpers for `compat_api/` live here too.
 
 use outbox_relay::config::RelayConfig;
 use outbox_relay::devkit::receiver::{Receiver, Reply};
