@@ -264,23 +264,20 @@ impl TlsSettings {
                 format!("sslmode={}, {roots}", self.mode.as_str())
             }
         };
-        let verifier: Arc<dyn ServerCertVerifier> = match &self.verify {
-            Verify::Nothing => Arc::new(AnyCertificate { algorithms }),
-            Verify::Chain(roots) | Verify::Full(roots) => {
-                let store = Arc::new(load_roots(roots)?);
-                Arc::new(Verified {
-                    full: WebPkiServerVerifier::builder_with_provider(
-                        Arc::clone(&store),
-                        Arc::clone(&provider),
-                    )
-                    .build()
-                    .map_err(TlsError::Verifier)?,
-                    roots: store,
-                    algorithms,
-                    check_host_name: matches!(self.verify, Verify::Full(_)),
-                })
-            }
+        let check = match &self.verify {
+            Verify::Nothing => CertificateCheck::Nothing,
+            Verify::Chain(roots) => CertificateCheck::Chain(Arc::new(load_roots(roots)?)),
+            Verify::Full(roots) => CertificateCheck::Full(
+                WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(load_roots(roots)?),
+                    Arc::clone(&provider),
+                )
+                .build()
+                .map_err(TlsError::Verifier)?,
+            ),
         };
+        let verifier: Arc<dyn ServerCertVerifier> =
+            Arc::new(ServerCertificate { check, algorithms });
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Rustls)?

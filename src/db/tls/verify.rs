@@ -85,18 +85,28 @@ impl fmt::Display for CertificateRefused {
 
 impl std::error::Error for CertificateRefused {}
 
-/// `verify-ca` and `verify-full` (and `prefer`/`require` given roots).
+/// What a server certificate is checked against, per `sslmode` (see the table in `mod.rs`).
 #[derive(Debug)]
-pub(super) struct Verified {
-    /// Chain and name, as for HTTPS.
-    pub(super) full: Arc<WebPkiServerVerifier>,
-    /// The same roots, for the chain-only check.
-    pub(super) roots: Arc<RootCertStore>,
-    pub(super) algorithms: WebPkiSupportedAlgorithms,
-    pub(super) check_host_name: bool,
+pub(super) enum CertificateCheck {
+    /// `prefer`/`require` without roots: libpq encrypts but checks no certificate, so neither
+    /// do we. The handshake signature is still checked (below), so the server holds the key
+    /// of the certificate it shows, whatever that certificate is.
+    Nothing,
+    /// `verify-ca` (and `prefer`/`require` given roots): the chain to a trusted root.
+    Chain(Arc<RootCertStore>),
+    /// `verify-full`: chain and host name, as for HTTPS.
+    Full(Arc<WebPkiServerVerifier>),
 }
 
-impl ServerCertVerifier for Verified {
+/// The one rustls verifier every mode uses: the certificate as `check` says, the handshake
+/// signature always.
+#[derive(Debug)]
+pub(super) struct ServerCertificate {
+    pub(super) check: CertificateCheck,
+    pub(super) algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ServerCertificate {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -105,65 +115,23 @@ impl ServerCertVerifier for Verified {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self.check_host_name {
-            self.full
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        } else {
-            ParsedCertificate::try_from(end_entity)
+        match &self.check {
+            CertificateCheck::Nothing => Ok(ServerCertVerified::assertion()),
+            CertificateCheck::Full(full) => {
+                full.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            }
+            CertificateCheck::Chain(roots) => ParsedCertificate::try_from(end_entity)
                 .and_then(|certificate| {
                     verify_server_cert_signed_by_trust_anchor(
                         &certificate,
-                        &self.roots,
+                        roots,
                         intermediates,
                         now,
                         self.algorithms.all,
                     )
                 })
-                .map(|()| ServerCertVerified::assertion())
+                .map(|()| ServerCertVerified::assertion()),
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `prefer`/`require` without roots: libpq encrypts but checks no certificate, so neither
-/// do we. The handshake signature is still checked, so the server holds the key of the
-/// certificate it shows (whatever that certificate is).
-#[derive(Debug)]
-pub(super) struct AnyCertificate {
-    pub(super) algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
