@@ -301,16 +301,6 @@ impl RelayConfig {
                     .into(),
             ));
         }
-        // The admin API's statements are still prepared by name, which a transaction-mode
-        // pooler may route to another server connection: refuse rather than fail per request.
-        if self.db_pool_mode == PoolMode::TransactionPooler && self.admin_token.is_some() {
-            return Err(ConfigError(
-                "OUTBOX_ADMIN_TOKEN is not supported with OUTBOX_DB_POOL_MODE=transaction-pooler \
-                 yet: serve the admin API from a relay whose DATABASE_URL reaches PostgreSQL \
-                 directly (or through a session-mode pooler), and unset it here"
-                    .into(),
-            ));
-        }
         Ok(())
     }
 

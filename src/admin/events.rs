@@ -225,7 +225,7 @@ pub async fn search_events(client: &Client, search: &EventSearch) -> Result<Even
         conditions.where_clause()
     );
     let rows = client
-        .query(&sql, &conditions.params())
+        .query_typed(&sql, &conditions.params())
         .await
         .map_err(|e| classify(e, "searching events", ""))?;
     let mut events: Vec<EventSummary> = rows.iter().map(event_from_row).collect();
@@ -242,7 +242,7 @@ pub async fn get_event(client: &Client, event_id: Uuid) -> Result<Option<EventDe
     let sql =
         format!("SELECT {EVENT_COLUMNS}, e.payload FROM outbox.events e WHERE e.event_id = $1");
     let Some(row) = client
-        .query_opt(&sql, &[&event_id])
+        .query_typed_opt(&sql, &[(&event_id, Type::UUID)])
         .await
         .map_err(|e| classify(e, "reading the event", ""))?
     else {
@@ -250,7 +250,7 @@ pub async fn get_event(client: &Client, event_id: Uuid) -> Result<Option<EventDe
     };
     let event = event_from_row(&row);
     let rows = client
-        .query(
+        .query_typed(
             "SELECT d.id, d.subscription_id, s.name, d.status, d.attempts, d.next_attempt_at,
                     d.last_status_code, d.last_error, d.created_at, d.delivered_at, d.replay_id
                FROM outbox.deliveries d
@@ -258,7 +258,7 @@ pub async fn get_event(client: &Client, event_id: Uuid) -> Result<Option<EventDe
               WHERE d.event_id = $1
               ORDER BY d.id
               LIMIT $2",
-            &[&event.id, &EVENT_DELIVERIES_MAX],
+            &[(&event.id, Type::INT8), (&EVENT_DELIVERIES_MAX, Type::INT8)],
         )
         .await
         .map_err(|e| classify(e, "reading the event's deliveries", ""))?;
@@ -286,7 +286,7 @@ pub async fn get_event(client: &Client, event_id: Uuid) -> Result<Option<EventDe
         .map(|(index, id)| (*id, index))
         .collect();
     let rows = client
-        .query(
+        .query_typed(
             "SELECT id, delivery_id, attempt, started_at, duration_ms, status_code, error,
                     response_body, replay_id
                FROM (SELECT a.*, row_number() OVER (PARTITION BY a.delivery_id
@@ -295,7 +295,10 @@ pub async fn get_event(client: &Client, event_id: Uuid) -> Result<Option<EventDe
                       WHERE a.delivery_id = ANY ($1)) latest
               WHERE n <= $2
               ORDER BY delivery_id, started_at DESC, id DESC",
-            &[&delivery_ids, &DELIVERY_ATTEMPTS_MAX],
+            &[
+                (&delivery_ids, Type::INT8_ARRAY),
+                (&DELIVERY_ATTEMPTS_MAX, Type::INT8),
+            ],
         )
         .await
         .map_err(|e| classify(e, "reading delivery attempts", ""))?;
@@ -323,9 +326,9 @@ pub async fn get_event(client: &Client, event_id: Uuid) -> Result<Option<EventDe
 /// Whether an event with this `event_id` exists (one index lookup, nothing else read).
 pub async fn event_exists(client: &Client, event_id: Uuid) -> Result<bool, AdminError> {
     client
-        .query_one(
+        .query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM outbox.events WHERE event_id = $1)",
-            &[&event_id],
+            &[(&event_id, Type::UUID)],
         )
         .await
         .map(|row| row.get(0))
@@ -336,21 +339,21 @@ pub async fn event_exists(client: &Client, event_id: Uuid) -> Result<bool, Admin
 /// it; a violation names the field). Delivered by running relays like any other event.
 pub async fn publish_event(client: &Client, event: &NewEvent) -> Result<Published, AdminError> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "INSERT INTO outbox.events (event_id, event_type, payload, tenant_id, source_service,
                                         ordering_key, target_services, metadata, priority)
              VALUES (coalesce($1, gen_random_uuid()), $2, $3, $4, $5, $6, $7, $8, $9)
              RETURNING event_id",
             &[
-                &event.event_id,
-                &event.event_type,
-                &event.payload,
-                &event.tenant_id,
-                &event.source_service,
-                &event.ordering_key,
-                &event.target_services,
-                &event.metadata,
-                &event.priority,
+                (&event.event_id, Type::UUID),
+                (&event.event_type, Type::TEXT),
+                (&event.payload, Type::JSONB),
+                (&event.tenant_id, Type::TEXT),
+                (&event.source_service, Type::TEXT),
+                (&event.ordering_key, Type::TEXT),
+                (&event.target_services, Type::TEXT_ARRAY),
+                (&event.metadata, Type::JSONB),
+                (&event.priority, Type::INT4),
             ],
         )
         .await;
@@ -412,12 +415,12 @@ pub(super) struct Conditions {
 }
 
 impl Conditions {
-    fn bind(&mut self, value: impl ToSql + Sync + Send + 'static) -> String {
-        self.params.push(Box::new(value));
+    fn bind<T: ToSql + SqlType + Sync + Send + 'static>(&mut self, value: T) -> String {
+        self.params.push((Box::new(value), T::SQL_TYPE));
         format!("${}", self.params.len())
     }
 
-    fn add(&mut self, fragment: &str, value: impl ToSql + Sync + Send + 'static) {
+    fn add<T: ToSql + SqlType + Sync + Send + 'static>(&mut self, fragment: &str, value: T) {
         let placeholder = self.bind(value);
         self.clauses.push(fragment.replacen("{}", &placeholder, 1));
     }
@@ -430,7 +433,7 @@ impl Conditions {
         }
     }
 
-    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+    fn params(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
         as_params(&self.params)
     }
 }

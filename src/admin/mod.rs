@@ -25,7 +25,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Serialize, Serializer};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::types::{Json, ToSql, Type};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -173,13 +173,40 @@ fn check_status(field: &'static str, status: &str) -> Result<(), AdminError> {
     }
 }
 
-type Param = Box<dyn ToSql + Sync + Send>;
+/// A parameter with the PostgreSQL type it is declared as. Every admin statement goes out
+/// as one unnamed Parse/Bind/Execute with its parameter types declared (`query_typed`), never
+/// as a named prepared statement: one round trip that leaves nothing on the server
+/// connection, so the admin API and the CLI work through a transaction pooler (PgBouncer in
+/// transaction mode) as well as directly. These statements are not hot; a parse each costs
+/// nothing that matters.
+type Param = (Box<dyn ToSql + Sync + Send>, Type);
 
-fn as_params(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+fn as_params(params: &[Param]) -> Vec<(&(dyn ToSql + Sync), Type)> {
     params
         .iter()
-        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .map(|(value, sql_type)| (value.as_ref() as &(dyn ToSql + Sync), sql_type.clone()))
         .collect()
+}
+
+/// The PostgreSQL type a Rust value is sent as, so builders can declare each parameter.
+trait SqlType {
+    const SQL_TYPE: Type;
+}
+
+macro_rules! sql_types {
+    ($($rust:ty => $sql:ident),* $(,)?) => {
+        $(impl SqlType for $rust { const SQL_TYPE: Type = Type::$sql; })*
+    };
+}
+
+sql_types! {
+    bool => BOOL, i32 => INT4, i64 => INT8, f32 => FLOAT4, f64 => FLOAT8, String => TEXT,
+    Uuid => UUID, DateTime<Utc> => TIMESTAMPTZ, serde_json::Value => JSONB,
+    Vec<String> => TEXT_ARRAY, Vec<f64> => FLOAT8_ARRAY, Vec<Uuid> => UUID_ARRAY,
+}
+
+impl<T: SqlType> SqlType for Option<T> {
+    const SQL_TYPE: Type = T::SQL_TYPE;
 }
 
 fn not_found(name: &str) -> AdminError {

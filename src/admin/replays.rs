@@ -54,9 +54,9 @@ pub async fn replay(
     if let Some(name) = &criteria.subscription {
         // A typo should not look like "nothing matched".
         let exists = client
-            .query_opt(
+            .query_typed_opt(
                 "SELECT 1 FROM outbox.subscriptions WHERE name = $1",
-                &[name],
+                &[(name, Type::TEXT)],
             )
             .await
             .map_err(|e| classify(e, "looking up the subscription", name))?;
@@ -101,7 +101,7 @@ pub async fn replay(
         args.named.join(", ")
     );
     let row = client
-        .query_one(&sql, &args.params())
+        .query_typed_one(&sql, &args.params())
         .await
         .map_err(|e| classify(e, "replaying deliveries", ""))?;
     Ok(ReplayOutcome {
@@ -126,13 +126,13 @@ pub async fn list_replays(
 ) -> Result<ReplayPage, AdminError> {
     check_limit(limit)?;
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT {REPLAY_COLUMNS} FROM outbox.replays
                   WHERE $1::bigint IS NULL OR id < $1
                   ORDER BY id DESC LIMIT $2"
             ),
-            &[&before_id, &(limit + 1)],
+            &[(&before_id, Type::INT8), (&(limit + 1), Type::INT8)],
         )
         .await
         .map_err(|e| classify(e, "listing replays", ""))?;
@@ -147,9 +147,9 @@ pub async fn list_replays(
 /// One replay by id; `None` when there is none.
 pub async fn get_replay(client: &Client, id: i64) -> Result<Option<ReplaySummary>, AdminError> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             &format!("SELECT {REPLAY_COLUMNS} FROM outbox.replays WHERE id = $1"),
-            &[&id],
+            &[(&id, Type::INT8)],
         )
         .await
         .map_err(|e| classify(e, "reading the replay", ""))?;
@@ -179,13 +179,18 @@ pub(super) struct Arguments {
 }
 
 impl Arguments {
-    fn add(&mut self, name: &str, sql_type: &str, value: impl ToSql + Sync + Send + 'static) {
-        self.params.push(Box::new(value));
+    fn add<T: ToSql + SqlType + Sync + Send + 'static>(
+        &mut self,
+        name: &str,
+        sql_type: &str,
+        value: T,
+    ) {
+        self.params.push((Box::new(value), T::SQL_TYPE));
         self.named
             .push(format!("{name} => ${}::{sql_type}", self.params.len()));
     }
 
-    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+    fn params(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
         as_params(&self.params)
     }
 }

@@ -39,7 +39,7 @@ pub struct SubscriptionStatus {
 /// Backlog, per-subscription delivery counts and the latest replays.
 pub async fn status(client: &Client) -> Result<StatusReport, AdminError> {
     let backlog = client
-        .query_one(
+        .query_typed_one(
             "SELECT count(*) FILTER (WHERE deliver_after <= now()),
                     extract(epoch FROM now() - min(created_at) FILTER (WHERE deliver_after <= now()))::float8,
                     count(*) FILTER (WHERE deliver_after > now())
@@ -63,7 +63,7 @@ pub async fn status(client: &Client) -> Result<StatusReport, AdminError> {
     // Only open and dead deliveries are joined: the delivered history (most rows) is never
     // read, and the partial indexes on deliveries cover these statuses.
     let rows = client
-        .query(
+        .query_typed(
             "SELECT s.id, s.name, s.enabled, s.disabled_reason,
                     count(d.id) FILTER (WHERE d.status = 'pending'),
                     count(d.id) FILTER (WHERE d.status = 'in_flight'),
@@ -96,10 +96,10 @@ pub async fn status(client: &Client) -> Result<StatusReport, AdminError> {
         .collect();
 
     let rows = client
-        .query(
+        .query_typed(
             "SELECT id, requested_at, requested_by, reason, criteria, matched, dry_run
                FROM outbox.replays ORDER BY id DESC LIMIT $1",
-            &[&RECENT_REPLAYS],
+            &[(&RECENT_REPLAYS, Type::INT8)],
         )
         .await
         .map_err(|e| classify(e, "reading recent replays", ""))?;

@@ -146,7 +146,7 @@ pub async fn create_subscription(
         columns.values.join(", ")
     );
     let row = client
-        .query_one(&sql, &columns.params())
+        .query_typed_one(&sql, &columns.params())
         .await
         .map_err(|e| classify(e, "creating the subscription", &new.name))?;
     Ok(CreatedSubscription {
@@ -192,15 +192,15 @@ pub async fn subscribe_event_type(
          RETURNING {SUBSCRIPTION_COLUMNS}, s.xmax = 0"
     );
     let row = client
-        .query_one(
+        .query_typed_one(
             &sql,
             &[
-                &name,
-                &url.expose_secret(),
-                &event_type,
-                &filter.is_some(),
-                &filter.flatten(),
-                &secret.expose(),
+                (&name, Type::TEXT),
+                (&url.expose_secret(), Type::TEXT),
+                (&event_type, Type::TEXT),
+                (&filter.is_some(), Type::BOOL),
+                (&filter.flatten(), Type::JSONB),
+                (&secret.expose(), Type::TEXT),
             ],
         )
         .await
@@ -218,7 +218,7 @@ pub async fn subscribe_event_type(
 pub async fn list_subscriptions(client: &Client) -> Result<Vec<SubscriptionInfo>, AdminError> {
     let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM outbox.subscriptions ORDER BY name");
     let rows = client
-        .query(&sql, &[])
+        .query_typed(&sql, &[])
         .await
         .map_err(|e| classify(e, "listing subscriptions", ""))?;
     Ok(rows.iter().map(subscription_from_row).collect())
@@ -227,7 +227,7 @@ pub async fn list_subscriptions(client: &Client) -> Result<Vec<SubscriptionInfo>
 pub async fn get_subscription(client: &Client, name: &str) -> Result<SubscriptionInfo, AdminError> {
     let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM outbox.subscriptions WHERE name = $1");
     let row = client
-        .query_opt(&sql, &[&name])
+        .query_typed_opt(&sql, &[(&name, Type::TEXT)])
         .await
         .map_err(|e| classify(e, "reading the subscription", name))?;
     row.as_ref()
@@ -259,14 +259,14 @@ pub async fn update_subscription(
         .zip(&columns.values)
         .map(|(column, value)| format!("{column} = {value}"))
         .collect();
-    columns.params.push(Box::new(name.to_owned()));
+    columns.params.push((Box::new(name.to_owned()), Type::TEXT));
     let sql = format!(
         "UPDATE outbox.subscriptions SET {} WHERE name = ${} RETURNING {SUBSCRIPTION_COLUMNS}",
         assignments.join(", "),
         columns.params.len()
     );
     let row = client
-        .query_opt(&sql, &columns.params())
+        .query_typed_opt(&sql, &columns.params())
         .await
         .map_err(|e| classify(e, "updating the subscription", name))?;
     row.as_ref()
@@ -286,7 +286,7 @@ pub async fn disable_subscription(
           WHERE name = $1 RETURNING {SUBSCRIPTION_COLUMNS}"
     );
     let row = client
-        .query_opt(&sql, &[&name, &reason])
+        .query_typed_opt(&sql, &[(&name, Type::TEXT), (&reason, Type::TEXT)])
         .await
         .map_err(|e| classify(e, "disabling the subscription", name))?;
     row.as_ref()
@@ -304,7 +304,7 @@ pub async fn enable_subscription(
           WHERE name = $1 RETURNING {SUBSCRIPTION_COLUMNS}"
     );
     let row = client
-        .query_opt(&sql, &[&name])
+        .query_typed_opt(&sql, &[(&name, Type::TEXT)])
         .await
         .map_err(|e| classify(e, "enabling the subscription", name))?;
     row.as_ref()
@@ -316,11 +316,11 @@ pub async fn enable_subscription(
 /// [`remove_subscription`] would end as dead.
 pub async fn open_deliveries(client: &Client, name: &str) -> Result<i64, AdminError> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT (SELECT count(*) FROM outbox.deliveries d
                       WHERE d.subscription_id = s.id AND d.status IN ('pending', 'in_flight', 'failing'))
                FROM outbox.subscriptions s WHERE s.name = $1",
-            &[&name],
+            &[(&name, Type::TEXT)],
         )
         .await
         .map_err(|e| classify(e, "counting open deliveries", name))?;
@@ -335,7 +335,7 @@ pub async fn remove_subscription(
 ) -> Result<RemovedSubscription, AdminError> {
     // The CTE reads the open deliveries as they were before the delete's trigger ended them.
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "WITH open AS (
                  SELECT count(*) AS n FROM outbox.deliveries d
                    JOIN outbox.subscriptions s ON s.id = d.subscription_id
@@ -343,7 +343,7 @@ pub async fn remove_subscription(
              )
              DELETE FROM outbox.subscriptions WHERE name = $1
              RETURNING id, (SELECT n FROM open)",
-            &[&name],
+            &[(&name, Type::TEXT)],
         )
         .await
         .map_err(|e| classify(e, "removing the subscription", name))?;
@@ -374,7 +374,7 @@ pub async fn rotate_secret(
     };
     let overlap_seconds = overlap.as_secs_f64();
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "UPDATE outbox.subscriptions
                 SET previous_secret = CASE WHEN $3::float8 > 0 THEN secret END,
                     previous_secret_expires_at = CASE WHEN $3::float8 > 0
@@ -382,7 +382,11 @@ pub async fn rotate_secret(
                     secret = $2
               WHERE name = $1
           RETURNING id, previous_secret_expires_at",
-            &[&name, &secret.expose(), &overlap_seconds],
+            &[
+                (&name, Type::TEXT),
+                (&secret.expose(), Type::TEXT),
+                (&overlap_seconds, Type::FLOAT8),
+            ],
         )
         .await
         .map_err(|e| classify(e, "rotating the secret", name))?;
@@ -449,18 +453,18 @@ pub(super) struct Columns {
 }
 
 impl Columns {
-    fn set(&mut self, column: &'static str, value: impl ToSql + Sync + Send + 'static) {
+    fn set<T: ToSql + SqlType + Sync + Send + 'static>(&mut self, column: &'static str, value: T) {
         self.set_expr(column, "{}", value);
     }
 
     /// `expression` with `{}` where the parameter goes.
-    fn set_expr(
+    fn set_expr<T: ToSql + SqlType + Sync + Send + 'static>(
         &mut self,
         column: &'static str,
         expression: &str,
-        value: impl ToSql + Sync + Send + 'static,
+        value: T,
     ) {
-        self.params.push(Box::new(value));
+        self.params.push((Box::new(value), T::SQL_TYPE));
         let placeholder = format!("${}", self.params.len());
         self.names.push(column);
         self.values.push(expression.replacen("{}", &placeholder, 1));
@@ -510,7 +514,7 @@ impl Columns {
         }
     }
 
-    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+    fn params(&self) -> Vec<(&(dyn ToSql + Sync), Type)> {
         as_params(&self.params)
     }
 }
