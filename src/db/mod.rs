@@ -7,12 +7,15 @@
 //! connection, pooled or not, is made from a [`DbTarget`] that [`parse_url`] builds, so the
 //! URL's TLS settings ([`tls`]) hold for all of them.
 
+mod handle;
 pub mod listen;
 pub mod query;
 pub mod sql;
 pub mod text;
 pub mod tls;
 pub mod wake_gate;
+
+pub use handle::{Db, DbClient, DbTransaction};
 
 use std::time::Duration;
 

@@ -12,15 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::deliverer::Completion;
 use super::maintenance::GivenUpLeases;
 use crate::backoff::Backoff;
-use crate::config::PoolMode;
-use crate::db::{DbContext, DbError, query, sql, text};
+use crate::db::{Db, DbClient, DbContext, DbError, sql, text};
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::webhook::outcome::NextState;
 
@@ -37,9 +35,8 @@ const DEFERRED_RETRY_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct Completer {
-    pub pool: Pool,
-    /// Whether pooled connections may hold prepared statements.
-    pub pool_mode: PoolMode,
+    /// The relay's pool, and how its statements must be sent.
+    pub db: Db,
     pub relay_id: Arc<str>,
     pub metrics: Metrics,
     pub flush_interval: Duration,
@@ -255,7 +252,7 @@ impl Completer {
             failed.push(c.verdict.failed());
             tokens.push(c.lease_token);
         }
-        let mut client = self.pool.get().await.context("writing delivery results")?;
+        let mut client = self.db.client("writing delivery results").await?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
             &ids,
             &statuses,
@@ -271,7 +268,8 @@ impl Completer {
         ];
         let ordered: Vec<&Completion> = batch.iter().filter(|c| c.ordering_key.is_some()).collect();
         let rows = if ordered.is_empty() {
-            query::query(&client, self.pool_mode, &sql::COMPLETE_DELIVERIES, &params)
+            client
+                .query(&sql::COMPLETE_DELIVERIES, &params)
                 .await
                 .context("writing delivery results")?
         } else {
@@ -288,22 +286,14 @@ impl Completer {
             let mut subscriptions: Vec<i64> = ordered.iter().map(|c| c.subscription_id.0).collect();
             subscriptions.sort_unstable();
             subscriptions.dedup();
-            query::execute(
-                &transaction,
-                self.pool_mode,
-                &sql::LOCK_ORDERED_SUBSCRIPTIONS,
-                &[&subscriptions],
-            )
-            .await
-            .context("locking ordered subscriptions")?;
-            let rows = query::query(
-                &transaction,
-                self.pool_mode,
-                &sql::COMPLETE_DELIVERIES,
-                &params,
-            )
-            .await
-            .context("writing delivery results")?;
+            transaction
+                .execute(&sql::LOCK_ORDERED_SUBSCRIPTIONS, &[&subscriptions])
+                .await
+                .context("locking ordered subscriptions")?;
+            let rows = transaction
+                .query(&sql::COMPLETE_DELIVERIES, &params)
+                .await
+                .context("writing delivery results")?;
             let updated: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
             let finished: Vec<&&Completion> = ordered
                 .iter()
@@ -316,14 +306,13 @@ impl Completer {
                 let keys: Vec<Option<&str>> =
                     finished.iter().map(|c| c.ordering_key.as_deref()).collect();
                 let finished_ids: Vec<i64> = finished.iter().map(|c| c.delivery_id).collect();
-                query::execute(
-                    &transaction,
-                    self.pool_mode,
-                    &sql::ADVANCE_ORDERING_KEYS,
-                    &[&subscription_ids, &keys, &finished_ids],
-                )
-                .await
-                .context("advancing ordering keys")?;
+                transaction
+                    .execute(
+                        &sql::ADVANCE_ORDERING_KEYS,
+                        &[&subscription_ids, &keys, &finished_ids],
+                    )
+                    .await
+                    .context("advancing ordering keys")?;
             }
             transaction
                 .commit()
@@ -369,7 +358,7 @@ impl Completer {
     /// here is only logged: the delivery is retried, and its next 410 disables again.
     async fn disable_subscriptions(
         &self,
-        client: &deadpool_postgres::Object,
+        client: &DbClient,
         batch: &[Completion],
         recorded: &HashSet<i64>,
     ) {
@@ -384,14 +373,10 @@ impl Completer {
         if ids.is_empty() {
             return;
         }
-        if let Err(error) = query::execute(
-            client,
-            self.pool_mode,
-            &sql::DISABLE_SUBSCRIPTIONS,
-            &[&ids, &reasons],
-        )
-        .await
-        .context("disabling subscriptions that answered 410")
+        if let Err(error) = client
+            .execute(&sql::DISABLE_SUBSCRIPTIONS, &[&ids, &reasons])
+            .await
+            .context("disabling subscriptions that answered 410")
         {
             self.metrics.count_db_error("completer");
             tracing::warn!(

@@ -12,15 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::subscriptions::{Subscription, SubscriptionCache, SubscriptionId};
 use crate::backoff::Backoff;
-use crate::config::PoolMode;
-use crate::db::{DbContext, DbError, query, sql};
+use crate::db::{Db, DbContext, DbError, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::webhook::client::{FailureKind, HttpResult, WebhookClient, WebhookRequest};
@@ -81,9 +79,8 @@ pub struct ClaimedDelivery {
 }
 
 pub struct Deliverer {
-    pub pool: Pool,
-    /// Whether pooled connections may hold prepared statements.
-    pub pool_mode: PoolMode,
+    /// The relay's pool, and how its statements must be sent.
+    pub db: Db,
     pub subscriptions: SubscriptionCache,
     pub client: WebhookClient,
     pub metrics: Metrics,
@@ -107,8 +104,7 @@ pub struct Deliverer {
 impl Deliverer {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        pool: Pool,
-        pool_mode: PoolMode,
+        db: Db,
         subscriptions: SubscriptionCache,
         client: WebhookClient,
         metrics: Metrics,
@@ -121,8 +117,7 @@ impl Deliverer {
         abandon: CancellationToken,
     ) -> Deliverer {
         Deliverer {
-            pool,
-            pool_mode,
+            db,
             subscriptions,
             client,
             metrics,
@@ -239,26 +234,25 @@ impl Deliverer {
         wanted: &[i32],
         total: usize,
     ) -> Result<Vec<ClaimedDelivery>, DbError> {
-        let client = self.pool.get().await.context("claiming deliveries")?;
+        let client = self.db.client("claiming deliveries").await?;
         let total = i32::try_from(total).unwrap_or(i32::MAX);
         // Random, not a counter: unique across this relay's restarts as well, which share
         // its relay id when it is configured.
         let lease_token: i64 = rand::random();
-        let rows = query::query(
-            &client,
-            self.pool_mode,
-            &sql::CLAIM_DELIVERIES,
-            &[
-                &ids,
-                &wanted,
-                &total,
-                &&*self.relay_id,
-                &self.lease_duration.as_secs_f64(),
-                &lease_token,
-            ],
-        )
-        .await
-        .context("claiming deliveries")?;
+        let rows = client
+            .query(
+                &sql::CLAIM_DELIVERIES,
+                &[
+                    &ids,
+                    &wanted,
+                    &total,
+                    &&*self.relay_id,
+                    &self.lease_duration.as_secs_f64(),
+                    &lease_token,
+                ],
+            )
+            .await
+            .context("claiming deliveries")?;
         Ok(rows
             .into_iter()
             .map(|row| ClaimedDelivery {

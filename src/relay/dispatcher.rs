@@ -8,15 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::subscriptions::SubscriptionCache;
 use crate::backoff::Backoff;
-use crate::config::PoolMode;
 use crate::db::wake_gate::WakeGate;
-use crate::db::{DbContext, DbError, query, sql};
+use crate::db::{Db, DbClient, DbContext, DbError, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
 
@@ -44,9 +42,8 @@ pub struct DispatchedBatch {
 }
 
 pub struct Dispatcher {
-    pub pool: Pool,
-    /// Whether pooled connections may hold prepared statements.
-    pub pool_mode: PoolMode,
+    /// The relay's pool, and how its statements must be sent.
+    pub db: Db,
     pub batch_size: u32,
     pub metrics: Metrics,
     pub health: Health,
@@ -75,9 +72,10 @@ impl Dispatcher {
 
     /// One batch of unordered fan-out, and of ordered fan-out when `with_ordered`.
     async fn run_round(&self, with_ordered: bool) -> Result<DispatchedBatch, DbError> {
-        let client = self.pool.get().await.context("dispatching events")?;
+        let client = self.db.client("dispatching events").await?;
         let limit = i32::try_from(self.batch_size).unwrap_or(i32::MAX);
-        let row = query::query_one(&client, self.pool_mode, &sql::DISPATCH_EVENTS, &[&limit])
+        let row = client
+            .query_one(&sql::DISPATCH_EVENTS, &[&limit])
             .await
             .context("dispatching events")?;
         let mut batch = DispatchedBatch {
@@ -108,10 +106,11 @@ impl Dispatcher {
     /// Returns (events passed, deliveries created, probe pending).
     async fn ordered_pass(
         &self,
-        client: &deadpool_postgres::Object,
+        client: &DbClient,
         limit: i32,
     ) -> Result<(u64, u64, bool), DbError> {
-        let row = query::query_one(client, self.pool_mode, &sql::DISPATCH_ORDERED, &[&limit])
+        let row = client
+            .query_one(&sql::DISPATCH_ORDERED, &[&limit])
             .await
             .context("dispatching events to ordered subscriptions")?;
         let mut probe_pending: bool = row.get(2);
@@ -119,11 +118,11 @@ impl Dispatcher {
             // A statement of its own (autocommit): the probe's xid must be assigned after
             // it reads the sequence, in a transaction that had none before. Through a
             // transaction pooler an autocommit statement is a transaction of its own too.
-            probe_pending =
-                query::query_one(client, self.pool_mode, &sql::START_ORDERED_PROBE, &[])
-                    .await
-                    .context("starting an ordered-dispatch probe")?
-                    .get(0);
+            probe_pending = client
+                .query_one(&sql::START_ORDERED_PROBE, &[])
+                .await
+                .context("starting an ordered-dispatch probe")?
+                .get(0);
         }
         Ok((
             u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),

@@ -12,12 +12,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::PoolMode;
-use crate::db::{DbContext, DbError, query, sql};
+use crate::db::{Db, DbContext, DbError, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
 
@@ -65,9 +63,8 @@ impl GivenUpLeases {
 }
 
 pub struct Maintenance {
-    pub pool: Pool,
-    /// Whether pooled connections may hold prepared statements.
-    pub pool_mode: PoolMode,
+    /// The relay's pool, and how its statements must be sent.
+    pub db: Db,
     pub relay_id: Arc<str>,
     pub lease_duration: Duration,
     pub metrics: Metrics,
@@ -80,38 +77,33 @@ pub struct Maintenance {
 impl Maintenance {
     /// Extends every lease this relay holds. Returns how many.
     pub async fn heartbeat(&self) -> Result<u64, DbError> {
-        let client = self.pool.get().await.context("renewing leases")?;
+        let client = self.db.client("renewing leases").await?;
         let (given_up_ids, given_up_tokens) = self.given_up.current();
-        query::execute(
-            &client,
-            self.pool_mode,
-            &sql::HEARTBEAT_LEASES,
-            &[
-                &&*self.relay_id,
-                &self.lease_duration.as_secs_f64(),
-                &MAX_LEASE_AGE.as_secs_f64(),
-                &given_up_ids,
-                &given_up_tokens,
-            ],
-        )
-        .await
-        .context("renewing leases")
+        client
+            .execute(
+                &sql::HEARTBEAT_LEASES,
+                &[
+                    &&*self.relay_id,
+                    &self.lease_duration.as_secs_f64(),
+                    &MAX_LEASE_AGE.as_secs_f64(),
+                    &given_up_ids,
+                    &given_up_tokens,
+                ],
+            )
+            .await
+            .context("renewing leases")
     }
 
     /// Re-queues deliveries whose lease expired. Returns how many.
     pub async fn reclaim_expired(&self) -> Result<u64, DbError> {
-        let client = self.pool.get().await.context("reclaiming expired leases")?;
+        let client = self.db.client("reclaiming expired leases").await?;
         let mut total = 0;
         loop {
-            let reclaimed = query::query(
-                &client,
-                self.pool_mode,
-                &sql::RECLAIM_EXPIRED_LEASES,
-                &[&RECLAIM_BATCH],
-            )
-            .await
-            .context("reclaiming expired leases")?
-            .len() as u64;
+            let reclaimed = client
+                .query(&sql::RECLAIM_EXPIRED_LEASES, &[&RECLAIM_BATCH])
+                .await
+                .context("reclaiming expired leases")?
+                .len() as u64;
             total += reclaimed;
             if reclaimed < RECLAIM_BATCH as u64 {
                 break;
@@ -130,15 +122,14 @@ impl Maintenance {
 
     /// Deletes one batch of finished events older than `retention`. Returns how many.
     pub async fn purge_expired(&self, retention: Duration) -> Result<u64, DbError> {
-        let client = self.pool.get().await.context("purging expired events")?;
-        let purged = query::execute(
-            &client,
-            self.pool_mode,
-            &sql::PURGE_EXPIRED_EVENTS,
-            &[&retention.as_secs_f64(), &PURGE_BATCH],
-        )
-        .await
-        .context("purging expired events")?;
+        let client = self.db.client("purging expired events").await?;
+        let purged = client
+            .execute(
+                &sql::PURGE_EXPIRED_EVENTS,
+                &[&retention.as_secs_f64(), &PURGE_BATCH],
+            )
+            .await
+            .context("purging expired events")?;
         self.metrics.events_purged.inc_by(purged);
         if purged > 0 {
             tracing::info!(purged, "deleted finished events past retention");
@@ -149,16 +140,12 @@ impl Maintenance {
     /// Readiness requires the schema to be at least what this binary embeds: an older one
     /// lacks columns or functions the relay's statements use.
     pub async fn check_schema(&self) -> Result<bool, DbError> {
-        let client = self
-            .pool
-            .get()
+        let client = self.db.client("checking the schema version").await?;
+        let applied: Option<i32> = client
+            .query_one(&sql::APPLIED_MIGRATIONS, &[])
             .await
-            .context("checking the schema version")?;
-        let applied: Option<i32> =
-            query::query_one(&client, self.pool_mode, &sql::APPLIED_MIGRATIONS, &[])
-                .await
-                .context("checking the schema version")?
-                .get(0);
+            .context("checking the schema version")?
+            .get(0);
         let wanted = crate::db::embedded_migrations()
             .last()
             .map(|(version, _)| *version)
@@ -175,8 +162,9 @@ impl Maintenance {
 
     pub async fn refresh_gauges(&self) -> Result<(), DbError> {
         self.check_schema().await?;
-        let client = self.pool.get().await.context("refreshing gauges")?;
-        let rows = query::query(&client, self.pool_mode, &sql::BACKLOG_GAUGES, &[])
+        let client = self.db.client("refreshing gauges").await?;
+        let rows = client
+            .query(&sql::BACKLOG_GAUGES, &[])
             .await
             .context("reading backlog")?;
         // Subscriptions that were removed must not keep reporting their last value.
@@ -198,11 +186,11 @@ impl Maintenance {
                 .with_label_values(&[&name])
                 .set(row.get(3));
         }
-        let oldest: f64 =
-            query::query_one(&client, self.pool_mode, &sql::OLDEST_PENDING_SECONDS, &[])
-                .await
-                .context("reading oldest pending age")?
-                .get(0);
+        let oldest: f64 = client
+            .query_one(&sql::OLDEST_PENDING_SECONDS, &[])
+            .await
+            .context("reading oldest pending age")?
+            .get(0);
         self.metrics.oldest_pending_seconds.set(oldest as i64);
         Ok(())
     }

@@ -33,8 +33,8 @@ use self::deliverer::Deliverer;
 use self::dispatcher::Dispatcher;
 use self::maintenance::{GivenUpLeases, Maintenance};
 use self::subscriptions::SubscriptionCache;
-use crate::config::{self, PoolMode, RelayConfig};
-use crate::db::{self, DbContext, DbError, query, sql};
+use crate::config::{self, RelayConfig};
+use crate::db::{self, Db, DbContext, DbError, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::secret::{self, ExposeSecret};
@@ -122,6 +122,7 @@ pub async fn start(
         config.db_pool_size as usize,
         config.session_limits(),
     )?;
+    let db = Db::new(pool.clone(), config.db_pool_mode);
     let metrics = Metrics::new()?;
     metrics.register_pool(pool.clone())?;
     let health = Health::new(config.listen);
@@ -145,7 +146,7 @@ pub async fn start(
     let subscriptions = SubscriptionCache::default();
     // Start with a loaded cache so the first claim round already knows every subscription;
     // a database that is down now is not fatal: the reload loop keeps trying.
-    if let Err(error) = subscriptions.reload(&pool, config.db_pool_mode).await {
+    if let Err(error) = subscriptions.reload(&db).await {
         tracing::warn!(
             error = format!("{:#}", anyhow::Error::from(error)),
             "initial subscription load failed; retrying in the background"
@@ -154,8 +155,7 @@ pub async fn start(
 
     let (results_tx, results_rx) = mpsc::channel(completer::CHANNEL_CAPACITY);
     let deliverer = Arc::new(Deliverer::new(
-        pool.clone(),
-        config.db_pool_mode,
+        db.clone(),
         subscriptions.clone(),
         client,
         metrics.clone(),
@@ -168,8 +168,7 @@ pub async fn start(
         crash.child_token(),
     ));
     let dispatcher = Dispatcher {
-        pool: pool.clone(),
-        pool_mode: config.db_pool_mode,
+        db: db.clone(),
         batch_size: config.dispatch_batch_size,
         metrics: metrics.clone(),
         health: health.clone(),
@@ -181,8 +180,7 @@ pub async fn start(
     };
     let given_up = GivenUpLeases::default();
     let maintenance = Maintenance {
-        pool: pool.clone(),
-        pool_mode: config.db_pool_mode,
+        db: db.clone(),
         relay_id: relay_id.clone(),
         lease_duration: config.lease_duration,
         metrics: metrics.clone(),
@@ -197,8 +195,7 @@ pub async fn start(
         );
     }
     let completer = Completer {
-        pool: pool.clone(),
-        pool_mode: config.db_pool_mode,
+        db: db.clone(),
         relay_id: relay_id.clone(),
         metrics: metrics.clone(),
         flush_interval: config.flush_interval,
@@ -234,8 +231,7 @@ pub async fn start(
         tracing::info!(poll_interval = ?config.poll_interval, "poll-only mode: no LISTEN connection");
     }
     background.spawn(subscriptions.clone().keep_fresh(
-        pool.clone(),
-        config.db_pool_mode,
+        db.clone(),
         subscriptions_changed,
         deliveries_wake.clone(),
         claiming.clone(),
@@ -296,7 +292,7 @@ pub async fn start(
         let health = health.clone();
         let relay_id = relay_id.clone();
         let shutdown_grace = config.shutdown_grace;
-        let pool_mode = config.db_pool_mode;
+        let db = db.clone();
         tokio::spawn(async move {
             cancel.cancelled().await;
             if crash.is_cancelled() {
@@ -318,7 +314,7 @@ pub async fn start(
             // Dropping the last sender lets the completer write what is left and finish.
             drop(deliverer);
             let _ = completer_task.await;
-            match release_leases(&pool, pool_mode, &relay_id).await {
+            match release_leases(&db, &relay_id).await {
                 Ok(0) => {}
                 Ok(released) => tracing::info!(released, "handed back unfinished deliveries"),
                 Err(error) => tracing::warn!(
@@ -345,13 +341,10 @@ pub async fn start(
     })
 }
 
-async fn release_leases(
-    pool: &deadpool_postgres::Pool,
-    pool_mode: PoolMode,
-    relay_id: &str,
-) -> Result<u64, DbError> {
-    let client = pool.get().await.context("releasing leases")?;
-    query::execute(&client, pool_mode, &sql::RELEASE_LEASES, &[&relay_id])
+async fn release_leases(db: &Db, relay_id: &str) -> Result<u64, DbError> {
+    let client = db.client("releasing leases").await?;
+    client
+        .execute(&sql::RELEASE_LEASES, &[&relay_id])
         .await
         .context("releasing leases")
 }

@@ -10,12 +10,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::PoolMode;
-use crate::db::{DbContext, DbError, query, sql};
+use crate::db::{Db, DbContext, DbError, sql};
 use crate::secret::SecretUrl;
 use crate::webhook::SigningSecret;
 
@@ -81,9 +79,10 @@ impl SubscriptionCache {
     }
 
     /// Replaces the snapshot with what the table says now.
-    pub async fn reload(&self, pool: &Pool, pool_mode: PoolMode) -> Result<usize, DbError> {
-        let client = pool.get().await.context("loading subscriptions")?;
-        let rows = query::query(&client, pool_mode, &sql::LOAD_SUBSCRIPTIONS, &[])
+    pub async fn reload(&self, db: &Db) -> Result<usize, DbError> {
+        let client = db.client("loading subscriptions").await?;
+        let rows = client
+            .query(&sql::LOAD_SUBSCRIPTIONS, &[])
             .await
             .context("loading subscriptions")?;
         let mut fresh = HashMap::with_capacity(rows.len());
@@ -147,14 +146,13 @@ impl SubscriptionCache {
     /// can use a new subscription at once.
     pub async fn keep_fresh(
         self,
-        pool: Pool,
-        pool_mode: PoolMode,
+        db: Db,
         changed: Arc<Notify>,
         reloaded: Arc<Notify>,
         cancel: CancellationToken,
     ) {
         loop {
-            match self.reload(&pool, pool_mode).await {
+            match self.reload(&db).await {
                 Ok(_) => reloaded.notify_one(),
                 Err(error) => tracing::warn!(
                     error = format!("{:#}", anyhow::Error::from(error)),
