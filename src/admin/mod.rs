@@ -29,7 +29,7 @@ use tokio_postgres::types::{Json, ToSql, Type};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::db::DbError;
+use crate::db::{DbError, convert};
 use crate::secret::{ExposeSecret, MASK, SecretString, SecretUrl, mask_url};
 use crate::webhook::{SigningSecret, generate_secret};
 

@@ -410,13 +410,7 @@ pub(super) const SUBSCRIPTION_COLUMNS: &str = "
 
 pub(super) fn subscription_from_row(row: &tokio_postgres::Row) -> SubscriptionInfo {
     let schedule: Vec<f64> = row.get(9);
-    let headers = match row.get::<_, serde_json::Value>(13) {
-        serde_json::Value::Object(map) => map
-            .into_iter()
-            .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_owned())))
-            .collect(),
-        _ => BTreeMap::new(),
-    };
+    let headers = convert::string_pairs(row.get::<_, serde_json::Value>(13));
     SubscriptionInfo {
         id: row.get(0),
         name: row.get(1),
@@ -427,8 +421,8 @@ pub(super) fn subscription_from_row(row: &tokio_postgres::Row) -> SubscriptionIn
         enabled: row.get(6),
         disabled_reason: row.get(7),
         ordered: row.get(8),
-        retry_schedule: schedule.into_iter().map(duration_from_seconds).collect(),
-        timeout: duration_from_seconds(row.get(10)),
+        retry_schedule: schedule.into_iter().map(convert::seconds).collect(),
+        timeout: convert::seconds(row.get(10)),
         max_in_flight: row.get(11),
         rate_limit_per_second: row.get(12),
         headers,
@@ -436,10 +430,6 @@ pub(super) fn subscription_from_row(row: &tokio_postgres::Row) -> SubscriptionIn
         updated_at: row.get(15),
         previous_secret_expires_at: row.get(16),
     }
-}
-
-pub(super) fn duration_from_seconds(seconds: f64) -> Duration {
-    Duration::try_from_secs_f64(seconds).unwrap_or(Duration::ZERO)
 }
 
 /// Column assignments for a dynamic INSERT or UPDATE: only the settings given are written,

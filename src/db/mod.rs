@@ -7,6 +7,7 @@
 //! connection, pooled or not, is made from a [`DbTarget`] that [`parse_url`] builds, so the
 //! URL's TLS settings ([`tls`]) hold for all of them.
 
+pub mod convert;
 mod handle;
 pub mod listen;
 pub mod query;

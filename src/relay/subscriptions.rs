@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{Db, DbContext, DbError, sql};
+use crate::db::{Db, DbContext, DbError, convert, sql};
 use crate::secret::SecretUrl;
 use crate::webhook::SigningSecret;
 
@@ -110,13 +110,8 @@ impl SubscriptionCache {
                     ),
                 }
             }
-            let headers = match row.get::<_, serde_json::Value>(8) {
-                serde_json::Value::Object(map) => map
-                    .into_iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))
-                    .collect(),
-                _ => Vec::new(),
-            };
+            let headers: Vec<(String, String)> =
+                convert::string_pairs(row.get::<_, serde_json::Value>(8));
             let schedule: Vec<f64> = row.get(9);
             let subscription = Subscription {
                 id: SubscriptionId(row.get(0)),
@@ -124,11 +119,11 @@ impl SubscriptionCache {
                 url: SecretUrl::new(row.get::<_, String>(2)),
                 secrets,
                 enabled: row.get(4),
-                timeout: seconds(row.get(5)),
+                timeout: convert::seconds(row.get(5)),
                 max_in_flight: u32::try_from(row.get::<_, i32>(6)).unwrap_or(1).max(1),
                 rate_limit_per_second: row.get(7),
                 headers,
-                retry_schedule: schedule.into_iter().map(seconds).collect(),
+                retry_schedule: schedule.into_iter().map(convert::seconds).collect(),
                 ordered: row.get(11),
             };
             fresh.insert(subscription.id, Arc::new(subscription));
@@ -166,8 +161,4 @@ impl SubscriptionCache {
             }
         }
     }
-}
-
-fn seconds(value: f64) -> Duration {
-    Duration::try_from_secs_f64(value).unwrap_or(Duration::ZERO)
 }
