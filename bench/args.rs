@@ -196,18 +196,14 @@ impl Scenario {
 
 /// `50ms`, `1s`, `1.5s`, `5m`; a bare number is seconds.
 pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
+    // The relay's own parser (humantime), so every value OUTBOX_* takes works here too
+    // (`500us`, `1m30s`); a bare number means seconds, as before.
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let bad = || format!("invalid duration {text:?}: expected e.g. 50ms, 1s, 5m");
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" | "min" => value * 60.0,
-        _ => return Err(bad()),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| bad())
+    if let Ok(seconds) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("invalid duration {text:?}: seconds must be 0 or more"));
+    }
+    humantime::parse_duration(text).map_err(|error| {
+        format!("invalid duration {text:?} ({error}): expected e.g. 500us, 50ms, 1s, 5m")
+    })
 }
