@@ -6,7 +6,7 @@
 use deadpool_postgres::{Object, Pool, Transaction};
 use tokio_postgres::{Error, Row};
 
-use super::query::{self, Params, Query};
+use super::query::{self, Connection, Params, Query};
 use super::{DbContext, DbError};
 use crate::config::PoolMode;
 
@@ -24,58 +24,53 @@ impl Db {
     /// A pooled connection; `context` names what it was for when none comes in time.
     pub async fn client(&self, context: &'static str) -> Result<DbClient, DbError> {
         let client = self.pool.get().await.context(context)?;
-        Ok(DbClient {
-            client,
+        Ok(Statements {
+            connection: client,
             mode: self.mode,
         })
     }
 }
 
-/// A pooled connection that runs [`Query`]s the way its pool allows.
-pub struct DbClient {
-    client: Object,
+/// A connection (a pooled one, or a transaction on it) that runs [`Query`]s the way its pool
+/// allows.
+pub struct Statements<C> {
+    connection: C,
     mode: PoolMode,
 }
 
-impl DbClient {
+/// A pooled connection from [`Db::client`].
+pub type DbClient = Statements<Object>;
+
+/// A transaction on a [`DbClient`].
+pub type DbTransaction<'a> = Statements<Transaction<'a>>;
+
+impl<C: Connection> Statements<C> {
     pub async fn query(&self, statement: &Query, params: &Params<'_>) -> Result<Vec<Row>, Error> {
-        query::query(&self.client, self.mode, statement, params).await
+        query::query(&self.connection, self.mode, statement, params).await
     }
 
     pub async fn query_one(&self, statement: &Query, params: &Params<'_>) -> Result<Row, Error> {
-        query::query_one(&self.client, self.mode, statement, params).await
+        query::query_one(&self.connection, self.mode, statement, params).await
     }
 
     pub async fn execute(&self, statement: &Query, params: &Params<'_>) -> Result<u64, Error> {
-        query::execute(&self.client, self.mode, statement, params).await
+        query::execute(&self.connection, self.mode, statement, params).await
     }
+}
 
+impl DbClient {
     /// BEGIN; fine through a transaction pooler, which keeps one server connection until
     /// COMMIT.
     pub async fn transaction(&mut self) -> Result<DbTransaction<'_>, Error> {
-        Ok(DbTransaction {
-            transaction: self.client.transaction().await?,
+        Ok(Statements {
+            connection: self.connection.transaction().await?,
             mode: self.mode,
         })
     }
 }
 
-/// A transaction on a [`DbClient`], running [`Query`]s the same way.
-pub struct DbTransaction<'a> {
-    transaction: Transaction<'a>,
-    mode: PoolMode,
-}
-
 impl DbTransaction<'_> {
-    pub async fn query(&self, statement: &Query, params: &Params<'_>) -> Result<Vec<Row>, Error> {
-        query::query(&self.transaction, self.mode, statement, params).await
-    }
-
-    pub async fn execute(&self, statement: &Query, params: &Params<'_>) -> Result<u64, Error> {
-        query::execute(&self.transaction, self.mode, statement, params).await
-    }
-
     pub async fn commit(self) -> Result<(), Error> {
-        self.transaction.commit().await
+        self.connection.commit().await
     }
 }
