@@ -206,19 +206,8 @@ async fn an_event_whose_producer_skipped_notify_is_found_when_the_gate_is_grante
         sent += 1;
         break;
     }
-    wait_until(
-        "every event, the skipped one too, is delivered",
-        DEADLINE,
-        || async {
-            count(
-                &db,
-                "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'",
-            )
-            .await
-                == sent
-        },
-    )
-    .await;
+    // Every event, the skipped one too.
+    wait_for_statuses(&db, "delivered", sent).await;
     assert_eq!(
         relay.metrics.wakeups.with_label_values(&["poll"]).get(),
         0,
@@ -261,15 +250,7 @@ async fn relays_that_do_not_get_the_gate_never_wait_for_it() {
     }
     // And an event still wakes them (the gate holder's NOTIFY reaches every relay).
     publish(&db, "gate.one", json!({})).await;
-    wait_until("the event is delivered", DEADLINE, || async {
-        count(
-            &db,
-            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'",
-        )
-        .await
-            == 1
-    })
-    .await;
+    wait_for_statuses(&db, "delivered", 1).await;
     for relay in relays {
         relay.shutdown().await;
     }
@@ -298,14 +279,6 @@ async fn the_gate_is_taken_again_after_its_session_is_cut() {
     })
     .await;
     publish(&db, "gate.after_cut", json!({})).await;
-    wait_until("the event is delivered", DEADLINE, || async {
-        count(
-            &db,
-            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'",
-        )
-        .await
-            == 1
-    })
-    .await;
+    wait_for_statuses(&db, "delivered", 1).await;
     relay.shutdown().await;
 }
