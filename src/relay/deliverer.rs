@@ -8,6 +8,7 @@
 //! can start now, so nothing waits leased in memory.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,97 @@ pub struct ClaimedDelivery {
     pub event: EventForDelivery,
 }
 
+impl ClaimedDelivery {
+    /// Reads a leased delivery from a row whose columns `first..` are, in order: delivery
+    /// id, subscription id, attempts, replay id, then the event's id, type, tenant, source
+    /// service, created_at, payload and metadata (as text) and ordering key. The claim and
+    /// the leasing dispatch both return them so.
+    pub fn from_row(
+        row: &tokio_postgres::Row,
+        first: usize,
+        delivery_ordering_key: Option<String>,
+        lease_token: i64,
+    ) -> ClaimedDelivery {
+        ClaimedDelivery {
+            delivery_id: row.get(first),
+            subscription_id: SubscriptionId(row.get(first + 1)),
+            attempts_before: u32::try_from(row.get::<_, i32>(first + 2)).unwrap_or(0),
+            ordering_key: delivery_ordering_key,
+            lease_token,
+            event: EventForDelivery {
+                event_id: row.get(first + 4),
+                event_type: row.get(first + 5),
+                tenant_id: row.get(first + 6),
+                source_service: row.get(first + 7),
+                created_at: row.get::<_, DateTime<Utc>>(first + 8),
+                payload_json: row.get(first + 9),
+                metadata_json: row.get(first + 10),
+                ordering_key: row.get(first + 11),
+            },
+        }
+    }
+}
+
+/// How a delivery was leased (label of `outbox_deliveries_leased_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeasePath {
+    /// Claimed as a due delivery.
+    Claim,
+    /// Leased by the dispatcher as it created the delivery.
+    Dispatch,
+}
+
+impl LeasePath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeasePath::Claim => "claim",
+            LeasePath::Dispatch => "dispatch",
+        }
+    }
+}
+
+/// What one claim may lease, set aside so that the two places that lease (the claim loop
+/// here and the dispatcher, which leases deliveries as it creates them) never take more
+/// than the relay can send: request slots (at most a batch) and each subscription's
+/// rate-limit tokens. What the lease does not use goes back when the budget is dropped.
+#[derive(Debug)]
+pub struct ClaimBudget {
+    /// One permit per request slot set aside; each leased delivery takes one.
+    permits: OwnedSemaphorePermit,
+    /// Subscriptions to lease for, in the order to serve them, and how many each may take.
+    pub subscription_ids: Vec<i64>,
+    pub wanted: Vec<i32>,
+    /// Identifies the claim: its results are written only while the delivery holds it.
+    pub lease_token: i64,
+    rate_limits: Arc<Mutex<HashMap<SubscriptionId, TokenBucket>>>,
+    /// Rate-limit tokens taken for this claim, per subscription; unused ones go back.
+    rate_tokens: HashMap<SubscriptionId, u32>,
+}
+
+impl ClaimBudget {
+    /// Request slots set aside: the most this claim may lease in all.
+    pub fn slots(&self) -> usize {
+        self.permits.num_permits()
+    }
+}
+
+impl Drop for ClaimBudget {
+    fn drop(&mut self) {
+        if self.rate_tokens.values().all(|tokens| *tokens == 0) {
+            return;
+        }
+        let mut limits = self
+            .rate_limits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (id, tokens) in &self.rate_tokens {
+            if let Some(bucket) = limits.get_mut(id) {
+                bucket.give_back(*tokens);
+            }
+        }
+    }
+}
+
 pub struct Deliverer {
     /// The relay's pool, and how its statements must be sent.
     pub db: Db,
@@ -97,8 +189,15 @@ pub struct Deliverer {
     /// abandoned without a result and their leases released or left to expire.
     pub abandon: CancellationToken,
     pub tasks: TaskTracker,
-    rate_limits: Mutex<HashMap<SubscriptionId, TokenBucket>>,
+    rate_limits: Arc<Mutex<HashMap<SubscriptionId, TokenBucket>>>,
     round: std::sync::atomic::AtomicUsize,
+    /// The last claim leased all it asked for: more is due than the relay can send now, so
+    /// the dispatcher holds back (see `Dispatcher::run`) instead of piling up deliveries
+    /// that would each need a claim.
+    backlogged: AtomicBool,
+    /// Notified when a claim found less due than it could send: the dispatcher may fill the
+    /// free slots with deliveries it leases as it creates them.
+    pub hungry: Arc<Notify>,
 }
 
 impl Deliverer {
@@ -130,75 +229,66 @@ impl Deliverer {
             slot_freed: Arc::new(Notify::new()),
             abandon,
             tasks: TaskTracker::new(),
-            rate_limits: Mutex::new(HashMap::new()),
+            rate_limits: Arc::new(Mutex::new(HashMap::new())),
             round: std::sync::atomic::AtomicUsize::new(0),
+            backlogged: AtomicBool::new(false),
+            hungry: Arc::new(Notify::new()),
         }
     }
 
     /// One claim round: lease what is due and can start now, and start a request for each.
     /// Returns (claimed, asked): fewer claimed than asked means nothing more is due now.
     pub async fn claim_and_start(self: &Arc<Self>) -> Result<(usize, usize), DbError> {
-        let free = self
-            .permits
-            .available_permits()
-            .min(self.batch_size as usize);
-        if free == 0 {
+        let Some(budget) = self.reserve() else {
             return Ok((0, 0));
+        };
+        let asked = budget.slots();
+        let claimed = if budget.subscription_ids.is_empty() {
+            Vec::new()
+        } else {
+            self.claim(&budget).await?
+        };
+        let count = self.start(budget, claimed, LeasePath::Claim);
+        self.backlogged.store(count == asked, Ordering::Relaxed);
+        if count < asked {
+            self.hungry.notify_one();
         }
-        let mut enabled = self.subscriptions.enabled();
-        if enabled.is_empty() {
-            return Ok((0, free));
-        }
-        // Rotate the order each round so, when capacity is short, no subscription always
-        // comes first. (The claim never waits on a lock, so order cannot deadlock.)
-        let offset = self
-            .round
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            % enabled.len();
-        enabled.rotate_left(offset);
-
-        let (ids, wanted) = self.wanted_per_subscription(&enabled, free);
-        if ids.is_empty() {
-            return Ok((0, free));
-        }
-        let claimed = self.claim(&ids, &wanted, free).await?;
-        let count = claimed.len();
-        let mut per_subscription: HashMap<SubscriptionId, u32> = HashMap::new();
-        for delivery in claimed {
-            *per_subscription
-                .entry(delivery.subscription_id)
-                .or_default() += 1;
-            let Some(subscription) = self.subscriptions.get(delivery.subscription_id) else {
-                // Removed since the claim: its delete trigger already marked the delivery dead.
-                continue;
-            };
-            let permit = match self.permits.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                // Only this loop takes permits and it claimed no more than were free.
-                Err(_) => unreachable!("claimed more deliveries than free permits"),
-            };
-            let this = Arc::clone(self);
-            self.tasks.spawn(async move {
-                this.deliver(delivery, subscription, permit).await;
-            });
-        }
-        self.consume_rate_tokens(&per_subscription);
-        Ok((count, free))
+        Ok((count, asked))
     }
 
-    fn wanted_per_subscription(
-        &self,
-        enabled: &[Arc<Subscription>],
-        free: usize,
-    ) -> (Vec<i64>, Vec<i32>) {
+    /// Sets aside what this relay may lease now: its free request slots (at most a batch)
+    /// and, per enabled subscription, at most its `max_in_flight` and its rate-limit tokens.
+    /// `None` when no slot is free. The database still applies each subscription's
+    /// `max_in_flight` across relays when it leases.
+    pub fn reserve(&self) -> Option<ClaimBudget> {
+        let free = self.free_slots();
+        let permits = u32::try_from(free)
+            .ok()
+            .filter(|free| *free > 0)
+            .and_then(|free| self.permits.clone().try_acquire_many_owned(free).ok())?;
+        let mut enabled = self.subscriptions.enabled();
+        if !enabled.is_empty() {
+            // Rotate the order each round so, when capacity is short, no subscription always
+            // comes first. (The claim never waits on a lock, so order cannot deadlock.)
+            let offset = self.round.fetch_add(1, Ordering::Relaxed) % enabled.len();
+            enabled.rotate_left(offset);
+        }
+        let mut budget = ClaimBudget {
+            permits,
+            subscription_ids: Vec::with_capacity(enabled.len()),
+            wanted: Vec::with_capacity(enabled.len()),
+            // Random, not a counter: unique across this relay's restarts as well, which
+            // share its relay id when it is configured.
+            lease_token: rand::random(),
+            rate_limits: Arc::clone(&self.rate_limits),
+            rate_tokens: HashMap::new(),
+        };
         let mut limits = self
             .rate_limits
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = Instant::now();
-        let mut ids = Vec::with_capacity(enabled.len());
-        let mut wanted = Vec::with_capacity(enabled.len());
-        for subscription in enabled {
+        for subscription in &enabled {
             let mut want = free.min(subscription.max_in_flight as usize);
             if let Some(rate) = subscription.rate_limit_per_second {
                 let bucket = limits
@@ -206,72 +296,99 @@ impl Deliverer {
                     .or_insert_with(|| TokenBucket::new(rate, now));
                 bucket.set_rate(rate);
                 want = want.min(bucket.available(now));
+                // Taken now, so a claim running beside this one cannot spend them too.
+                let taken = u32::try_from(want).unwrap_or(u32::MAX);
+                bucket.take(taken);
+                budget.rate_tokens.insert(subscription.id, taken);
             }
             if want > 0 {
-                ids.push(subscription.id.0);
-                wanted.push(i32::try_from(want).unwrap_or(i32::MAX));
+                budget.subscription_ids.push(subscription.id.0);
+                budget.wanted.push(i32::try_from(want).unwrap_or(i32::MAX));
             }
         }
         limits.retain(|id, _| enabled.iter().any(|s| s.id == *id));
-        (ids, wanted)
+        Some(budget)
     }
 
-    fn consume_rate_tokens(&self, claimed: &HashMap<SubscriptionId, u32>) {
-        let mut limits = self
-            .rate_limits
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (id, count) in claimed {
-            if let Some(bucket) = limits.get_mut(id) {
-                bucket.take(*count);
-            }
+    /// This relay's lease owner name and lease duration in seconds, as the lease
+    /// statements take them.
+    pub fn lease_owner(&self) -> (&str, f64) {
+        (&self.relay_id, self.lease_duration.as_secs_f64())
+    }
+
+    /// Starts a request for each leased delivery, each with a slot from `budget`; the
+    /// unused slots and rate tokens go back with the budget. Returns how many started.
+    pub fn start(
+        self: &Arc<Self>,
+        mut budget: ClaimBudget,
+        leased: Vec<ClaimedDelivery>,
+        path: LeasePath,
+    ) -> usize {
+        let count = leased.len();
+        if count > 0 {
+            self.metrics
+                .deliveries_leased
+                .with_label_values(&[path.as_str()])
+                .inc_by(count as u64);
         }
+        for delivery in leased {
+            if let Some(tokens) = budget.rate_tokens.get_mut(&delivery.subscription_id) {
+                *tokens = tokens.saturating_sub(1);
+            }
+            let Some(subscription) = self.subscriptions.get(delivery.subscription_id) else {
+                // Removed since the claim: its delete trigger already marked the delivery dead.
+                continue;
+            };
+            // The database leases no more than the budget's total, one slot each.
+            let Some(permit) = budget.permits.split(1) else {
+                tracing::error!(
+                    delivery_id = delivery.delivery_id,
+                    "leased more deliveries than request slots set aside; the lease will expire"
+                );
+                continue;
+            };
+            let this = Arc::clone(self);
+            self.tasks.spawn(async move {
+                this.deliver(delivery, subscription, permit).await;
+            });
+        }
+        count
     }
 
-    async fn claim(
-        &self,
-        ids: &[i64],
-        wanted: &[i32],
-        total: usize,
-    ) -> Result<Vec<ClaimedDelivery>, DbError> {
+    /// Request slots free now (at most a batch): what a claim could lease.
+    pub fn free_slots(&self) -> usize {
+        self.permits
+            .available_permits()
+            .min(self.batch_size as usize)
+    }
+
+    /// Whether the last claim leased all it asked for (more may be due than the relay can
+    /// send now).
+    pub fn is_backlogged(&self) -> bool {
+        self.backlogged.load(Ordering::Relaxed)
+    }
+
+    async fn claim(&self, budget: &ClaimBudget) -> Result<Vec<ClaimedDelivery>, DbError> {
         let client = self.db.client("claiming deliveries").await?;
-        let total = i32::try_from(total).unwrap_or(i32::MAX);
-        // Random, not a counter: unique across this relay's restarts as well, which share
-        // its relay id when it is configured.
-        let lease_token: i64 = rand::random();
+        let total = i32::try_from(budget.slots()).unwrap_or(i32::MAX);
+        let (owner, lease_seconds) = self.lease_owner();
         let rows = client
             .query(
                 &sql::CLAIM_DELIVERIES,
                 &[
-                    &ids,
-                    &wanted,
+                    &budget.subscription_ids,
+                    &budget.wanted,
                     &total,
-                    &&*self.relay_id,
-                    &self.lease_duration.as_secs_f64(),
-                    &lease_token,
+                    &owner,
+                    &lease_seconds,
+                    &budget.lease_token,
                 ],
             )
             .await
             .context("claiming deliveries")?;
         Ok(rows
-            .into_iter()
-            .map(|row| ClaimedDelivery {
-                delivery_id: row.get(0),
-                subscription_id: SubscriptionId(row.get(1)),
-                attempts_before: u32::try_from(row.get::<_, i32>(2)).unwrap_or(0),
-                ordering_key: row.get(12),
-                lease_token,
-                event: EventForDelivery {
-                    event_id: row.get(4),
-                    event_type: row.get(5),
-                    tenant_id: row.get(6),
-                    source_service: row.get(7),
-                    created_at: row.get::<_, DateTime<Utc>>(8),
-                    payload_json: row.get(9),
-                    metadata_json: row.get(10),
-                    ordering_key: row.get(11),
-                },
-            })
+            .iter()
+            .map(|row| ClaimedDelivery::from_row(row, 0, row.get(12), budget.lease_token))
             .collect())
     }
 
@@ -456,6 +573,11 @@ impl TokenBucket {
 
     fn take(&mut self, count: u32) {
         self.tokens -= f64::from(count);
+    }
+
+    /// Returns tokens taken for a claim that did not use them.
+    fn give_back(&mut self, count: u32) {
+        self.tokens = (self.tokens + f64::from(count)).min(self.capacity());
     }
 }
 

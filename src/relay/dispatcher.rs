@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::deliverer::{ClaimBudget, ClaimedDelivery, Deliverer, LeasePath};
 use super::subscriptions::SubscriptionCache;
 use crate::backoff::Backoff;
 use crate::db::wake_gate::WakeGate;
@@ -29,6 +30,15 @@ const ORDERED_FOLLOW_UP_START: Duration = Duration::from_millis(10);
 /// the max while a producer transaction keeps the gate taken.
 const GATE_PENDING_POLL_MIN: Duration = Duration::from_millis(1);
 const GATE_PENDING_POLL_MAX: Duration = Duration::from_millis(100);
+/// The longest the dispatcher holds back while the deliverer is backlogged or has no free
+/// slot (see `Dispatcher::run`). Holding back only moves work from the deliveries table to
+/// the events table, with one exception: a subscriber whose `max_in_flight` is as large as
+/// the relay's concurrency can keep every slot taken, and the other subscriptions' events
+/// would then wait; this bounds that wait.
+const MAX_HOLD_BACK: Duration = Duration::from_millis(250);
+/// Fewest events a dispatch round takes while pacing itself to the free slots: below this
+/// the statement's fixed cost outweighs the claims saved.
+const MIN_PACED_BATCH: u32 = 32;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchedBatch {
@@ -49,6 +59,9 @@ pub struct Dispatcher {
     pub health: Health,
     /// Notified when new deliveries exist, so the deliverer claims them at once.
     pub deliveries_created: Arc<Notify>,
+    /// Starts the requests of the deliveries this dispatcher leases as it creates them, and
+    /// tells how many request slots are free.
+    pub deliverer: Arc<Deliverer>,
     /// Tells whether any subscription is ordered: without one, the ordered pass (two more
     /// round trips, one of them a write) runs once per poll interval instead of every round,
     /// only to keep its cursor moving (retention and a future ordered subscription use it).
@@ -67,27 +80,31 @@ impl Dispatcher {
     /// Dispatches one batch, with the ordered pass. The seam tests step instead of waiting
     /// for timers.
     pub async fn run_once(&self) -> Result<DispatchedBatch, DbError> {
-        self.run_round(true).await
+        self.run_round(true, self.batch_size).await
     }
 
-    /// One batch of unordered fan-out, and of ordered fan-out when `with_ordered`.
-    async fn run_round(&self, with_ordered: bool) -> Result<DispatchedBatch, DbError> {
+    /// One batch of at most `limit` events of unordered fan-out, and of ordered fan-out when
+    /// `with_ordered`. Deliveries this relay can send now are leased as they are created and
+    /// their requests started here; the rest wait, pending, for the deliverer's claim.
+    async fn run_round(&self, with_ordered: bool, limit: u32) -> Result<DispatchedBatch, DbError> {
         let client = self.db.client("dispatching events").await?;
-        let limit = i32::try_from(self.batch_size).unwrap_or(i32::MAX);
-        let row = client
-            .query_one(&sql::DISPATCH_EVENTS, &[&limit])
-            .await
-            .context("dispatching events")?;
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let budget = self.deliverer.reserve();
+        let (leased, summary) = self.dispatch(&client, limit, budget.as_ref()).await?;
+        let leased_count = leased.len() as u64;
+        if let Some(budget) = budget {
+            self.deliverer.start(budget, leased, LeasePath::Dispatch);
+        }
         let mut batch = DispatchedBatch {
-            events: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
-            deliveries: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+            events: summary.0,
+            deliveries: summary.1,
             ordered_events: 0,
             ordered_probe_pending: false,
         };
         self.metrics.events_dispatched.inc_by(batch.events);
-        // Wake the deliverer now, not after the ordered pass's two round trips: those
-        // deliveries are committed and due, and every event would otherwise wait for them.
-        if batch.deliveries > 0 {
+        // Wake the deliverer for what was left pending now, not after the ordered pass's two
+        // round trips: those deliveries are committed and due.
+        if batch.deliveries > leased_count {
             self.deliveries_created.notify_one();
         }
         if with_ordered {
@@ -100,6 +117,49 @@ impl Dispatcher {
             }
         }
         Ok(batch)
+    }
+
+    /// Unordered fan-out of up to `limit` events, leasing within `budget`. Returns the
+    /// leased deliveries and (events dispatched, deliveries created).
+    async fn dispatch(
+        &self,
+        client: &DbClient,
+        limit: i32,
+        budget: Option<&ClaimBudget>,
+    ) -> Result<(Vec<ClaimedDelivery>, (u64, u64)), DbError> {
+        let no_ids: Vec<i64> = Vec::new();
+        let no_wanted: Vec<i32> = Vec::new();
+        let (ids, wanted, total, token) = match budget {
+            Some(budget) => (
+                &budget.subscription_ids,
+                &budget.wanted,
+                i32::try_from(budget.slots()).unwrap_or(i32::MAX),
+                budget.lease_token,
+            ),
+            None => (&no_ids, &no_wanted, 0, 0),
+        };
+        let (owner, lease_seconds) = self.deliverer.lease_owner();
+        let rows = client
+            .query(
+                &sql::DISPATCH_EVENTS,
+                &[&limit, ids, wanted, &total, &owner, &lease_seconds, &token],
+            )
+            .await
+            .context("dispatching events")?;
+        let mut summary = (0, 0);
+        let mut leased = Vec::with_capacity(rows.len().saturating_sub(1));
+        for row in &rows {
+            match row.get::<_, Option<i64>>(2) {
+                None => {
+                    summary = (
+                        u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+                        u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+                    );
+                }
+                Some(_) => leased.push(ClaimedDelivery::from_row(row, 2, None, token)),
+            }
+        }
+        Ok((leased, summary))
     }
 
     /// Ordered subscriptions get their deliveries from a second, commit-order-safe pass.
@@ -131,16 +191,28 @@ impl Dispatcher {
         ))
     }
 
-    /// Dispatches until nothing is due (with the ordered pass when `with_ordered`). Returns
-    /// how many events went out, and whether ordered fan-out has a probe waiting.
-    pub async fn drain(&self, with_ordered: bool) -> Result<(u64, bool), DbError> {
+    /// Dispatches until nothing is due (with the ordered pass when `with_ordered`), or until
+    /// `pacer` says to hold back. Returns how many events went out, and whether ordered
+    /// fan-out has a probe waiting (`probe_pending` when no round ran).
+    async fn drain(
+        &self,
+        with_ordered: bool,
+        pacer: &mut Pacer,
+        probe_pending: bool,
+    ) -> Result<(u64, bool), DbError> {
         let mut total = 0;
+        let mut probe_pending = probe_pending;
         loop {
-            let batch = self.run_round(with_ordered).await?;
+            let Some(limit) = pacer.next_batch(&self.deliverer, self.batch_size) else {
+                return Ok((total, probe_pending));
+            };
+            let batch = self.run_round(with_ordered, limit).await?;
+            pacer.dispatched(&batch);
             total += batch.events;
-            let full = u64::from(self.batch_size);
-            if batch.events < full && batch.ordered_events < full {
-                return Ok((total, batch.ordered_probe_pending));
+            probe_pending = batch.ordered_probe_pending;
+            if batch.events < u64::from(limit) && batch.ordered_events < u64::from(self.batch_size)
+            {
+                return Ok((total, probe_pending));
             }
         }
     }
@@ -151,6 +223,7 @@ impl Dispatcher {
         let mut probe_was_pending = false;
         let mut ordered_pass_at: Option<tokio::time::Instant> = None;
         let mut busy = BusySpell::new(self.busy_poll_interval, self.busy_linger);
+        let mut pacer = Pacer::default();
         let mut gate_pending = Backoff::new(
             GATE_PENDING_POLL_MIN.max(self.busy_poll_interval),
             GATE_PENDING_POLL_MAX,
@@ -163,7 +236,10 @@ impl Dispatcher {
             if with_ordered {
                 ordered_pass_at = Some(tokio::time::Instant::now());
             }
-            match self.drain(with_ordered).await {
+            match self
+                .drain(with_ordered, &mut pacer, probe_was_pending)
+                .await
+            {
                 Ok((events, probe_pending)) => {
                     probe_was_pending = probe_pending;
                     // A pending probe usually completes as soon as the producers that were
@@ -210,6 +286,11 @@ impl Dispatcher {
             if busy_poll {
                 wait = wait.min(self.busy_poll_interval);
             }
+            // Holding back for the deliverer: its next short claim wakes this loop (below);
+            // past the longest hold-back, dispatch regardless.
+            if let Some(left) = pacer.hold_back_left() {
+                wait = wait.min(left);
+            }
             // Asked for the gate but not yet holding it (nor covered by another relay's):
             // producers may still be skipping their NOTIFY, so keep looking, less often the
             // longer a producer transaction keeps the gate taken. (A busy spell looks every
@@ -231,6 +312,7 @@ impl Dispatcher {
                     Some("notify")
                 }
                 _ = granted(self.wake_gate.as_ref()) => None,
+                _ = self.deliverer.hungry.notified() => None,
                 // A short ordered-probe follow-up or busy poll is not a wake-up from idle:
                 // counting it as a poll would hide how often the fallback poll finds work.
                 _ = tokio::time::sleep(wait) => (wait == poll_interval).then_some("poll"),
@@ -239,6 +321,61 @@ impl Dispatcher {
                 self.metrics.wakeups.with_label_values(&[reason]).inc();
             }
         }
+    }
+}
+
+/// Paces dispatch to the deliverer, so that deliveries are created when a request slot is
+/// free to take them: then the dispatcher leases them as it creates them and they need no
+/// claim. While the deliverer's claims come back full (more is due than it can send) or no
+/// slot is free, new deliveries would only wait pending, so the dispatcher holds back, for
+/// at most [`MAX_HOLD_BACK`] at a time; a claim that finds less than it could take wakes it.
+/// Each round takes about as many events as the free slots can take deliveries, from the
+/// recent deliveries-per-event ratio of the fan-out.
+#[derive(Debug)]
+struct Pacer {
+    held_back_since: Option<tokio::time::Instant>,
+    /// Recent deliveries per event dispatched (moving average).
+    fan_out: f64,
+}
+
+impl Default for Pacer {
+    fn default() -> Pacer {
+        Pacer {
+            held_back_since: None,
+            fan_out: 1.0,
+        }
+    }
+}
+
+impl Pacer {
+    /// How many events the next round should take, or `None` to hold back.
+    fn next_batch(&mut self, deliverer: &Deliverer, batch_size: u32) -> Option<u32> {
+        let free = deliverer.free_slots();
+        let held_back_since = *self
+            .held_back_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        if (free == 0 || deliverer.is_backlogged()) && held_back_since.elapsed() < MAX_HOLD_BACK {
+            return None;
+        }
+        self.held_back_since = None;
+        if free == 0 || self.fan_out < 1e-3 {
+            return Some(batch_size);
+        }
+        let events = (free as f64 / self.fan_out).ceil() as u32;
+        Some(events.clamp(MIN_PACED_BATCH.min(batch_size), batch_size))
+    }
+
+    fn dispatched(&mut self, batch: &DispatchedBatch) {
+        if batch.events > 0 {
+            let ratio = batch.deliveries as f64 / batch.events as f64;
+            self.fan_out = 0.8 * self.fan_out + 0.2 * ratio;
+        }
+    }
+
+    /// While holding back: how long until the hold-back ends regardless.
+    fn hold_back_left(&self) -> Option<Duration> {
+        self.held_back_since
+            .map(|since| MAX_HOLD_BACK.saturating_sub(since.elapsed()))
     }
 }
 

@@ -173,6 +173,7 @@ pub async fn start(
         metrics: metrics.clone(),
         health: health.clone(),
         deliveries_created: deliveries_wake.clone(),
+        deliverer: Arc::clone(&deliverer),
         subscriptions: subscriptions.clone(),
         wake_gate: config.listen.then(db::wake_gate::WakeGate::new),
         busy_poll_interval: config.busy_poll_interval,
