@@ -141,6 +141,9 @@ struct RelayCounters {
     wakeups_notify: u64,
     wakeups_poll: u64,
     db_errors: u64,
+    /// Deliveries leased as the dispatcher created them, and by a claim.
+    leased_at_dispatch: u64,
+    leased_by_claim: u64,
 }
 
 fn relay_counters(relay: &RelayHandle) -> RelayCounters {
@@ -152,6 +155,8 @@ fn relay_counters(relay: &RelayHandle) -> RelayCounters {
             .iter()
             .map(|c| m.db_errors.with_label_values(&[*c]).get())
             .sum(),
+        leased_at_dispatch: m.deliveries_leased.with_label_values(&["dispatch"]).get(),
+        leased_by_claim: m.deliveries_leased.with_label_values(&["claim"]).get(),
     }
 }
 

@@ -17,8 +17,16 @@
 --     overtakes a due one of the same subscription, so claiming stays first due, first sent.
 -- Deliveries beyond the quotas are inserted pending, as before, and claimed as usual.
 --
--- Returns one summary row (delivery_id NULL) with (events dispatched, deliveries created),
--- then one row per delivery leased, with the event fields its request is built from (the
+-- Paced (paced_batch_floor not NULL): the relay creates deliveries when it can lease them.
+-- If no subscription can lease now (all slots taken, or every subscription at its
+-- max_in_flight or with older due deliveries waiting), nothing is dispatched and the summary
+-- says held_back: new deliveries would only wait pending behind those. Otherwise the batch
+-- is about what the quotas can take: the largest quota, but at least paced_batch_floor (below
+-- that a round's fixed cost outweighs the claims saved) and at most batch_size. The relay
+-- stops pacing for a while when it has held back too long (see relay/dispatcher.rs).
+--
+-- Returns one summary row (delivery_id NULL) with (events dispatched, deliveries created,
+-- held back), then one row per delivery leased, with the event fields its request is built from (the
 -- same columns, in the same order, as outbox.claim_deliveries returns).
 --
 -- The one-argument outbox.dispatch_events stays for relays of the previous version while a
@@ -30,8 +38,9 @@ CREATE FUNCTION outbox.dispatch_events(
     total_limit      integer,
     lease_owner      text,
     lease_duration   interval,
-    lease_token      bigint
-) RETURNS TABLE (events bigint, deliveries bigint,
+    lease_token      bigint,
+    paced_batch_floor integer
+) RETURNS TABLE (events bigint, deliveries bigint, held_back boolean,
                  delivery_id bigint, subscription_id bigint, attempts integer, replay_id bigint,
                  event_id uuid, event_type text, tenant_id text, source_service text,
                  created_at timestamptz, payload text, metadata text, event_ordering_key text)
@@ -46,6 +55,7 @@ CREATE FUNCTION outbox.dispatch_events(
         quota        integer;
         lease_subs   bigint[] := '{}';
         lease_quotas integer[] := '{}';
+        event_limit  integer := batch_size;
     BEGIN
         PERFORM pg_advisory_xact_lock_shared(1869575539, 0);  -- 1869575539 = 'outs', see V9
         FOR i IN 1 .. coalesce(cardinality(subscription_ids), 0) LOOP
@@ -69,6 +79,18 @@ CREATE FUNCTION outbox.dispatch_events(
             lease_subs := lease_subs || sub_id;
             lease_quotas := lease_quotas || quota;
         END LOOP;
+        IF paced_batch_floor IS NOT NULL THEN
+            IF cardinality(lease_quotas) = 0 THEN
+                RETURN QUERY SELECT 0::bigint, 0::bigint, true,
+                       NULL::bigint, NULL::bigint, NULL::integer, NULL::bigint, NULL::uuid,
+                       NULL::text, NULL::text, NULL::text, NULL::timestamptz, NULL::text,
+                       NULL::text, NULL::text;
+                RETURN;
+            END IF;
+            event_limit := least(batch_size,
+                                 greatest(paced_batch_floor,
+                                          (SELECT max(q) FROM unnest(lease_quotas) AS q)));
+        END IF;
 
         RETURN QUERY
         WITH due_at_insert AS (
@@ -76,14 +98,14 @@ CREATE FUNCTION outbox.dispatch_events(
              WHERE e.dispatched_at IS NULL AND e.deliver_after <= e.created_at
                AND e.deliver_after <= now()  -- created_at may be set in the future by the producer
              ORDER BY e.priority DESC, e.id
-             LIMIT batch_size
+             LIMIT event_limit
                FOR UPDATE SKIP LOCKED
         ), scheduled AS (
             SELECT e.id FROM outbox.events e
              WHERE e.dispatched_at IS NULL AND e.deliver_after > e.created_at
                AND e.deliver_after <= now()
              ORDER BY e.deliver_after, e.id
-             LIMIT batch_size
+             LIMIT event_limit
                FOR UPDATE SKIP LOCKED
         ), marked AS (
             UPDATE outbox.events e SET dispatched_at = now()
@@ -124,11 +146,11 @@ CREATE FUNCTION outbox.dispatch_events(
                 ON CONFLICT ON CONSTRAINT deliveries_event_subscription_key DO NOTHING
          RETURNING d.id, d.event_id AS event_row, d.subscription_id, d.status, d.attempts, d.replay_id
         )
-        SELECT (SELECT count(*) FROM marked), (SELECT count(*) FROM inserted),
+        SELECT (SELECT count(*) FROM marked), (SELECT count(*) FROM inserted), false,
                NULL::bigint, NULL::bigint, NULL::integer, NULL::bigint, NULL::uuid, NULL::text,
                NULL::text, NULL::text, NULL::timestamptz, NULL::text, NULL::text, NULL::text
         UNION ALL
-        SELECT NULL, NULL, ins.id, ins.subscription_id, ins.attempts, ins.replay_id,
+        SELECT NULL, NULL, NULL, ins.id, ins.subscription_id, ins.attempts, ins.replay_id,
                m.event_id, m.event_type, m.tenant_id, m.source_service, m.created_at,
                m.payload::text, m.metadata::text, m.ordering_key
           FROM inserted ins
@@ -136,5 +158,5 @@ CREATE FUNCTION outbox.dispatch_events(
          WHERE ins.status = 'in_flight';
     END
     $$;
-COMMENT ON FUNCTION outbox.dispatch_events(integer, bigint[], integer[], integer, text, interval, bigint) IS
+COMMENT ON FUNCTION outbox.dispatch_events(integer, bigint[], integer[], integer, text, interval, bigint, integer) IS
     'Internal: unordered fan-out that leases what the calling relay can send now (see V13__dispatch_leases.sql).';

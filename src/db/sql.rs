@@ -28,18 +28,21 @@ use super::query::Query;
 /// slots, rate-limit tokens), `$4` the total, under owner `$5`, lease `$6` seconds and token
 /// `$7`, within the quotas [`CLAIM_DELIVERIES`] keeps (max_in_flight across relays, nothing
 /// overtakes an older due delivery). The rest is inserted pending and claimed as usual.
+/// `$8` paces it: not NULL, it dispatches nothing when nothing can be leased (and says it
+/// held back), else about as many events as the quotas can take, at least `$8`.
 ///
-/// The first row is the summary (columns 0–1: events dispatched, deliveries created; the
-/// rest NULL); each further row is a leased delivery, columns 2– as [`CLAIM_DELIVERIES`]
-/// returns them (without the delivery ordering key: unordered subscriptions only).
+/// The first row is the summary (columns 0–2: events dispatched, deliveries created, held
+/// back; the rest NULL); each further row is a leased delivery, columns 3– as
+/// [`CLAIM_DELIVERIES`] returns them (without the delivery ordering key: unordered
+/// subscriptions only).
 pub const DISPATCH_EVENTS: Query = Query {
     sql: "
-SELECT events, deliveries,
+SELECT events, deliveries, held_back,
        delivery_id, subscription_id, attempts, replay_id,
        event_id, event_type, tenant_id, source_service, created_at,
        payload, metadata, event_ordering_key
   FROM outbox.dispatch_events($1::integer, $2::bigint[], $3::integer[], $4::integer, $5::text,
-                              make_interval(secs => $6::float8), $7::bigint)",
+                              make_interval(secs => $6::float8), $7::bigint, $8::integer)",
     param_types: &[
         Type::INT4,
         Type::INT8_ARRAY,
@@ -48,6 +51,7 @@ SELECT events, deliveries,
         Type::TEXT,
         Type::FLOAT8,
         Type::INT8,
+        Type::INT4,
     ],
 };
 

@@ -8,7 +8,7 @@
 //! can start now, so nothing waits leased in memory.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -191,10 +191,6 @@ pub struct Deliverer {
     pub tasks: TaskTracker,
     rate_limits: Arc<Mutex<HashMap<SubscriptionId, TokenBucket>>>,
     round: std::sync::atomic::AtomicUsize,
-    /// The last claim leased all it asked for: more is due than the relay can send now, so
-    /// the dispatcher holds back (see `Dispatcher::run`) instead of piling up deliveries
-    /// that would each need a claim.
-    backlogged: AtomicBool,
     /// Notified when a claim found less due than it could send: the dispatcher may fill the
     /// free slots with deliveries it leases as it creates them.
     pub hungry: Arc<Notify>,
@@ -231,7 +227,6 @@ impl Deliverer {
             tasks: TaskTracker::new(),
             rate_limits: Arc::new(Mutex::new(HashMap::new())),
             round: std::sync::atomic::AtomicUsize::new(0),
-            backlogged: AtomicBool::new(false),
             hungry: Arc::new(Notify::new()),
         }
     }
@@ -249,7 +244,6 @@ impl Deliverer {
             self.claim(&budget).await?
         };
         let count = self.start(budget, claimed, LeasePath::Claim);
-        self.backlogged.store(count == asked, Ordering::Relaxed);
         if count < asked {
             self.hungry.notify_one();
         }
@@ -356,16 +350,10 @@ impl Deliverer {
     }
 
     /// Request slots free now (at most a batch): what a claim could lease.
-    pub fn free_slots(&self) -> usize {
+    fn free_slots(&self) -> usize {
         self.permits
             .available_permits()
             .min(self.batch_size as usize)
-    }
-
-    /// Whether the last claim leased all it asked for (more may be due than the relay can
-    /// send now).
-    pub fn is_backlogged(&self) -> bool {
-        self.backlogged.load(Ordering::Relaxed)
     }
 
     async fn claim(&self, budget: &ClaimBudget) -> Result<Vec<ClaimedDelivery>, DbError> {

@@ -30,15 +30,14 @@ const ORDERED_FOLLOW_UP_START: Duration = Duration::from_millis(10);
 /// the max while a producer transaction keeps the gate taken.
 const GATE_PENDING_POLL_MIN: Duration = Duration::from_millis(1);
 const GATE_PENDING_POLL_MAX: Duration = Duration::from_millis(100);
-/// The longest the dispatcher holds back while the deliverer is backlogged or has no free
-/// slot (see `Dispatcher::run`). Holding back only moves work from the deliveries table to
-/// the events table, with one exception: a subscriber whose `max_in_flight` is as large as
-/// the relay's concurrency can keep every slot taken, and the other subscriptions' events
-/// would then wait; this bounds that wait.
+/// The longest the dispatcher holds back because nothing could be leased (see [`Pacer`]).
+/// Events that wait are not late for subscriptions that are busy anyway, but events for
+/// the others (matching no subscription, or one whose deliveries were not held up) are:
+/// this bounds their wait.
 const MAX_HOLD_BACK: Duration = Duration::from_millis(250);
-/// Fewest events a dispatch round takes while pacing itself to the free slots: below this
-/// the statement's fixed cost outweighs the claims saved.
-const MIN_PACED_BATCH: u32 = 32;
+/// Fewest events a paced dispatch round takes: below this the statement's fixed cost
+/// outweighs the claims saved.
+const MIN_PACED_BATCH: i32 = 32;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchedBatch {
@@ -49,6 +48,8 @@ pub struct DispatchedBatch {
     /// Ordered fan-out is waiting for older producer transactions to end; run again soon.
     pub ordered_probe_pending: bool,
     pub deliveries: u64,
+    /// Paced, and nothing could be leased: no event was dispatched (see [`Pacer`]).
+    pub held_back: bool,
 }
 
 pub struct Dispatcher {
@@ -80,26 +81,29 @@ impl Dispatcher {
     /// Dispatches one batch, with the ordered pass. The seam tests step instead of waiting
     /// for timers.
     pub async fn run_once(&self) -> Result<DispatchedBatch, DbError> {
-        self.run_round(true, self.batch_size).await
+        self.run_round(true, false).await
     }
 
-    /// One batch of at most `limit` events of unordered fan-out, and of ordered fan-out when
+    /// One batch of unordered fan-out (`paced`: see [`Pacer`]), and of ordered fan-out when
     /// `with_ordered`. Deliveries this relay can send now are leased as they are created and
     /// their requests started here; the rest wait, pending, for the deliverer's claim.
-    async fn run_round(&self, with_ordered: bool, limit: u32) -> Result<DispatchedBatch, DbError> {
+    async fn run_round(&self, with_ordered: bool, paced: bool) -> Result<DispatchedBatch, DbError> {
         let client = self.db.client("dispatching events").await?;
-        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let limit = i32::try_from(self.batch_size).unwrap_or(i32::MAX);
         let budget = self.deliverer.reserve();
-        let (leased, summary) = self.dispatch(&client, limit, budget.as_ref()).await?;
+        let (leased, summary) = self
+            .dispatch(&client, limit, budget.as_ref(), paced)
+            .await?;
         let leased_count = leased.len() as u64;
         if let Some(budget) = budget {
             self.deliverer.start(budget, leased, LeasePath::Dispatch);
         }
         let mut batch = DispatchedBatch {
-            events: summary.0,
-            deliveries: summary.1,
+            events: summary.events,
+            deliveries: summary.deliveries,
             ordered_events: 0,
             ordered_probe_pending: false,
+            held_back: summary.held_back,
         };
         self.metrics.events_dispatched.inc_by(batch.events);
         // Wake the deliverer for what was left pending now, not after the ordered pass's two
@@ -120,13 +124,14 @@ impl Dispatcher {
     }
 
     /// Unordered fan-out of up to `limit` events, leasing within `budget`. Returns the
-    /// leased deliveries and (events dispatched, deliveries created).
+    /// leased deliveries and the summary.
     async fn dispatch(
         &self,
         client: &DbClient,
         limit: i32,
         budget: Option<&ClaimBudget>,
-    ) -> Result<(Vec<ClaimedDelivery>, (u64, u64)), DbError> {
+        paced: bool,
+    ) -> Result<(Vec<ClaimedDelivery>, DispatchedBatch), DbError> {
         let no_ids: Vec<i64> = Vec::new();
         let no_wanted: Vec<i32> = Vec::new();
         let (ids, wanted, total, token) = match budget {
@@ -142,21 +147,29 @@ impl Dispatcher {
         let rows = client
             .query(
                 &sql::DISPATCH_EVENTS,
-                &[&limit, ids, wanted, &total, &owner, &lease_seconds, &token],
+                &[
+                    &limit,
+                    ids,
+                    wanted,
+                    &total,
+                    &owner,
+                    &lease_seconds,
+                    &token,
+                    &paced.then_some(MIN_PACED_BATCH),
+                ],
             )
             .await
             .context("dispatching events")?;
-        let mut summary = (0, 0);
+        let mut summary = DispatchedBatch::default();
         let mut leased = Vec::with_capacity(rows.len().saturating_sub(1));
         for row in &rows {
-            match row.get::<_, Option<i64>>(2) {
+            match row.get::<_, Option<i64>>(3) {
                 None => {
-                    summary = (
-                        u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
-                        u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
-                    );
+                    summary.events = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+                    summary.deliveries = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
+                    summary.held_back = row.get(2);
                 }
-                Some(_) => leased.push(ClaimedDelivery::from_row(row, 2, None, token)),
+                Some(_) => leased.push(ClaimedDelivery::from_row(row, 3, None, token)),
             }
         }
         Ok((leased, summary))
@@ -192,27 +205,22 @@ impl Dispatcher {
     }
 
     /// Dispatches until nothing is due (with the ordered pass when `with_ordered`), or until
-    /// `pacer` says to hold back. Returns how many events went out, and whether ordered
-    /// fan-out has a probe waiting (`probe_pending` when no round ran).
-    async fn drain(
-        &self,
-        with_ordered: bool,
-        pacer: &mut Pacer,
-        probe_pending: bool,
-    ) -> Result<(u64, bool), DbError> {
+    /// `pacer` holds back. Returns how many events went out, and whether ordered fan-out has
+    /// a probe waiting.
+    async fn drain(&self, with_ordered: bool, pacer: &mut Pacer) -> Result<(u64, bool), DbError> {
         let mut total = 0;
-        let mut probe_pending = probe_pending;
         loop {
-            let Some(limit) = pacer.next_batch(&self.deliverer, self.batch_size) else {
-                return Ok((total, probe_pending));
-            };
-            let batch = self.run_round(with_ordered, limit).await?;
-            pacer.dispatched(&batch);
+            let paced = pacer.paced();
+            let batch = self.run_round(with_ordered, paced).await?;
+            let full = u64::from(self.batch_size);
+            pacer.ran(&batch, paced, batch.events >= full);
             total += batch.events;
-            probe_pending = batch.ordered_probe_pending;
-            if batch.events < u64::from(limit) && batch.ordered_events < u64::from(self.batch_size)
-            {
-                return Ok((total, probe_pending));
+            // A paced round takes what the free slots can, so one that dispatched anything
+            // may leave more due: look again (the next round holds back once nothing can be
+            // leased).
+            let more = batch.events >= full || (paced && batch.events > 0);
+            if batch.held_back || (!more && batch.ordered_events < full) {
+                return Ok((total, batch.ordered_probe_pending));
             }
         }
     }
@@ -236,10 +244,7 @@ impl Dispatcher {
             if with_ordered {
                 ordered_pass_at = Some(tokio::time::Instant::now());
             }
-            match self
-                .drain(with_ordered, &mut pacer, probe_was_pending)
-                .await
-            {
+            match self.drain(with_ordered, &mut pacer).await {
                 Ok((events, probe_pending)) => {
                     probe_was_pending = probe_pending;
                     // A pending probe usually completes as soon as the producers that were
@@ -324,55 +329,36 @@ impl Dispatcher {
     }
 }
 
-/// Paces dispatch to the deliverer, so that deliveries are created when a request slot is
-/// free to take them: then the dispatcher leases them as it creates them and they need no
-/// claim. While the deliverer's claims come back full (more is due than it can send) or no
-/// slot is free, new deliveries would only wait pending, so the dispatcher holds back, for
-/// at most [`MAX_HOLD_BACK`] at a time; a claim that finds less than it could take wakes it.
-/// Each round takes about as many events as the free slots can take deliveries, from the
-/// recent deliveries-per-event ratio of the fan-out.
-#[derive(Debug)]
+/// Paces dispatch to the deliverer, so that deliveries are created when they can be leased
+/// at once (then they need no claim). A paced round dispatches nothing while nothing can be
+/// leased (no request slot free, every subscription at its `max_in_flight` or with older due
+/// deliveries waiting): new deliveries would only wait, pending, behind those. The
+/// deliverer's next claim that finds less than it could take wakes the dispatcher
+/// (`Deliverer::hungry`). After holding back for [`MAX_HOLD_BACK`], rounds run unpaced until
+/// the events due are dispatched, so events no busy subscription waits for are not held up.
+#[derive(Debug, Default)]
 struct Pacer {
     held_back_since: Option<tokio::time::Instant>,
-    /// Recent deliveries per event dispatched (moving average).
-    fan_out: f64,
-}
-
-impl Default for Pacer {
-    fn default() -> Pacer {
-        Pacer {
-            held_back_since: None,
-            fan_out: 1.0,
-        }
-    }
 }
 
 impl Pacer {
-    /// How many events the next round should take, or `None` to hold back.
-    fn next_batch(&mut self, deliverer: &Deliverer, batch_size: u32) -> Option<u32> {
-        let free = deliverer.free_slots();
-        let held_back_since = *self
-            .held_back_since
-            .get_or_insert_with(tokio::time::Instant::now);
-        if (free == 0 || deliverer.is_backlogged()) && held_back_since.elapsed() < MAX_HOLD_BACK {
-            return None;
-        }
-        self.held_back_since = None;
-        if free == 0 || self.fan_out < 1e-3 {
-            return Some(batch_size);
-        }
-        let events = (free as f64 / self.fan_out).ceil() as u32;
-        Some(events.clamp(MIN_PACED_BATCH.min(batch_size), batch_size))
+    fn paced(&self) -> bool {
+        self.held_back_since
+            .is_none_or(|since| since.elapsed() < MAX_HOLD_BACK)
     }
 
-    fn dispatched(&mut self, batch: &DispatchedBatch) {
-        if batch.events > 0 {
-            let ratio = batch.deliveries as f64 / batch.events as f64;
-            self.fan_out = 0.8 * self.fan_out + 0.2 * ratio;
+    /// After a round: `paced` as [`Pacer::paced`] said, `full` when it took a whole batch.
+    fn ran(&mut self, batch: &DispatchedBatch, paced: bool, full: bool) {
+        if batch.held_back {
+            self.held_back_since
+                .get_or_insert_with(tokio::time::Instant::now);
+        } else if paced || !full {
+            self.held_back_since = None;
         }
+        // Else an unpaced catch-up round took a whole batch: the catch-up goes on.
     }
 
-    /// While holding back: how long until the hold-back ends regardless.
+    /// While holding back: how long until rounds run unpaced.
     fn hold_back_left(&self) -> Option<Duration> {
         self.held_back_since
             .map(|since| MAX_HOLD_BACK.saturating_sub(since.elapsed()))

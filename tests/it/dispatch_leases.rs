@@ -16,19 +16,31 @@ const TOKEN: i64 = 77;
 struct Dispatched {
     events: i64,
     deliveries: i64,
+    held_back: bool,
     /// (subscription id, delivery id) of each delivery leased, in the order returned.
     leased: Vec<(i64, i64)>,
 }
 
-/// Runs the relay's dispatch statement as `OWNER`, offering `wanted` slots per subscription
-/// and `total` in all.
+/// Runs the relay's dispatch statement (unpaced) as `OWNER`, offering `wanted` slots per
+/// subscription and `total` in all.
 async fn dispatch(
     client: &deadpool_postgres::Object,
     subscriptions: &[i64],
     wanted: &[i32],
     total: i32,
 ) -> Dispatched {
-    let params: [&(dyn ToSql + Sync); 7] = [
+    dispatch_paced(client, subscriptions, wanted, total, None).await
+}
+
+/// The same, paced with at least `paced_floor` events per round when `Some`.
+async fn dispatch_paced(
+    client: &deadpool_postgres::Object,
+    subscriptions: &[i64],
+    wanted: &[i32],
+    total: i32,
+    paced_floor: Option<i32>,
+) -> Dispatched {
+    let params: [&(dyn ToSql + Sync); 8] = [
         &500i32,
         &subscriptions.to_vec(),
         &wanted.to_vec(),
@@ -36,6 +48,7 @@ async fn dispatch(
         &OWNER,
         &60.0f64,
         &TOKEN,
+        &paced_floor,
     ];
     let rows = client
         .query(sql::DISPATCH_EVENTS.sql, &params)
@@ -43,16 +56,17 @@ async fn dispatch(
         .expect("dispatch");
     let summary = rows
         .iter()
-        .find(|row| row.get::<_, Option<i64>>(2).is_none())
+        .find(|row| row.get::<_, Option<i64>>(3).is_none())
         .expect("a summary row");
     Dispatched {
         events: summary.get(0),
         deliveries: summary.get(1),
+        held_back: summary.get(2),
         leased: rows
             .iter()
             .filter_map(|row| {
-                row.get::<_, Option<i64>>(2)
-                    .map(|delivery| (row.get::<_, i64>(3), delivery))
+                row.get::<_, Option<i64>>(3)
+                    .map(|delivery| (row.get::<_, i64>(4), delivery))
             })
             .collect(),
     }
@@ -225,6 +239,53 @@ async fn a_subscription_locked_by_another_claim_ordered_or_disabled_gets_nothing
     assert_eq!(
         statuses(&db, locked).await,
         vec![("pending".to_string(), 2)]
+    );
+}
+
+#[tokio::test]
+async fn a_paced_round_takes_what_the_quotas_can_and_holds_back_when_nothing_can_be_leased() {
+    let db = TestDb::new().await;
+    let (subscription, _) = add_subscription(
+        &db,
+        "crm",
+        "http://127.0.0.1:9/a",
+        &[("max_in_flight", "5")],
+    )
+    .await;
+    publish_n(&db, 100).await;
+    let client = db.client().await;
+
+    // Room for 5 (max_in_flight): 5 events, all 5 deliveries leased, nothing left pending.
+    let first = dispatch_paced(&client, &[subscription], &[50], 50, Some(2)).await;
+    assert_eq!(
+        (first.events, first.leased.len(), first.held_back),
+        (5, 5, false)
+    );
+    // Nothing can be leased now (5 in flight): nothing dispatched.
+    let room = dispatch_paced(&client, &[subscription], &[50], 50, Some(2)).await;
+    assert_eq!((room.events, room.held_back), (0, true), "{room:?}");
+    // Room for 2 more, but a floor of 4: 4 events, 2 leased, 2 left pending.
+    client
+        .execute(
+            "UPDATE outbox.subscriptions SET max_in_flight = 7 WHERE id = $1",
+            &[&subscription],
+        )
+        .await
+        .expect("more room");
+    let floor = dispatch_paced(&client, &[subscription], &[50], 50, Some(4)).await;
+    assert_eq!((floor.events, floor.leased.len()), (4, 2), "{floor:?}");
+    // Unpaced: whatever is due, leasing nothing more (7 in flight, 2 pending).
+    let rest = dispatch(&client, &[subscription], &[50], 50).await;
+    assert_eq!(
+        (rest.events, rest.leased.len(), rest.held_back),
+        (91, 0, false)
+    );
+    assert_eq!(
+        statuses(&db, subscription).await,
+        vec![
+            (format!("in_flight/{OWNER}/{TOKEN}"), 7),
+            ("pending".to_string(), 93)
+        ]
     );
 }
 
