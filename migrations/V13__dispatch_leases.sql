@@ -21,8 +21,9 @@
 -- If no subscription can lease now (all slots taken, or every subscription at its
 -- max_in_flight or with older due deliveries waiting), nothing is dispatched and the summary
 -- says held_back: new deliveries would only wait pending behind those. Otherwise the batch
--- is about what the quotas can take: the largest quota, but at least paced_batch_floor (below
--- that a round's fixed cost outweighs the claims saved) and at most batch_size. The relay
+-- is about what the quotas can take: the largest quota, and no more than total_limit shared
+-- by the subscriptions that can lease, but at least paced_batch_floor (below that a round's
+-- fixed cost outweighs the claims saved) and at most batch_size. The relay
 -- stops pacing for a while when it has held back too long (see relay/dispatcher.rs).
 --
 -- Returns one summary row (delivery_id NULL) with (events dispatched, deliveries created,
@@ -87,9 +88,13 @@ CREATE FUNCTION outbox.dispatch_events(
                        NULL::text, NULL::text;
                 RETURN;
             END IF;
+            -- As if every event went to every subscription that can lease: each gets about
+            -- its quota, and together no more than the slots set aside.
             event_limit := least(batch_size,
                                  greatest(paced_batch_floor,
-                                          (SELECT max(q) FROM unnest(lease_quotas) AS q)));
+                                          least((SELECT max(q) FROM unnest(lease_quotas) AS q),
+                                                ceil(total_limit::numeric
+                                                     / cardinality(lease_quotas))::integer)));
         END IF;
 
         RETURN QUERY

@@ -8,7 +8,7 @@
 //! can start now, so nothing waits leased in memory.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -144,6 +144,11 @@ pub struct ClaimBudget {
     rate_limits: Arc<Mutex<HashMap<SubscriptionId, TokenBucket>>>,
     /// Rate-limit tokens taken for this claim, per subscription; unused ones go back.
     rate_tokens: HashMap<SubscriptionId, u32>,
+    /// Set when a claim found no slot free while budgets held them; the budget that gives
+    /// slots back then wakes the claim loop, which would otherwise wait for a request to end
+    /// (or the poll) with work due.
+    claim_starved: Arc<AtomicBool>,
+    slot_freed: Arc<Notify>,
 }
 
 impl ClaimBudget {
@@ -155,6 +160,12 @@ impl ClaimBudget {
 
 impl Drop for ClaimBudget {
     fn drop(&mut self) {
+        if self.permits.num_permits() > 0 && self.claim_starved.swap(false, Ordering::AcqRel) {
+            // Release first, then wake: the woken claim loop must see the slots available.
+            let unused = self.permits.num_permits();
+            drop(self.permits.split(unused));
+            self.slot_freed.notify_one();
+        }
         if self.rate_tokens.values().all(|tokens| *tokens == 0) {
             return;
         }
@@ -191,6 +202,8 @@ pub struct Deliverer {
     pub tasks: TaskTracker,
     rate_limits: Arc<Mutex<HashMap<SubscriptionId, TokenBucket>>>,
     round: std::sync::atomic::AtomicUsize,
+    /// See [`ClaimBudget`]'s `claim_starved`.
+    claim_starved: Arc<AtomicBool>,
     /// Notified when a claim found less due than it could send: the dispatcher may fill the
     /// free slots with deliveries it leases as it creates them.
     pub hungry: Arc<Notify>,
@@ -227,6 +240,7 @@ impl Deliverer {
             tasks: TaskTracker::new(),
             rate_limits: Arc::new(Mutex::new(HashMap::new())),
             round: std::sync::atomic::AtomicUsize::new(0),
+            claim_starved: Arc::new(AtomicBool::new(false)),
             hungry: Arc::new(Notify::new()),
         }
     }
@@ -235,6 +249,9 @@ impl Deliverer {
     /// Returns (claimed, asked): fewer claimed than asked means nothing more is due now.
     pub async fn claim_and_start(self: &Arc<Self>) -> Result<(usize, usize), DbError> {
         let Some(budget) = self.reserve() else {
+            // Every slot is taken: by requests (each wakes this loop when it ends) or by a
+            // dispatch round's budget (which wakes it when it gives slots back).
+            self.claim_starved.store(true, Ordering::Release);
             return Ok((0, 0));
         };
         let asked = budget.slots();
@@ -276,6 +293,8 @@ impl Deliverer {
             lease_token: rand::random(),
             rate_limits: Arc::clone(&self.rate_limits),
             rate_tokens: HashMap::new(),
+            claim_starved: Arc::clone(&self.claim_starved),
+            slot_freed: Arc::clone(&self.slot_freed),
         };
         let mut limits = self
             .rate_limits
