@@ -19,7 +19,7 @@ mod ordered_under_failures;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use outbox_relay::devkit::receiver::Receiver;
+use testkit::receiver::Receiver;
 
 use harness::db::TestDb;
 use harness::relay::RelayProcess;

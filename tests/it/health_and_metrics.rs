@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use outbox_relay::config::RelayConfig;
-use outbox_relay::devkit::receiver::Reply;
 use serde_json::json;
+use testkit::receiver::Reply;
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::*;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use outbox_relay::config::RelayConfig;
 use serde_json::json;
-use outbox_relay::devkit::receiver::Receiver;
+use testkit::receiver::Receiver;
 
 use crate::harness::db::TestDb;
 use crate::harness::raw_http::{Answer, RawServer};

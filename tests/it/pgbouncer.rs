@@ -14,7 +14,7 @@ use outbox_relay::config::RelayConfig;
 use outbox_relay::db::{PoolMode, query, sql};
 use outbox_relay::relay::RelayHandle;
 use serde_json::json;
-use outbox_relay::devkit::receiver::{Receiver, Reply};
+use testkit::receiver::{Receiver, Reply};
 use tokio_postgres::error::SqlState;
 
 use crate::harness::db::TestDb;

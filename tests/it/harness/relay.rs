@@ -6,8 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use outbox_relay::config::RelayConfig;
-use outbox_relay::devkit::receiver::{Receiver, Reply};
 use outbox_relay::relay::RelayHandle;
+use testkit::receiver::{Receiver, Reply};
 use uuid::Uuid;
 
 use super::db::TestDb;
