@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -17,7 +17,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::webhook::{self, SigningSecret};
@@ -56,6 +55,10 @@ impl Received {
 /// How a receiver answers a request, decided when it arrives.
 pub trait Respond: Send + Sync + 'static {
     fn respond(&self, path: &str, body: &[u8]) -> Answer;
+
+    /// Called once a request is recorded (it is then in [`Receiver::received`]), before its
+    /// answer goes out: where whoever waits for arrivals is woken.
+    fn recorded(&self) {}
 }
 
 /// A decided answer: the status to record for the request (`None`: it is never answered)
@@ -89,7 +92,6 @@ impl Respond for AlwaysOk {
 struct Shared {
     received: Arc<Mutex<Vec<Received>>>,
     secrets: Arc<Mutex<HashMap<String, SigningSecret>>>,
-    arrived: Arc<Notify>,
     respond: Arc<dyn Respond>,
 }
 
@@ -112,7 +114,6 @@ impl Receiver {
         let shared = Shared {
             received: Arc::default(),
             secrets: Arc::default(),
-            arrived: Arc::default(),
             respond,
         };
         let stop = CancellationToken::new();
@@ -148,42 +149,6 @@ impl Receiver {
 
     pub fn received_all(&self) -> Vec<Received> {
         lock(&self.shared.received).clone()
-    }
-
-    /// Waits until at least `count` requests reached `path`. On timeout the error lists
-    /// what did arrive, so a failing test says what happened.
-    pub async fn wait_for(
-        &self,
-        path: &str,
-        count: usize,
-        timeout: Duration,
-    ) -> Result<Vec<Received>, String> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let arrived = self.shared.arrived.notified();
-            let received = self.received(path);
-            if received.len() >= count {
-                return Ok(received);
-            }
-            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                let summary: Vec<String> = self
-                    .received_all()
-                    .iter()
-                    .map(|r| {
-                        format!(
-                            "{} {} {}",
-                            r.method,
-                            r.path,
-                            String::from_utf8_lossy(&r.body)
-                        )
-                    })
-                    .collect();
-                return Err(format!(
-                    "expected {count} requests to {path} within {timeout:?}, got {}: {summary:#?}",
-                    received.len()
-                ));
-            }
-        }
     }
 }
 
@@ -235,6 +200,6 @@ async fn handle(
         signature_valid,
         status: answer.status,
     });
-    shared.arrived.notify_waiters();
+    shared.respond.recorded();
     answer.response.await
 }

@@ -4,8 +4,8 @@
 //! answer requests whose body contains a needle; and a seeded, pseudo-random share of
 //! failures (see [`Receiver::fail_at_random`]) for fault tests that must be reproducible.
 //!
-//! Everything else (the server, what is recorded, signature checks, waiting for arrivals)
-//! is the demo receiver's, reached through `Deref`.
+//! Everything else (the server, what is recorded, signature checks) is the demo receiver's,
+//! reached through `Deref`.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Deref;
@@ -16,6 +16,7 @@ use axum::body::Body;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use outbox_relay::devkit::receiver::{self as recorder, Answer, Respond};
+use tokio::sync::Notify;
 
 pub use outbox_relay::devkit::receiver::Received;
 
@@ -176,20 +177,28 @@ impl Script {
     }
 }
 
-/// The script a receiver answers from, shared with its server.
+/// The script a receiver answers from, shared with its server, and the wake-up of those
+/// waiting for arrivals ([`Receiver::wait_for`]).
 #[derive(Clone, Default)]
-struct Scripted(Arc<Mutex<Script>>);
+struct Scripted {
+    script: Arc<Mutex<Script>>,
+    arrived: Arc<Notify>,
+}
 
 impl Scripted {
     /// A poisoned lock still holds the script; a panicking test reports itself.
     fn lock(&self) -> MutexGuard<'_, Script> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.script.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl Respond for Scripted {
     fn respond(&self, path: &str, body: &[u8]) -> Answer {
         self.lock().next_reply(path, body).into_answer()
+    }
+
+    fn recorded(&self) {
+        self.arrived.notify_waiters();
     }
 }
 
@@ -259,6 +268,43 @@ impl Receiver {
     /// Reply for `path` once its queue is empty (200 unless set).
     pub fn set_default(&self, path: &str, reply: Reply) {
         self.script.lock().defaults.insert(path.to_string(), reply);
+    }
+
+    /// Waits until at least `count` requests reached `path`. On timeout the error lists
+    /// what did arrive, so a failing test says what happened.
+    pub async fn wait_for(
+        &self,
+        path: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Received>, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before looking, so an arrival in between still wakes this wait.
+            let arrived = self.script.arrived.notified();
+            let received = self.received(path);
+            if received.len() >= count {
+                return Ok(received);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                let summary: Vec<String> = self
+                    .received_all()
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} {} {}",
+                            r.method,
+                            r.path,
+                            String::from_utf8_lossy(&r.body)
+                        )
+                    })
+                    .collect();
+                return Err(format!(
+                    "expected {count} requests to {path} within {timeout:?}, got {}: {summary:#?}",
+                    received.len()
+                ));
+            }
+        }
     }
 }
 
