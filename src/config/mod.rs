@@ -6,6 +6,11 @@
 //! Secrets are held as secret types ([`SecretString`], [`SecretUrl`]), so the derived `Debug`
 //! (logged at startup) shows the admin token as `[REDACTED]` and URLs with `***` for their
 //! password, and clap never prints their environment values in `--help`.
+//!
+//! This module imports nothing of the crate but its own [`secret`], so every layer can read
+//! the configuration without a cycle. That is why `OUTBOX_DB_POOL_MODE` is held as the name
+//! given ([`POOL_MODE_DIRECT`], [`POOL_MODE_TRANSACTION_POOLER`]): `db::PoolMode` says what
+//! each name means for how statements are sent.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
