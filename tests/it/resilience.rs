@@ -352,12 +352,7 @@ async fn relay_rides_out_a_postgres_restart() {
         .expect("publish before");
     drop(client);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let relay = outbox_relay::relay::start(RelayConfig::for_tests(), &url, listener)
-        .await
-        .expect("relay");
+    let relay = spawn_relay_at(&url, RelayConfig::for_tests()).await;
     receiver
         .wait_for("/hook", 5, DEADLINE)
         .await

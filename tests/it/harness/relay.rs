@@ -24,7 +24,17 @@ pub async fn spawn_relay(db: &TestDb, config: RelayConfig) -> RelayHandle {
     spawn_relay_at(&db.url, config).await
 }
 
-/// A relay connecting with its own URL (another user, a pooler) to the test database.
+/// A database URL at a loopback port nothing listens on: a database that is not there.
+pub fn unreachable_database_url() -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let addr = closed.local_addr().expect("the free port's address");
+    // Dropped at once: the port is free again, so connecting there is refused.
+    drop(closed);
+    format!("postgres://postgres@{addr}/nowhere")
+}
+
+/// A relay connecting with its own URL (another user, a pooler, a database that is not
+/// there) rather than to a test database: it starts whether or not the database answers.
 pub async fn spawn_relay_at(database_url: &str, config: RelayConfig) -> RelayHandle {
     match testkit::relay::start(config, database_url).await {
         Ok(relay) => relay,
