@@ -3,9 +3,16 @@
 
 use super::*;
 
+use testkit::pg;
+
+pub(super) use testkit::pg::connect;
+
+/// The server of a run (`--database-url`'s, else a throwaway cluster) with the template
+/// database its scenarios' databases are cloned from: the integration tests' own
+/// (`testkit::pg`), so a scenario's database is migrated exactly as a test's is.
 pub(super) struct Server {
-    pub(super) admin_url: String,
-    pub(super) cluster: Option<TempPostgres>,
+    pg: pg::Server,
+    template: String,
 }
 
 pub(super) struct BenchDb {
@@ -15,38 +22,24 @@ pub(super) struct BenchDb {
 
 impl Server {
     pub(super) async fn start(database_url: Option<&str>) -> anyhow::Result<Server> {
-        match database_url {
-            Some(url) => Ok(Server {
-                admin_url: url.to_string(),
-                cluster: None,
-            }),
-            None => {
-                let cluster = TempPostgres::start()
-                    .await
-                    .context("starting a throwaway PostgreSQL cluster (or pass --database-url)")?;
-                Ok(Server {
-                    admin_url: cluster.admin_url(),
-                    cluster: Some(cluster),
-                })
-            }
-        }
+        let pg = pg::Server::start(database_url)
+            .await
+            .context("no --database-url given")?;
+        let template = pg.template().await?;
+        Ok(Server { pg, template })
+    }
+
+    pub(super) fn admin_url(&self) -> &str {
+        self.pg.admin_url()
     }
 
     pub(super) fn is_throwaway(&self) -> bool {
-        self.cluster.is_some()
+        self.pg.is_throwaway()
     }
 
     pub(super) async fn fresh_db(&self) -> anyhow::Result<BenchDb> {
-        let name = format!("outbox_bench_{:012x}", random_u64() & 0xffff_ffff_ffff);
-        let admin = connect(&self.admin_url).await?;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name)))
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        let url = with_database(&self.admin_url, &name);
-        outbox_relay::db::migrate(&url)
-            .await
-            .with_context(|| format!("migrating database {name}"))?;
+        let name = format!("outbox_bench_{}", uuid::Uuid::new_v4().simple());
+        let url = self.pg.create_database(&name, &self.template).await?;
         Ok(BenchDb { name, url })
     }
 
@@ -55,71 +48,16 @@ impl Server {
             eprintln!("  kept database {} ({})", db.name, db.url);
             return;
         }
-        let result = async {
-            let admin = connect(&self.admin_url).await?;
-            admin
-                .batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    quote_ident(&db.name)
-                ))
-                .await
-                .with_context(|| format!("dropping database {}", db.name))
-        }
-        .await;
-        if let Err(error) = result {
+        if let Err(error) = self.pg.drop_database(&db.name).await {
             eprintln!("warning: {error:#}");
         }
     }
 
     pub(super) async fn stop(self) {
-        if let Some(cluster) = self.cluster
-            && let Err(error) = cluster.stop().await
-        {
+        if let Err(error) = self.pg.stop().await {
             eprintln!("warning: stopping the throwaway cluster: {error:#}");
         }
     }
-}
-
-pub(super) fn random_u64() -> u64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    hasher.finish()
-}
-
-pub(super) fn quote_ident(identifier: &str) -> String {
-    format!("\"{}\"", identifier.replace('"', "\"\""))
-}
-
-/// Replaces the database of a URL (`postgres://…/db?…`) or key=value string.
-pub(super) fn with_database(url: &str, database: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-            let (authority, tail) = rest.split_at(authority_end);
-            let query = tail.find('?').map_or("", |start| &tail[start..]);
-            format!("{scheme}://{authority}/{database}{query}")
-        }
-        None => format!("{url} dbname={database}"),
-    }
-}
-
-pub(super) async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) =
-        tokio::time::timeout(Duration::from_secs(10), tokio_postgres::connect(url, NoTls))
-            .await
-            .map_err(|_| anyhow!("connecting to PostgreSQL timed out after 10s"))?
-            .context("connecting to PostgreSQL")?;
-    // Errors here are the connection closing (e.g. DROP DATABASE … WITH (FORCE)): not ours to report.
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,11 +6,12 @@
 //! cargo bench --bench drain -- --help
 //! ```
 //!
-//! Each scenario gets a fresh, migrated database: on a throwaway cluster (`TempPostgres`, the
-//! default; it runs with fsync=off and synchronous_commit=off) or, with `--database-url`, as
+//! Each scenario gets a fresh, migrated database, cloned from the integration tests' template
+//! (`testkit::pg`): on a throwaway cluster (`TempPostgres`, the default; it runs with
+//! fsync=off and synchronous_commit=off) or, with `--database-url`, as
 //! `outbox_bench_<random>` created and dropped on that server. The relay runs in this process
-//! (`relay::start`) against a real receiver on 127.0.0.1 (`devkit::receiver`) in a process of
-//! its own (`remote_receiver`, the bench binary started again); all traffic
+//! (`relay::start`) against the tests' scripted receiver (`testkit::receiver`) on 127.0.0.1, in
+//! a process of its own (`remote_receiver`, the bench binary started again); all traffic
 //! stays on loopback. Every wait has a deadline (`--scenario-timeout`).
 //!
 //! Scenarios:
@@ -30,7 +31,6 @@
 //!   relay delivers, against a plain table of the same shape (see `producer.rs`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -38,9 +38,7 @@ use anyhow::{Context, anyhow, bail};
 use chrono::{DateTime, Utc};
 use clap::{Parser, ValueEnum};
 use outbox_relay::config::{CidrList, RelayConfig};
-use outbox_relay::devkit::postgres::TempPostgres;
 use outbox_relay::relay::RelayHandle;
-use tokio_postgres::NoTls;
 
 mod args;
 
@@ -128,12 +126,7 @@ fn relay_config(args: &Args) -> RelayConfig {
 }
 
 async fn start_relay(args: &Args, url: &str) -> anyhow::Result<RelayHandle> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding the relay's HTTP listener on 127.0.0.1:0")?;
-    outbox_relay::relay::start(relay_config(args), url, listener)
-        .await
-        .context("starting the relay")
+    testkit::relay::start(relay_config(args), url).await
 }
 
 /// Relay counters worth reading before shutdown.
@@ -151,10 +144,7 @@ fn relay_counters(relay: &RelayHandle) -> RelayCounters {
     RelayCounters {
         wakeups_notify: m.wakeups.with_label_values(&["notify"]).get(),
         wakeups_poll: m.wakeups.with_label_values(&["poll"]).get(),
-        db_errors: ["dispatcher", "deliverer", "completer", "maintenance"]
-            .iter()
-            .map(|c| m.db_errors.with_label_values(&[*c]).get())
-            .sum(),
+        db_errors: testkit::relay::db_errors(relay),
         leased_at_dispatch: m.deliveries_leased.with_label_values(&["dispatch"]).get(),
         leased_by_claim: m.deliveries_leased.with_label_values(&["claim"]).get(),
     }
@@ -199,14 +189,11 @@ async fn add_subscription(
     url: &str,
     max_in_flight: i32,
 ) -> anyhow::Result<i64> {
-    let row = client
-        .query_one(
-            "INSERT INTO outbox.subscriptions (name, url, max_in_flight) VALUES ($1, $2, $3) RETURNING id",
-            &[&name, &url, &max_in_flight],
-        )
-        .await
-        .with_context(|| format!("adding subscription {name}"))?;
-    Ok(row.get(0))
+    let max_in_flight = max_in_flight.to_string();
+    let (id, _secret) =
+        testkit::outbox::add_subscription(client, name, url, &[("max_in_flight", &max_in_flight)])
+            .await?;
+    Ok(id)
 }
 
 /// Starts the receiver process and subscribes `name` to its `path`: the setup of every

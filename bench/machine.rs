@@ -34,7 +34,7 @@ pub(super) fn mem_total() -> String {
 }
 
 pub(super) async fn machine_facts(server: &Server) -> anyhow::Result<Vec<(String, String)>> {
-    let admin = connect(&server.admin_url).await?;
+    let admin = connect(server.admin_url()).await?;
     let mut facts = vec![
         (
             "nproc".to_string(),
@@ -63,7 +63,7 @@ pub(super) async fn machine_facts(server: &Server) -> anyhow::Result<Vec<(String
         (
             "postgres".to_string(),
             if server.is_throwaway() {
-                "throwaway cluster (devkit TempPostgres)".to_string()
+                "throwaway cluster (TempPostgres)".to_string()
             } else {
                 "--database-url".to_string()
             },

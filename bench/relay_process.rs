@@ -13,6 +13,8 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use testkit::pg::with_params;
+use testkit::relay::process_application_name;
 
 use super::{Args, relay_config};
 
@@ -49,7 +51,10 @@ impl RelayProcess {
         command
             .env(
                 "DATABASE_URL",
-                with_param(url, "application_name", &format!("outbox-relay.{relay_id}")),
+                with_params(
+                    url,
+                    &[("application_name", &process_application_name(relay_id))],
+                ),
             )
             .env("RUST_LOG", "warn")
             .env("OUTBOX_RELAY_ID", relay_id)
@@ -306,14 +311,4 @@ fn free_loopback_port() -> anyhow::Result<SocketAddr> {
 /// A duration as the relay's flags read it (humantime: `1s`, `250ms`, `0s`).
 fn duration_env(duration: Duration) -> String {
     humantime::format_duration(duration).to_string()
-}
-
-/// `url` with one more connection parameter, for URLs and key=value strings alike.
-fn with_param(url: &str, key: &str, value: &str) -> String {
-    if url.contains("://") {
-        let joiner = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{joiner}{key}={value}")
-    } else {
-        format!("{url} {key}={value}")
-    }
 }

@@ -1,5 +1,5 @@
 //! The benchmark's receiver in a process of its own, as subscribers run in production: the
-//! bench binary starts itself again with `--serve-receiver`, and that child serves the devkit
+//! bench binary starts itself again with `--serve-receiver`, and that child serves the tests'
 //! receiver plus a small control API on loopback. So the receiver's CPU is not counted in
 //! the relay's process, and the relay's scheduler is not shared with it.
 //!
@@ -16,9 +16,9 @@ use axum::Json;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::routing::{get, post};
-use outbox_relay::devkit::receiver::{Receiver, Reply};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use testkit::receiver::{Receiver, Reply};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// One request as the parent sees it; `at` is on the parent's own clock.

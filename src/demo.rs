@@ -144,7 +144,7 @@ async fn run_with(url: &str, once: bool) -> anyhow::Result<()> {
     }
     // A URL with a password (the user's own DATABASE_URL) is never printed: the command then
     // reads it from the environment instead.
-    let psql_target = if crate::secret::mask_url(url) == url {
+    let psql_target = if crate::config::secret::mask_url(url) == url {
         format!("'{url}'")
     } else {
         "\"$DATABASE_URL\"".to_owned()

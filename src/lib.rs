@@ -15,7 +15,6 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod relay;
-pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
 pub mod webhook;

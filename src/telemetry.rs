@@ -1,7 +1,7 @@
 //! Logging setup: text for people, JSON for log pipelines; level from `RUST_LOG`, else
 //! the command's default (`info` for the relay, `warn` for the demo, whose output is the
 //! story it prints). Whatever the level, no secret reaches a log line: see
-//! [`QUIET_QUERY_PARAMETERS`] and `crate::secret`.
+//! [`QUIET_QUERY_PARAMETERS`] and `crate::config::secret`.
 
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;

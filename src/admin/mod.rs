@@ -29,8 +29,8 @@ use tokio_postgres::types::{Json, ToSql, Type};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::config::secret::{ExposeSecret, MASK, SecretString, SecretUrl, mask_url};
 use crate::db::{DbError, convert};
-use crate::secret::{ExposeSecret, MASK, SecretString, SecretUrl, mask_url};
 use crate::webhook::{SigningSecret, generate_secret};
 
 mod events;

@@ -248,7 +248,10 @@ pub(super) fn whole<T: TryFrom<i64>>(number: &serde_json::Number) -> Option<T> {
 /// promises. The URL parser alone takes more (`http://a*`, hosts in any script), and the
 /// API should refuse what its document calls invalid rather than store it. The CLI and SQL
 /// keep the database's looser rule.
-pub fn check_webhook_url(field: &str, url: &crate::secret::SecretUrl) -> Result<(), ApiError> {
+pub fn check_webhook_url(
+    field: &str,
+    url: &crate::config::secret::SecretUrl,
+) -> Result<(), ApiError> {
     static PATTERN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     let pattern = PATTERN.get_or_init(|| {
         // A constant pattern, compiled by the unit test below: it cannot fail here.

@@ -185,7 +185,7 @@ mod tests {
 
     #[test]
     fn the_documented_url_pattern_is_what_the_server_checks() {
-        use crate::secret::SecretUrl;
+        use crate::config::secret::SecretUrl;
         for good in [
             "https://agents.internal/hooks",
             "http://127.0.0.1:8080/x?y=1#z",

@@ -19,7 +19,7 @@ use outbox_relay::admin::{
     SubscriptionSettings, SubscriptionUpdate,
 };
 use outbox_relay::config::RelayConfig;
-use outbox_relay::secret::SecretUrl;
+use outbox_relay::config::secret::SecretUrl;
 use outbox_relay::telemetry::LogFormat;
 
 /// `println!` that stops quietly when stdout is closed (`outbox-relay status | head`)

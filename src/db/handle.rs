@@ -7,8 +7,7 @@ use deadpool_postgres::{Object, Pool, Transaction};
 use tokio_postgres::{Error, Row};
 
 use super::query::{self, Connection, Params, Query};
-use super::{DbContext, DbError};
-use crate::config::PoolMode;
+use super::{DbContext, DbError, PoolMode};
 
 #[derive(Clone)]
 pub struct Db {

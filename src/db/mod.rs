@@ -3,13 +3,14 @@
 //!
 //! All SQL the relay runs lives in [`sql`] and reaches the server through [`query`], which
 //! knows whether pooled connections may hold prepared statements (see
-//! [`crate::config::PoolMode`]); the wake-up connection lives in [`listen`]. Every
+//! [`PoolMode`]); the wake-up connection lives in [`listen`]. Every
 //! connection, pooled or not, is made from a [`DbTarget`] that [`parse_url`] builds, so the
 //! URL's TLS settings ([`tls`]) hold for all of them.
 
 pub mod convert;
 mod handle;
 pub mod listen;
+mod pool_mode;
 pub mod query;
 pub mod sql;
 pub mod text;
@@ -17,6 +18,7 @@ pub mod tls;
 pub mod wake_gate;
 
 pub use handle::{Db, DbClient, DbTransaction};
+pub use pool_mode::PoolMode;
 
 use std::time::Duration;
 
@@ -157,7 +159,7 @@ pub fn parse_url(database_url: &str) -> Result<DbTarget, DbError> {
 /// `synchronous_commit = off` through the startup `options`, so they hold from the first
 /// statement of every connection at no extra round trip. Pass `None` through a transaction-mode pooler (which refuses startup options);
 /// nothing else here sets session state, and whether statements may be prepared is the
-/// caller's [`crate::config::PoolMode`], applied by [`query`].
+/// caller's [`PoolMode`], applied by [`query`].
 pub fn connect_pool(
     database_url: &str,
     max_size: usize,

@@ -19,7 +19,7 @@ use std::future::Future;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Error, Row, Statement};
 
-use crate::config::PoolMode;
+use super::PoolMode;
 
 /// One statement the relay runs: its SQL and the types of its parameters (`$1`, `$2`, … in
 /// order). The declared types are what the server sees, so they must match the Rust values

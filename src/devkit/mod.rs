@@ -1,5 +1,6 @@
-//! Development kit: a throwaway PostgreSQL cluster and a verifying webhook receiver,
-//! shared by `outbox-relay demo`, the integration tests and the benchmark.
+//! What `outbox-relay demo` runs besides the relay: a throwaway PostgreSQL cluster and a
+//! webhook receiver that records and verifies what arrives. The integration tests and the
+//! benchmark build on both (their failure scripting lives in `crates/testkit`).
 
 pub mod postgres;
 pub mod receiver;

@@ -1,43 +1,25 @@
-//! A real webhook receiver on 127.0.0.1:0 for the demo, the tests and the benchmark.
+//! A real webhook receiver on 127.0.0.1:0 for the demo: it records every request (method,
+//! path, headers, body bytes, arrival time, the status it answered), verifies the signature
+//! when it knows the path's secret, and answers 200.
 //!
-//! It records every request (method, path, headers, body bytes, arrival time), verifies the
-//! signature when it knows the secret, and answers from a per-path script: a queue of replies
-//! (status, delay, `Retry-After`, redirect, oversized or garbage bodies, hang), then a default.
-//! A path can also fail a seeded, pseudo-random share of its requests (see
-//! [`Receiver::fail_at_random`]), for fault tests that must be reproducible.
+//! How it answers is a [`Respond`] chosen at start ([`Receiver::start_responding`]), so the
+//! tests and the benchmark script their failures (statuses, delays, `Retry-After`, hangs…)
+//! on top of this one recorder without the production crate carrying that scripting.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use tokio::sync::Notify;
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::webhook::{self, SigningSecret};
-
-/// How the receiver answers one request.
-#[derive(Clone, Debug)]
-pub enum Reply {
-    Status(u16),
-    /// Status with a `Retry-After` header value.
-    RetryAfter(u16, String),
-    /// 302 to the given location.
-    Redirect(String),
-    /// Wait, then answer with the status.
-    Delay(Duration, u16),
-    /// Never answer (until the client gives up).
-    Hang,
-    /// Answer the status with a body of this many bytes.
-    LargeBody(u16, usize),
-    /// 200 with a non-JSON, non-UTF-8 body.
-    Garbage,
-}
 
 /// One request as it arrived.
 #[derive(Clone, Debug)]
@@ -49,8 +31,9 @@ pub struct Received {
     pub at: Instant,
     /// Some(result) when the receiver knew the secret for this path.
     pub signature_valid: Option<bool>,
-    /// The status the receiver answered (after any scripted delay); `None` for
-    /// [`Reply::Hang`]. A delayed answer may still reach the client too late (its timeout).
+    /// The status the receiver answered (after any delay its [`Respond`] chose); `None`
+    /// when it never answers. A delayed answer may still reach the client too late (its
+    /// timeout).
     pub status: Option<u16>,
 }
 
@@ -69,74 +52,47 @@ impl Received {
     }
 }
 
-struct Rule {
-    path: String,
-    needle: String,
-    reply: Reply,
-    uses_left: usize,
+/// How a receiver answers a request, decided when it arrives.
+pub trait Respond: Send + Sync + 'static {
+    fn respond(&self, path: &str, body: &[u8]) -> Answer;
+
+    /// Called once a request is recorded (it is then in [`Receiver::received`]), before its
+    /// answer goes out: where whoever waits for arrivals is woken.
+    fn recorded(&self) {}
 }
 
-/// A seeded share of a path's requests answered with `reply` (see [`Receiver::fail_at_random`]).
-struct RandomFailures {
-    seed: u64,
-    per_mille: u16,
-    reply: Reply,
-    /// How many requests with each content key arrived so far (the attempt number).
-    seen: HashMap<u64, u64>,
+/// A decided answer: the status to record for the request (`None`: it is never answered)
+/// and the response, which may take its time.
+pub struct Answer {
+    pub status: Option<u16>,
+    pub response: BoxFuture<'static, Response>,
 }
 
-impl RandomFailures {
-    /// Deterministic in (seed, content, how many times that content arrived before), so a
-    /// run's failure pattern does not depend on the order in which requests happen to arrive.
-    fn decide(&mut self, body: &[u8]) -> Option<Reply> {
-        let content = content_key(body);
-        let attempt = self.seen.entry(content).or_default();
-        let draw = splitmix64(self.seed ^ splitmix64(content ^ splitmix64(*attempt))) % 1000;
-        *attempt += 1;
-        (draw < u64::from(self.per_mille)).then(|| self.reply.clone())
+impl Answer {
+    /// `code` at once.
+    pub fn status(code: u16) -> Answer {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Answer {
+            status: Some(code),
+            response: Box::pin(async move { status.into_response() }),
+        }
     }
 }
 
-/// What identifies "the same request" across attempts and runs: a webhook body's `data`
-/// (the event payload: test-controlled, unlike the event id and timestamps), else the body.
-fn content_key(body: &[u8]) -> u64 {
-    let data = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|value| value.get("data").map(ToString::to_string));
-    fnv1a(data.as_ref().map_or(body, |data| data.as_bytes()))
+/// The demo's answer: 200 to everything.
+struct AlwaysOk;
+
+impl Respond for AlwaysOk {
+    fn respond(&self, _path: &str, _body: &[u8]) -> Answer {
+        Answer::status(200)
+    }
 }
 
-/// FNV-1a: a stable hash (std's `DefaultHasher` may change between Rust releases).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// SplitMix64's finaliser: spreads every input bit over the output.
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-#[derive(Default)]
-struct Script {
-    /// Checked before the queue; the first matching rule with uses left answers.
-    rules: Vec<Rule>,
-    /// Checked after the rules, before the queue.
-    random_failures: HashMap<String, RandomFailures>,
-    queued: HashMap<String, VecDeque<Reply>>,
-    defaults: HashMap<String, Reply>,
-    secrets: HashMap<String, SigningSecret>,
-}
-
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Shared {
     received: Arc<Mutex<Vec<Received>>>,
-    script: Arc<Mutex<Script>>,
-    arrived: Arc<Notify>,
+    secrets: Arc<Mutex<HashMap<String, SigningSecret>>>,
+    respond: Arc<dyn Respond>,
 }
 
 pub struct Receiver {
@@ -146,10 +102,20 @@ pub struct Receiver {
 }
 
 impl Receiver {
+    /// A receiver that answers 200 to every request.
     pub async fn start() -> std::io::Result<Receiver> {
+        Receiver::start_responding(Arc::new(AlwaysOk)).await
+    }
+
+    /// A receiver that answers as `respond` decides.
+    pub async fn start_responding(respond: Arc<dyn Respond>) -> std::io::Result<Receiver> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let shared = Shared::default();
+        let shared = Shared {
+            received: Arc::default(),
+            secrets: Arc::default(),
+            respond,
+        };
         let stop = CancellationToken::new();
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let stopped = stop.clone();
@@ -166,63 +132,15 @@ impl Receiver {
         format!("http://{}{}", self.addr, path)
     }
 
-    /// Replies used, in order, for the next requests to `path`.
-    pub fn queue(&self, path: &str, replies: impl IntoIterator<Item = Reply>) {
-        self.script()
-            .queued
-            .entry(path.to_string())
-            .or_default()
-            .extend(replies);
-    }
-
-    /// Answer the next `times` requests to `path` whose body contains `needle` with `reply`
-    /// (`usize::MAX` for always).
-    pub fn reply_when_body_contains(&self, path: &str, needle: &str, reply: Reply, times: usize) {
-        self.script().rules.push(Rule {
-            path: path.to_string(),
-            needle: needle.to_string(),
-            reply,
-            uses_left: times,
-        });
-    }
-
-    /// Answer a pseudo-random share of the requests to `path` (`per_mille` out of 1000) with
-    /// `reply`, after the body rules and before the queue. Seeded and keyed by the request's
-    /// content and attempt number (see `RandomFailures::decide`), so a given seed fails the
-    /// same attempts of the same payloads on every run, whatever order they arrive in.
-    pub fn fail_at_random(&self, path: &str, seed: u64, per_mille: u16, reply: Reply) {
-        self.script().random_failures.insert(
-            path.to_string(),
-            RandomFailures {
-                seed,
-                per_mille: per_mille.min(1000),
-                reply,
-                seen: HashMap::new(),
-            },
-        );
-    }
-
-    pub fn clear_rules(&self) {
-        self.script().rules.clear();
-    }
-
-    /// Reply for `path` once its queue is empty (200 unless set).
-    pub fn set_default(&self, path: &str, reply: Reply) {
-        self.script().defaults.insert(path.to_string(), reply);
-    }
-
     /// Verify signatures of requests to `path` with this secret.
     pub fn expect_secret(&self, path: &str, secret: &str) -> Result<(), webhook::WebhookError> {
         let secret = SigningSecret::parse(secret)?;
-        self.script().secrets.insert(path.to_string(), secret);
+        lock(&self.shared.secrets).insert(path.to_string(), secret);
         Ok(())
     }
 
     pub fn received(&self, path: &str) -> Vec<Received> {
-        self.shared
-            .received
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.shared.received)
             .iter()
             .filter(|r| r.path == path)
             .cloned()
@@ -230,51 +148,7 @@ impl Receiver {
     }
 
     pub fn received_all(&self) -> Vec<Received> {
-        self.shared
-            .received
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Waits until at least `count` requests reached `path`. On timeout the error lists
-    /// what did arrive, so a failing test says what happened.
-    pub async fn wait_for(
-        &self,
-        path: &str,
-        count: usize,
-        timeout: Duration,
-    ) -> Result<Vec<Received>, String> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let arrived = self.shared.arrived.notified();
-            let received = self.received(path);
-            if received.len() >= count {
-                return Ok(received);
-            }
-            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                let summary: Vec<String> = self
-                    .received_all()
-                    .iter()
-                    .map(|r| {
-                        format!(
-                            "{} {} {}",
-                            r.method,
-                            r.path,
-                            String::from_utf8_lossy(&r.body)
-                        )
-                    })
-                    .collect();
-                return Err(format!(
-                    "expected {count} requests to {path} within {timeout:?}, got {}: {summary:#?}",
-                    received.len()
-                ));
-            }
-        }
-    }
-
-    fn script(&self) -> std::sync::MutexGuard<'_, Script> {
-        self.shared.script.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.shared.received).clone()
     }
 }
 
@@ -282,6 +156,11 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// A poisoned lock still holds what was recorded; a panicking test reports itself.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn handle(
@@ -292,31 +171,8 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
-    let (reply, secret) = {
-        let mut script = shared.script.lock().unwrap_or_else(|p| p.into_inner());
-        let text = String::from_utf8_lossy(&body);
-        let ruled = script
-            .rules
-            .iter_mut()
-            .find(|rule| {
-                rule.uses_left > 0 && rule.path == path && text.contains(rule.needle.as_str())
-            })
-            .map(|rule| {
-                rule.uses_left -= 1;
-                rule.reply.clone()
-            });
-        let reply = ruled
-            .or_else(|| {
-                script
-                    .random_failures
-                    .get_mut(&path)
-                    .and_then(|random| random.decide(&body))
-            })
-            .or_else(|| script.queued.get_mut(&path).and_then(VecDeque::pop_front))
-            .or_else(|| script.defaults.get(&path).cloned())
-            .unwrap_or(Reply::Status(200));
-        (reply, script.secrets.get(&path).cloned())
-    };
+    let answer = shared.respond.respond(&path, &body);
+    let secret = lock(&shared.secrets).get(&path).cloned();
     let signature_valid = secret.map(|secret| {
         let get = |name: &str| {
             headers
@@ -335,101 +191,15 @@ async fn handle(
         )
         .is_ok()
     });
-    shared
-        .received
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(Received {
-            method,
-            path,
-            headers,
-            body,
-            at: Instant::now(),
-            signature_valid,
-            status: reply.status(),
-        });
-    shared.arrived.notify_waiters();
-    respond(reply).await
-}
-
-impl Reply {
-    /// The status this reply answers with; `None` when it never answers.
-    fn status(&self) -> Option<u16> {
-        match self {
-            Reply::Status(code)
-            | Reply::RetryAfter(code, _)
-            | Reply::Delay(_, code)
-            | Reply::LargeBody(code, _) => Some(*code),
-            Reply::Redirect(_) => Some(302),
-            Reply::Garbage => Some(200),
-            Reply::Hang => None,
-        }
-    }
-}
-
-async fn respond(reply: Reply) -> Response {
-    let status =
-        |code: u16| StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    match reply {
-        Reply::Status(code) => status(code).into_response(),
-        Reply::RetryAfter(code, value) => {
-            (status(code), [(header::RETRY_AFTER, value)]).into_response()
-        }
-        Reply::Redirect(location) => {
-            (StatusCode::FOUND, [(header::LOCATION, location)]).into_response()
-        }
-        Reply::Delay(wait, code) => {
-            tokio::time::sleep(wait).await;
-            status(code).into_response()
-        }
-        Reply::Hang => {
-            futures::future::pending::<()>().await;
-            StatusCode::OK.into_response()
-        }
-        Reply::LargeBody(code, size) => {
-            (status(code), Body::from(vec![b'x'; size])).into_response()
-        }
-        Reply::Garbage => (
-            StatusCode::OK,
-            Body::from(vec![0xff, 0xfe, 0x00, 0x9c, b'{']),
-        )
-            .into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// (payload seq, attempt) → failed, for the given arrival order of (seq, event id).
-    fn pattern(seed: u64, arrivals: &[(u32, &str)]) -> HashMap<(u32, u32), bool> {
-        let mut random = RandomFailures {
-            seed,
-            per_mille: 200,
-            reply: Reply::Status(503),
-            seen: HashMap::new(),
-        };
-        let mut attempts: HashMap<u32, u32> = HashMap::new();
-        let mut failed = HashMap::new();
-        for (seq, id) in arrivals {
-            let body = format!(r#"{{"event_id": "{id}", "data": {{"seq": {seq}}}}}"#);
-            let attempt = attempts.entry(*seq).or_default();
-            failed.insert((*seq, *attempt), random.decide(body.as_bytes()).is_some());
-            *attempt += 1;
-        }
-        failed
-    }
-
-    #[test]
-    fn random_failures_depend_on_seed_payload_and_attempt_not_on_arrival_order() {
-        let forward: Vec<(u32, &str)> = (0..500).flat_map(|n| [(n, "a"), (n, "a")]).collect();
-        // Other event ids (as on another run), reversed arrival order.
-        let backward: Vec<(u32, &str)> =
-            (0..500).rev().flat_map(|n| [(n, "b"), (n, "c")]).collect();
-        let first = pattern(7, &forward);
-        assert_eq!(first, pattern(7, &backward));
-        let failed = first.values().filter(|f| **f).count();
-        assert!((120..=280).contains(&failed), "{failed} of 1000 failed");
-        assert_ne!(first, pattern(8, &forward), "another seed, another pattern");
-    }
+    lock(&shared.received).push(Received {
+        method,
+        path,
+        headers,
+        body,
+        at: Instant::now(),
+        signature_valid,
+        status: answer.status,
+    });
+    shared.respond.recorded();
+    answer.response.await
 }

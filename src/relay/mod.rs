@@ -33,11 +33,11 @@ use self::deliverer::Deliverer;
 use self::dispatcher::Dispatcher;
 use self::maintenance::{GivenUpLeases, Maintenance};
 use self::subscriptions::SubscriptionCache;
+use crate::config::secret::{self, ExposeSecret};
 use crate::config::{self, RelayConfig};
-use crate::db::{self, Db, DbContext, DbError, sql};
+use crate::db::{self, Db, DbContext, DbError, PoolMode, sql};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::secret::{self, ExposeSecret};
 use crate::webhook::client::WebhookClient;
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +122,9 @@ pub async fn start(
         config.db_pool_size as usize,
         config.session_limits(),
     )?;
-    let db = Db::new(pool.clone(), config.db_pool_mode);
+    let mode = PoolMode::from_name(&config.db_pool_mode)
+        .expect("validate() accepts only the pool modes' names");
+    let db = Db::new(pool.clone(), mode);
     let metrics = Metrics::new()?;
     metrics.register_pool(pool.clone())?;
     let health = Health::new(config.listen);

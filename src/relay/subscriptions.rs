@@ -13,8 +13,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::secret::SecretUrl;
 use crate::db::{Db, DbContext, DbError, convert, sql};
-use crate::secret::SecretUrl;
 use crate::webhook::SigningSecret;
 
 /// Reload period when no notification arrives (a lost NOTIFY, or a change made while the

@@ -18,7 +18,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AF
 
 use super::response::{RESPONSE_BODY_LIMIT, lossy_prefix, parse_retry_after};
 use super::target_policy::{ALLOW_HINT, ForbiddenResolution, GuardedResolver, TargetPolicy};
-use crate::secret::mask_url;
+use crate::config::secret::mask_url;
 
 /// Bounds connection set-up on its own; the per-request timeout still caps it when shorter,
 /// because that deadline covers the whole exchange including connect.

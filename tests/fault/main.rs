@@ -8,8 +8,9 @@
 //! nothing asserts on speed; each test prints its figures (events, elapsed, duplicates) to
 //! stderr, visible with `--nocapture` or when it fails.
 
-// The integration tests' harness, shared rather than copied. Not every helper is used here.
-#[allow(dead_code)]
+// The integration tests' harness, shared rather than copied. Not every helper (nor every
+// name it re-exports from testkit) is used here.
+#[allow(dead_code, unused_imports)]
 #[path = "../it/harness/mod.rs"]
 mod harness;
 
@@ -19,7 +20,7 @@ mod ordered_under_failures;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use outbox_relay::devkit::receiver::Receiver;
+use testkit::receiver::Receiver;
 
 use harness::db::TestDb;
 use harness::relay::RelayProcess;

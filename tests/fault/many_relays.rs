@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use outbox_relay::devkit::receiver::{Receiver, Reply};
+use testkit::receiver::{Receiver, Reply};
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::{

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use outbox_relay::devkit::receiver::{Receiver, Reply};
+use testkit::receiver::{Receiver, Reply};
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::{RelayProcess, add_subscription, count, sequences_by_key};

@@ -3,9 +3,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use outbox_relay::devkit::receiver::Receiver;
 use outbox_relay::webhook::{SigningSecret, verify};
 use serde_json::json;
+use testkit::receiver::Receiver;
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::*;
@@ -249,10 +249,7 @@ async fn subscription_headers_are_sent() {
 async fn retries_send_the_same_body_and_webhook_id() {
     let db = TestDb::new().await;
     let receiver = Receiver::start().await.expect("receiver");
-    receiver.queue(
-        "/hook",
-        [outbox_relay::devkit::receiver::Reply::Status(500)],
-    );
+    receiver.queue("/hook", [testkit::receiver::Reply::Status(500)]);
     add_subscription(
         &db,
         "crm",

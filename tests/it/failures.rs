@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use outbox_relay::config::{CidrList, RelayConfig};
-use outbox_relay::devkit::receiver::{Receiver, Reply};
 use serde_json::json;
+use testkit::receiver::{Receiver, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::db::TestDb;

@@ -3,12 +3,9 @@
 use crate::harness::db::TestDb;
 
 async fn admin(db: &TestDb) -> tokio_postgres::Client {
-    let (client, connection) =
-        tokio_postgres::connect(&db.server_admin_url(), tokio_postgres::NoTls)
-            .await
-            .expect("connect to the admin database");
-    tokio::spawn(connection);
-    client
+    testkit::pg::connect(&db.server_admin_url())
+        .await
+        .expect("connect to the admin database")
 }
 
 async fn database_exists(admin: &tokio_postgres::Client, name: &str) -> bool {

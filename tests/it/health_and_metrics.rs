@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use outbox_relay::config::RelayConfig;
-use outbox_relay::devkit::receiver::Reply;
 use serde_json::json;
+use testkit::receiver::Reply;
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::*;
@@ -39,18 +39,7 @@ async fn a_running_relay_is_healthy_and_ready() {
 /// not ready.
 #[tokio::test]
 async fn readyz_names_an_unreachable_database() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!(
-        "postgres://postgres@{}/nowhere",
-        closed.local_addr().expect("addr")
-    );
-    drop(closed);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let relay = outbox_relay::relay::start(RelayConfig::for_tests(), &url, listener)
-        .await
-        .expect("starts even without a database");
+    let relay = spawn_relay_at(&unreachable_database_url(), RelayConfig::for_tests()).await;
     let base = format!("http://{}", relay.http_addr);
     wait_until("/readyz reports the database", DEADLINE, || async {
         let (status, body) = get(&format!("{base}/readyz")).await;

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use outbox_relay::config::RelayConfig;
-use outbox_relay::devkit::receiver::Receiver;
 use serde_json::json;
+use testkit::receiver::Receiver;
 
 use crate::harness::db::TestDb;
 use crate::harness::raw_http::{Answer, RawServer};
@@ -365,7 +365,9 @@ async fn relay_connections_carry_their_session_settings_and_admin_ones_commit_du
         assert_eq!(shown, [statement_timeout, "1500ms", synchronous_commit]);
     }
     let pooled = RelayConfig {
-        db_pool_mode: outbox_relay::config::PoolMode::TransactionPooler,
+        db_pool_mode: outbox_relay::db::PoolMode::TransactionPooler
+            .name()
+            .to_owned(),
         ..config
     };
     assert_eq!(

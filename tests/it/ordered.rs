@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use outbox_relay::devkit::receiver::{Received, Receiver, Reply};
 use serde_json::json;
+use testkit::receiver::{Received, Receiver, Reply};
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::*;

@@ -10,11 +10,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use outbox_relay::config::{PoolMode, RelayConfig};
-use outbox_relay::db::{query, sql};
-use outbox_relay::devkit::receiver::{Receiver, Reply};
+use outbox_relay::config::RelayConfig;
+use outbox_relay::db::{PoolMode, query, sql};
 use outbox_relay::relay::RelayHandle;
 use serde_json::json;
+use testkit::receiver::{Receiver, Reply};
 use tokio_postgres::error::SqlState;
 
 use crate::harness::db::TestDb;
@@ -27,7 +27,7 @@ const SERVER_CONNECTIONS: u32 = 2;
 
 fn pooler_config() -> RelayConfig {
     RelayConfig {
-        db_pool_mode: PoolMode::TransactionPooler,
+        db_pool_mode: PoolMode::TransactionPooler.name().to_owned(),
         ..RelayConfig::for_tests()
     }
 }

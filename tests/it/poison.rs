@@ -2,8 +2,8 @@
 //! subscription keeps getting its events (SPEC, Guarantees: "No single subscriber, response
 //! or row can stop delivery to the others").
 
-use outbox_relay::devkit::receiver::Receiver;
 use serde_json::json;
+use testkit::receiver::Receiver;
 
 use crate::harness::db::TestDb;
 use crate::harness::raw_http::{Answer, RawServer};

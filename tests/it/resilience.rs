@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use outbox_relay::config::RelayConfig;
-use outbox_relay::devkit::receiver::{Receiver, Reply};
+use testkit::receiver::{Receiver, Reply};
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::*;
@@ -352,12 +352,7 @@ async fn relay_rides_out_a_postgres_restart() {
         .expect("publish before");
     drop(client);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let relay = outbox_relay::relay::start(RelayConfig::for_tests(), &url, listener)
-        .await
-        .expect("relay");
+    let relay = spawn_relay_at(&url, RelayConfig::for_tests()).await;
     receiver
         .wait_for("/hook", 5, DEADLINE)
         .await

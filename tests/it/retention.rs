@@ -2,9 +2,9 @@
 //! and attempts; anything still open, not yet dispatched, or recent stays.
 
 use outbox_relay::config::RelayConfig;
-use outbox_relay::devkit::receiver::Reply;
 use serde_json::json;
 use std::time::Duration;
+use testkit::receiver::Reply;
 
 use crate::harness::relay::*;
 

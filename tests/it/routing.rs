@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use outbox_relay::devkit::receiver::Receiver;
+use testkit::receiver::Receiver;
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::*;

@@ -12,11 +12,11 @@ use std::process::Stdio;
 
 use outbox_relay::config::RelayConfig;
 use outbox_relay::devkit::postgres::{ClusterSetup, TempPostgres};
-use outbox_relay::devkit::receiver::Receiver;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
 use serde_json::json;
+use testkit::receiver::Receiver;
 use tokio::sync::OnceCell;
 
 use crate::harness::relay::{DEADLINE, wait_until, wait_until_ready};

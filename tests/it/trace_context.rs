@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 
-use outbox_relay::devkit::receiver::{Received, Receiver, Reply};
 use outbox_relay::webhook::{SigningSecret, verify};
 use serde_json::json;
+use testkit::receiver::{Received, Receiver, Reply};
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::*;

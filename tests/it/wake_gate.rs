@@ -8,8 +8,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use outbox_relay::config::RelayConfig;
 use outbox_relay::db::wake_gate::GATE_LOCK;
-use outbox_relay::devkit::receiver::Receiver;
 use serde_json::json;
+use testkit::receiver::Receiver;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 

@@ -25,7 +25,7 @@ use crate::admin::{
     self, EventSearch, NewSubscription, ReplayCriteria, SecretText, SubscriptionInfo,
     SubscriptionSettings, SubscriptionUpdate,
 };
-use crate::secret::SecretUrl;
+use crate::config::secret::SecretUrl;
 
 mod events;
 mod replays;

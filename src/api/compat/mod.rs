@@ -36,7 +36,7 @@ use super::openapi::{
 };
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiState, ErrorBody, ErrorCode, parse_uuid};
 use crate::admin::{self, EventSearch, NewEvent, Published, ReplayCriteria};
-use crate::secret::SecretUrl;
+use crate::config::secret::SecretUrl;
 
 mod events;
 mod subscriptions;

@@ -40,25 +40,14 @@ async fn a_blank_token_is_refused_at_start() {
 /// the driver), and the relay keeps serving.
 #[tokio::test]
 async fn the_database_going_away_is_a_503() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!(
-        "postgres://postgres@{}/nowhere",
-        closed.local_addr().expect("addr")
-    );
-    drop(closed);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let relay = outbox_relay::relay::start(
+    let relay = spawn_relay_at(
+        &unreachable_database_url(),
         RelayConfig {
             admin_token: Some(TOKEN.into()),
             ..RelayConfig::for_tests()
         },
-        &url,
-        listener,
     )
-    .await
-    .expect("starts even without a database");
+    .await;
     let api = Api::at(&relay);
     api.get("/admin/v1/subscriptions")
         .await

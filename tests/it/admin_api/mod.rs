@@ -2,10 +2,10 @@
 //! real PostgreSQL. Shared helpers for `compat_api/` live here too.
 
 use outbox_relay::config::RelayConfig;
-use outbox_relay::devkit::receiver::{Receiver, Reply};
 use outbox_relay::relay::RelayHandle;
 use reqwest::Method;
 use serde_json::{Value, json};
+use testkit::receiver::{Receiver, Reply};
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::*;

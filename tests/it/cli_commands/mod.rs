@@ -5,9 +5,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use outbox_relay::devkit::receiver::{Received, Receiver};
 use outbox_relay::webhook::{self, SigningSecret};
 use serde_json::json;
+use testkit::receiver::{Received, Receiver};
 
 use crate::harness::db::TestDb;
 use crate::harness::relay::*;

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use crate::admin_api::{Api, TOKEN};
 use crate::harness::db::TestDb;
 use crate::harness::relay::*;
-use outbox_relay::devkit::receiver::{Receiver, Reply};
+use testkit::receiver::{Receiver, Reply};
 
 mod flows;
 mod input;

@@ -6,47 +6,40 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use outbox_relay::config::RelayConfig;
-use outbox_relay::devkit::receiver::{Receiver, Reply};
 use outbox_relay::relay::RelayHandle;
+use testkit::receiver::{Receiver, Reply};
 use uuid::Uuid;
 
 use super::db::TestDb;
+
+// Shared with the benchmark, which names relay processes' sessions the same way.
+pub use testkit::pg::with_params;
+pub use testkit::relay::{db_errors, process_application_name};
 
 /// Generous: these are deadlines for things that normally take milliseconds, on a shared
 /// machine. Nothing asserts on how fast anything was.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 pub async fn spawn_relay(db: &TestDb, config: RelayConfig) -> RelayHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind relay HTTP listener");
-    outbox_relay::relay::start(config, &db.url, listener)
-        .await
-        .expect("relay starts")
+    spawn_relay_at(&db.url, config).await
 }
 
-/// A relay connecting with its own URL (another user, a pooler) to the test database.
+/// A database URL at a loopback port nothing listens on: a database that is not there.
+pub fn unreachable_database_url() -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let addr = closed.local_addr().expect("the free port's address");
+    // Dropped at once: the port is free again, so connecting there is refused.
+    drop(closed);
+    format!("postgres://postgres@{addr}/nowhere")
+}
+
+/// A relay connecting with its own URL (another user, a pooler, a database that is not
+/// there) rather than to a test database: it starts whether or not the database answers.
 pub async fn spawn_relay_at(database_url: &str, config: RelayConfig) -> RelayHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind relay HTTP listener");
-    outbox_relay::relay::start(config, database_url, listener)
-        .await
-        .expect("relay starts")
-}
-
-/// Database errors the relay counted (`outbox_db_errors_total`), all components together.
-pub fn db_errors(relay: &RelayHandle) -> u64 {
-    ["dispatcher", "deliverer", "completer", "maintenance"]
-        .iter()
-        .map(|component| {
-            relay
-                .metrics
-                .db_errors
-                .with_label_values(&[component])
-                .get()
-        })
-        .sum()
+    match testkit::relay::start(config, database_url).await {
+        Ok(relay) => relay,
+        Err(error) => panic!("relay does not start: {error:#}"),
+    }
 }
 
 pub async fn spawn_default_relay(db: &TestDb) -> RelayHandle {
@@ -95,26 +88,11 @@ pub async fn add_subscription(
     url: &str,
     columns: &[(&str, &str)],
 ) -> (i64, String) {
-    let mut names = String::from("name, url");
-    let mut values = String::from("$1, $2");
-    for (column, value) in columns {
-        names.push_str(", ");
-        names.push_str(column);
-        values.push_str(", ");
-        values.push_str(value);
+    let client = db.client().await;
+    match testkit::outbox::add_subscription(&client, name, url, columns).await {
+        Ok(added) => added,
+        Err(error) => panic!("{error:#}"),
     }
-    let row = db
-        .client()
-        .await
-        .query_one(
-            &format!(
-                "INSERT INTO outbox.subscriptions ({names}) VALUES ({values}) RETURNING id, secret"
-            ),
-            &[&name, &url],
-        )
-        .await
-        .expect("insert subscription");
-    (row.get(0), row.get(1))
 }
 
 /// A fresh database and a receiver with one subscription, `name`, to its `path`: how most
@@ -154,25 +132,6 @@ pub async fn publish(db: &TestDb, event_type: &str, payload: serde_json::Value) 
         .await
         .expect("publish")
         .get(0)
-}
-
-/// `url` with extra connection parameters (`user`, `application_name`, ...), which
-/// override what the URL says; for URLs and key=value strings alike.
-pub fn with_params(url: &str, params: &[(&str, &str)]) -> String {
-    if !url.contains("://") {
-        let extra: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        return format!("{url} {}", extra.join(" "));
-    }
-    let extra: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let joiner = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{joiner}{}", extra.join("&"))
-}
-
-/// `application_name` of a [`RelayProcess`]'s pooled connections: `outbox-relay.<relay id>`,
-/// so a test can tell one relay's sessions from another's. (Its LISTEN connection is always
-/// `outbox-relay-listen`, one per relay.)
-pub fn process_application_name(relay_id: &str) -> String {
-    format!("outbox-relay.{relay_id}")
 }
 
 /// Waits until the relay process `relay_id` has at least one pooled connection open, and

@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use outbox_relay::config::RelayConfig;
-use outbox_relay::devkit::receiver::{Receiver, Reply};
 use serde_json::{Value, json};
+use testkit::receiver::{Receiver, Reply};
 use tokio_postgres::Row;
 use uuid::Uuid;
 

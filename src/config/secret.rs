@@ -7,8 +7,9 @@
 //! Tokens and signing secrets are [`SecretString`]s (`secrecy`): their `Debug` prints
 //! `[REDACTED]` and reading them takes an explicit `expose_secret()`, easy to grep for.
 //!
-//! This module imports nothing else of the crate, so everything, `config` included, can use
-//! it without importing upward.
+//! It sits under `config` because the configuration is where secrets first arrive (the
+//! admin token, the listen URL); it imports nothing, so the admin paths, the webhook client
+//! and the relay can use it without importing anything above the configuration.
 
 use std::convert::Infallible;
 use std::fmt;

@@ -6,6 +6,11 @@
 //! Secrets are held as secret types ([`SecretString`], [`SecretUrl`]), so the derived `Debug`
 //! (logged at startup) shows the admin token as `[REDACTED]` and URLs with `***` for their
 //! password, and clap never prints their environment values in `--help`.
+//!
+//! This module imports nothing of the crate but its own [`secret`], so every layer can read
+//! the configuration without a cycle. That is why `OUTBOX_DB_POOL_MODE` is held as the name
+//! given ([`POOL_MODE_DIRECT`], [`POOL_MODE_TRANSACTION_POOLER`]): `db::PoolMode` says what
+//! each name means for how statements are sent.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -13,7 +18,9 @@ use std::time::Duration;
 use clap::Args;
 use ipnet::IpNet;
 
-use crate::secret::{ExposeSecret, SecretString, SecretUrl};
+pub mod secret;
+
+use self::secret::{ExposeSecret, SecretString, SecretUrl};
 
 /// How the relay connects and how hard it works. Built from flags/env by clap, or by
 /// [`RelayConfig::for_tests`] in tests (tests never set environment variables).
@@ -107,8 +114,13 @@ pub struct RelayConfig {
     /// other session state on pooled connections; each statement is parsed per call).
     /// With `transaction-pooler`, set `OUTBOX_LISTEN_DATABASE_URL` or `OUTBOX_LISTEN=false`.
     /// `outbox-relay migrate` always needs a direct DATABASE_URL (it holds a session lock).
-    #[arg(long, env = "OUTBOX_DB_POOL_MODE", value_enum, default_value_t = PoolMode::Direct)]
-    pub db_pool_mode: PoolMode,
+    //
+    // Held as the name given (POOL_MODE_DIRECT or POOL_MODE_TRANSACTION_POOLER; a plain
+    // comment, as doc lines here would show in --help): what a mode means for how
+    // statements are sent is db::PoolMode's, and the configuration imports nothing of the
+    // crate.
+    #[arg(long, env = "OUTBOX_DB_POOL_MODE", default_value = POOL_MODE_DIRECT, value_parser = pool_modes())]
+    pub db_pool_mode: String,
 
     /// Where the LISTEN connection goes. Default: `DATABASE_URL`. Behind a transaction-mode
     /// pooler, point this at PostgreSQL itself (LISTEN needs a session), or set
@@ -152,13 +164,21 @@ pub struct SessionLimits {
     pub async_commit: bool,
 }
 
-/// How pooled connections reach the database (`OUTBOX_DB_POOL_MODE`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum PoolMode {
-    /// Straight to PostgreSQL, or through a session-mode pooler.
-    Direct,
-    /// Through a transaction-mode pooler such as PgBouncer.
-    TransactionPooler,
+/// `OUTBOX_DB_POOL_MODE=direct`: straight to PostgreSQL, or through a session-mode pooler.
+pub const POOL_MODE_DIRECT: &str = "direct";
+/// `OUTBOX_DB_POOL_MODE=transaction-pooler`: through a transaction-mode pooler such as
+/// PgBouncer.
+pub const POOL_MODE_TRANSACTION_POOLER: &str = "transaction-pooler";
+
+/// The names `OUTBOX_DB_POOL_MODE` accepts, each with the line `--help` shows for it.
+fn pool_modes() -> clap::builder::PossibleValuesParser {
+    use clap::builder::PossibleValue;
+    clap::builder::PossibleValuesParser::new([
+        PossibleValue::new(POOL_MODE_DIRECT)
+            .help("Straight to PostgreSQL, or through a session-mode pooler"),
+        PossibleValue::new(POOL_MODE_TRANSACTION_POOLER)
+            .help("Through a transaction-mode pooler such as PgBouncer"),
+    ])
 }
 
 /// `statement_timeout` of the admin API's connections (unless OUTBOX_STATEMENT_TIMEOUT is
@@ -217,7 +237,7 @@ impl RelayConfig {
     /// The limits for the relay's pooled connections; `None` behind a transaction pooler,
     /// which refuses the startup options that carry them.
     pub fn session_limits(&self) -> Option<SessionLimits> {
-        (self.db_pool_mode == PoolMode::Direct).then_some(SessionLimits {
+        (!self.behind_transaction_pooler()).then_some(SessionLimits {
             statement_timeout: self.statement_timeout,
             lock_timeout: self.lock_timeout,
             async_commit: self.async_commit,
@@ -236,8 +256,22 @@ impl RelayConfig {
         })
     }
 
+    /// Whether pooled connections go through a transaction-mode pooler, which allows no
+    /// session state (startup options, LISTEN) on them.
+    fn behind_transaction_pooler(&self) -> bool {
+        self.db_pool_mode == POOL_MODE_TRANSACTION_POOLER
+    }
+
     /// Cross-field rules. Each error names the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // clap accepts only these names; a config built in code could hold another.
+        if ![POOL_MODE_DIRECT, POOL_MODE_TRANSACTION_POOLER].contains(&self.db_pool_mode.as_str()) {
+            return Err(ConfigError(format!(
+                "OUTBOX_DB_POOL_MODE {:?} is not a pool mode: use {POOL_MODE_DIRECT} or \
+                 {POOL_MODE_TRANSACTION_POOLER}",
+                self.db_pool_mode
+            )));
+        }
         if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 2 > self.lease_duration {
             return Err(ConfigError(format!(
                 "heartbeat interval {:?} must be positive and at most half the lease duration {:?}: \
@@ -268,10 +302,7 @@ impl RelayConfig {
         // LISTEN through a transaction pooler "works" but hears nothing: the LISTEN runs on
         // whichever server connection served it, which is then handed to other clients, and
         // the relay silently falls back to polling. Refuse instead of degrading quietly.
-        if self.db_pool_mode == PoolMode::TransactionPooler
-            && self.listen
-            && self.listen_database_url.is_none()
-        {
+        if self.behind_transaction_pooler() && self.listen && self.listen_database_url.is_none() {
             return Err(ConfigError(
                 "OUTBOX_DB_POOL_MODE=transaction-pooler: LISTEN cannot work through a \
                  transaction-mode pooler (it would silently never receive notifications). Set \
@@ -330,7 +361,7 @@ impl RelayConfig {
             lock_timeout: Duration::from_secs(5),
             async_commit: true,
             admin_token: None,
-            db_pool_mode: PoolMode::Direct,
+            db_pool_mode: POOL_MODE_DIRECT.to_owned(),
             listen_database_url: None,
             listen: true,
         }
