@@ -212,9 +212,9 @@ impl Dispatcher {
         loop {
             let paced = pacer.paced();
             let batch = self.run_round(with_ordered, paced).await?;
-            let full = u64::from(self.batch_size);
-            pacer.ran(&batch, paced, batch.events >= full);
+            pacer.ran(&batch);
             total += batch.events;
+            let full = u64::from(self.batch_size);
             // A paced round takes what the free slots can, so one that dispatched anything
             // may leave more due: look again (the next round holds back once nothing can be
             // leased).
@@ -334,8 +334,11 @@ impl Dispatcher {
 /// leased (no request slot free, every subscription at its `max_in_flight` or with older due
 /// deliveries waiting): new deliveries would only wait, pending, behind those. The
 /// deliverer's next claim that finds less than it could take wakes the dispatcher
-/// (`Deliverer::hungry`). After holding back for [`MAX_HOLD_BACK`], rounds run unpaced until
-/// the events due are dispatched, so events no busy subscription waits for are not held up.
+/// (`Deliverer::hungry`). After holding back for [`MAX_HOLD_BACK`], one round runs unpaced (a
+/// whole batch), so events no busy subscription waits for move on at a batch per
+/// [`MAX_HOLD_BACK`] at least; then pacing resumes. (Running unpaced until everything due
+/// was dispatched would turn a backlog of events into one of pending deliveries, each
+/// needing a claim: what pacing is there to avoid.)
 #[derive(Debug, Default)]
 struct Pacer {
     held_back_since: Option<tokio::time::Instant>,
@@ -347,15 +350,15 @@ impl Pacer {
             .is_none_or(|since| since.elapsed() < MAX_HOLD_BACK)
     }
 
-    /// After a round: `paced` as [`Pacer::paced`] said, `full` when it took a whole batch.
-    fn ran(&mut self, batch: &DispatchedBatch, paced: bool, full: bool) {
+    /// After a round: a paced one that held back starts (or continues) holding back; any
+    /// other, including the one unpaced round after holding back too long, ends it.
+    fn ran(&mut self, batch: &DispatchedBatch) {
         if batch.held_back {
             self.held_back_since
                 .get_or_insert_with(tokio::time::Instant::now);
-        } else if paced || !full {
+        } else {
             self.held_back_since = None;
         }
-        // Else an unpaced catch-up round took a whole batch: the catch-up goes on.
     }
 
     /// While holding back: how long until rounds run unpaced.
