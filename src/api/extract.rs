@@ -270,6 +270,32 @@ pub fn check_webhook_url(field: &str, url: &crate::secret::SecretUrl) -> Result<
     ))
 }
 
+/// Refuses a subscription URL outside [`openapi::TARGET_URL`] (a webhook or a broker), for the
+/// admin API; the same reasoning as [`check_webhook_url`].
+pub fn check_target_url(field: &str, url: &crate::secret::SecretUrl) -> Result<(), ApiError> {
+    static PATTERN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let pattern = PATTERN.get_or_init(|| {
+        // A constant pattern, compiled by the unit test below: it cannot fail here.
+        regex::Regex::new(openapi::TARGET_URL).expect("TARGET_URL is a valid regex")
+    });
+    let raw = url.expose_secret();
+    if raw.chars().count() <= openapi::WEBHOOK_URL_MAX && pattern.is_match(raw) {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        field,
+        format!(
+            "{} is not a URL this API takes: give a webhook (http:// or https://, an optional \
+             user:password@, a host name of letters, digits, - and _ or an IP address, an optional \
+             port, then printable ASCII without spaces) or a broker target: \
+             nats://host:4222/subject, redis://host:6379/0?stream=S[&maxlen=N], \
+             amqp://user:pass@host:5672/vhost?exchange=E[&routing_key=K]; at most {} characters",
+            url.masked(),
+            openapi::WEBHOOK_URL_MAX
+        ),
+    ))
+}
+
 pub fn parse_uuid(field: &str, raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw.trim()).map_err(|error| {
         ApiError::invalid(
