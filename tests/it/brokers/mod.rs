@@ -71,6 +71,38 @@ async fn publish_many(db: &TestDb, count: i64, keys: i64) {
         .expect("publish events");
 }
 
+/// Subscription settings for the connection-cut tests: quick retries, a confirm timeout
+/// longer than a cut takes, and a rate limit that spreads a 300-event drain over about two
+/// seconds (claims come in bursts of at most 150 a second), so each cut finds work to break.
+const CUT_TEST_SETTINGS: [(&str, &str); 3] = [
+    (
+        "retry_schedule",
+        "'{100ms,200ms,400ms,800ms,1s,1s,1s,1s,1s,1s,1s,1s}'",
+    ),
+    ("timeout", "'3 seconds'"),
+    ("rate_limit_per_second", "150"),
+];
+
+/// Breaks the relay's broker connection three times during a drain of 300 events, once 50,
+/// 120 and 200 are delivered: first `before_cut` (the proxy starts dropping what is sent, so
+/// the next burst of publishes is lost on the way and never confirmed), a little over a second
+/// for that burst, then `cut`. Returns how many connections `cut` broke.
+async fn cut_mid_drain<B, F, Fut>(db: &TestDb, before_cut: B, mut cut: F) -> usize
+where
+    B: Fn(),
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = usize>,
+{
+    let mut broken = 0;
+    for delivered in [50, 120, 200] {
+        crate::harness::relay::wait_for_statuses(db, "delivered", delivered).await;
+        before_cut();
+        tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+        broken += cut().await;
+    }
+    broken
+}
+
 /// The last error of every delivery, in id order.
 async fn last_errors(db: &TestDb) -> Vec<Option<String>> {
     db.client()

@@ -175,31 +175,12 @@ async fn nats_connection_cut_mid_drain_loses_nothing() {
         &db,
         "orders",
         &format!("nats://{}/{}", proxy.addr, stream.subject),
-        &[
-            (
-                "retry_schedule",
-                "'{100ms,200ms,400ms,800ms,1s,1s,1s,1s,1s,1s,1s,1s}'",
-            ),
-            ("timeout", "'2 seconds'"),
-        ],
+        &CUT_TEST_SETTINGS,
     )
     .await;
     let relay = spawn_default_relay(&db).await;
     publish_many(&db, 300, 10).await;
-    let mut cuts = 0;
-    for _ in 0..3 {
-        wait_until("some events are delivered", DEADLINE, || async {
-            count(
-                &db,
-                "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'",
-            )
-            .await
-                > 0
-        })
-        .await;
-        cuts += proxy.cut();
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+    let cuts = cut_mid_drain(&db, || proxy.blackhole(), || async { proxy.cut() }).await;
     assert!(cuts > 0, "the relay's connection was cut");
     wait_for_statuses(&db, "delivered", 300).await;
     let ids: HashSet<String> = stream

@@ -133,48 +133,45 @@ async fn redis_maxlen_trims_the_stream() {
 async fn redis_client_kill_mid_drain_loses_nothing() {
     let db = TestDb::new().await;
     let stream = TestStream::new().await;
-    // Through a proxy only to learn which connection is the relay's (its address as Redis
-    // sees it); the cut itself is Redis's CLIENT KILL.
+    // Through a proxy to learn which connection is the relay's (its address as Redis sees
+    // it) and to lose a burst of XADDs on the way; the cut itself is Redis's CLIENT KILL.
     let proxy = Proxy::start(REDIS.parse().expect("address")).await;
     add_subscription(
         &db,
         "orders",
         &stream.url(&proxy.addr.to_string(), ""),
-        &[
-            (
-                "retry_schedule",
-                "'{100ms,200ms,400ms,800ms,1s,1s,1s,1s,1s,1s,1s,1s}'",
-            ),
-            ("timeout", "'2 seconds'"),
-        ],
+        &CUT_TEST_SETTINGS,
     )
     .await;
     let relay = spawn_default_relay(&db).await;
     publish_many(&db, 300, 10).await;
-    let mut killed = 0;
-    let mut admin = stream.connection.clone();
-    for _ in 0..3 {
-        wait_until("some events are delivered", DEADLINE, || async {
-            count(
-                &db,
-                "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'",
-            )
-            .await
-                > 0
-        })
-        .await;
-        for addr in proxy.upstream_addrs() {
-            let gone: i64 = ::redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("ADDR")
-                .arg(addr.to_string())
-                .query_async(&mut admin)
-                .await
-                .unwrap_or(0);
-            killed += gone;
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+    let admin = stream.connection.clone();
+    let proxy = &proxy;
+    let killed = cut_mid_drain(
+        &db,
+        || proxy.blackhole(),
+        || {
+            let mut admin = admin.clone();
+            let addrs = proxy.upstream_addrs();
+            async move {
+                let mut killed = 0;
+                for addr in addrs {
+                    let gone: i64 = ::redis::cmd("CLIENT")
+                        .arg("KILL")
+                        .arg("ADDR")
+                        .arg(addr.to_string())
+                        .query_async(&mut admin)
+                        .await
+                        .unwrap_or(0);
+                    killed += usize::try_from(gone).unwrap_or(0);
+                }
+                // New connections must get through; the killed ones carried the lost burst.
+                proxy.resume();
+                killed
+            }
+        },
+    )
+    .await;
     assert!(killed > 0, "Redis killed the relay's connection");
     wait_for_statuses(&db, "delivered", 300).await;
     let ids: HashSet<String> = stream
