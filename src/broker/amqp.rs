@@ -20,8 +20,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{BasicProperties, Confirmation, ConnectionProperties};
 
-use super::{Endpoint, Link, Message, TargetError, UrlParts, failed, resolve};
-use crate::secret::{ExposeSecret, SecretString};
+use super::{Link, Message, Server, TargetError, UrlParts, failed};
 use crate::webhook::client::{FailureKind, HttpResult, error_chain};
 use crate::webhook::target_policy::TargetPolicy;
 
@@ -67,25 +66,12 @@ impl Connection {
     }
 }
 
+#[derive(Debug)]
 pub struct Target {
-    endpoint: Endpoint,
-    tls: bool,
-    username: String,
-    password: Option<SecretString>,
+    server: Server,
     vhost: String,
     exchange: String,
     routing_key: Option<String>,
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("amqp::Target")
-            .field("endpoint", &self.endpoint)
-            .field("vhost", &self.vhost)
-            .field("exchange", &self.exchange)
-            .field("routing_key", &self.routing_key)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Target {
@@ -106,10 +92,7 @@ impl Target {
         }
         let vhost = super::decode(&parts.path);
         Ok(Target {
-            endpoint: parts.endpoint,
-            tls: parts.tls,
-            username: parts.username,
-            password: parts.password,
+            server: parts.server,
             vhost: if vhost.is_empty() {
                 "/".to_owned()
             } else {
@@ -122,16 +105,7 @@ impl Target {
 
     /// One connection per server, user and vhost.
     pub(super) fn connection_key(&self) -> String {
-        format!(
-            "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
-            self.tls,
-            self.username,
-            self.password
-                .as_ref()
-                .map_or("", |password| password.expose_secret()),
-            self.endpoint,
-            self.vhost
-        )
+        self.server.connection_key(&self.vhost)
     }
 
     /// The exchange as the broker's messages name it ("" is the default exchange).
@@ -145,24 +119,15 @@ impl Target {
 }
 
 async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, HttpResult> {
-    if target.tls {
-        return Err(failed(
-            FailureKind::InvalidRequest,
-            "amqp: amqps:// (TLS) is not supported yet; use amqp:// on a trusted network",
-        ));
-    }
-    let addr = resolve(policy, &target.endpoint).await?;
-    let userinfo = if target.username.is_empty() && target.password.is_none() {
+    let server = &target.server;
+    let addr = server.checked_address(policy, "amqp").await?;
+    let userinfo = if !server.has_credentials() {
         // What an AMQP URI without credentials means: RabbitMQ's guest user.
         AMQPUserInfo::default()
     } else {
         AMQPUserInfo {
-            username: target.username.clone(),
-            password: target
-                .password
-                .as_ref()
-                .map(|password| password.expose_secret().to_owned())
-                .unwrap_or_default(),
+            username: server.username.clone(),
+            password: server.password().to_owned(),
         }
     };
     // Connect to the checked address, not the name: see `super::resolve`.
@@ -185,7 +150,7 @@ async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, H
                 // lapin's errors name neither the URI nor the password.
                 format!(
                     "amqp: connecting to {} (vhost {:?}): {}",
-                    target.endpoint,
+                    server.endpoint,
                     target.vhost,
                     error_chain(&error)
                 ),
@@ -220,18 +185,11 @@ pub(super) async fn publish(
     target: &Target,
     link: &Arc<Link<Connection>>,
     message: &Message<'_>,
-) -> HttpResult {
-    let connection = match link
+) -> Result<HttpResult, HttpResult> {
+    let connection = link
         .get(Connection::usable, || connect(policy, target))
-        .await
-    {
-        Ok(connection) => connection,
-        Err(failure) => return failure,
-    };
-    let channel = match connection.channel(&target.exchange).await {
-        Ok(channel) => channel,
-        Err(failure) => return failure,
-    };
+        .await?;
+    let channel = connection.channel(&target.exchange).await?;
     let routing_key = target
         .routing_key
         .as_deref()
@@ -253,7 +211,7 @@ pub(super) async fn publish(
         Ok(confirm) => confirm.await,
         Err(error) => Err(error),
     };
-    match confirmation {
+    Ok(match confirmation {
         Ok(Confirmation::Ack(None)) => HttpResult::Published {
             receipt: format!("amqp: exchange {exchange} acked, routing key {routing_key:?}"),
         },
@@ -287,5 +245,5 @@ pub(super) async fn publish(
                 format!("amqp: publishing to exchange {exchange}: {text}"),
             )
         }
-    }
+    })
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::backoff::Backoff;
-use crate::secret::{SecretString, SecretUrl, mask_url};
+use crate::secret::{ExposeSecret, SecretString, SecretUrl, mask_url};
 use crate::webhook::EventForDelivery;
 use crate::webhook::client::{FailureKind, HttpResult};
 use crate::webhook::target_policy::{ALLOW_HINT, TargetPolicy};
@@ -98,13 +98,73 @@ impl Target {
 /// What the URL parser gives, decoded once for every kind.
 struct UrlParts<'a> {
     shown: &'a str,
-    tls: bool,
-    endpoint: Endpoint,
-    username: String,
-    password: Option<SecretString>,
+    server: Server,
     /// The path without its leading `/`, still percent-encoded.
     path: String,
     query: Vec<(String, String)>,
+}
+
+/// A broker and who connects to it. `Debug` leaves the password out, so the targets holding
+/// one can derive it.
+pub struct Server {
+    endpoint: Endpoint,
+    tls: bool,
+    username: String,
+    password: Option<SecretString>,
+}
+
+impl Server {
+    /// Which long-lived connection serves a target: the same server, user and password, and
+    /// `scope` (a Redis database, an AMQP vhost). Secret: it holds the password.
+    fn connection_key(&self, scope: &str) -> String {
+        format!(
+            "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{scope}",
+            self.tls,
+            self.username,
+            self.password(),
+            self.endpoint
+        )
+    }
+
+    /// The password, or "" without one.
+    fn password(&self) -> &str {
+        self.password
+            .as_ref()
+            .map_or("", |password| password.expose_secret())
+    }
+
+    fn has_credentials(&self) -> bool {
+        !self.username.is_empty() || self.password.is_some()
+    }
+
+    /// The address to connect to (see [`resolve`]). TLS (`rediss://`, `amqps://`) is refused
+    /// for now: connecting to the checked address leaves no name to verify the certificate
+    /// against, and connecting by name would re-open the gap the check closes.
+    async fn checked_address(
+        &self,
+        policy: &TargetPolicy,
+        kind: &str,
+    ) -> Result<SocketAddr, HttpResult> {
+        if self.tls {
+            return Err(failed(
+                FailureKind::InvalidRequest,
+                format!(
+                    "{kind}: {kind}s:// (TLS) is not supported yet; use {kind}:// on a trusted network"
+                ),
+            ));
+        }
+        resolve(policy, &self.endpoint).await
+    }
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("endpoint", &self.endpoint)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> UrlParts<'a> {
@@ -139,13 +199,15 @@ impl<'a> UrlParts<'a> {
         }
         Ok(UrlParts {
             shown,
-            tls,
-            endpoint: Endpoint {
-                host: host.to_owned(),
-                port,
+            server: Server {
+                endpoint: Endpoint {
+                    host: host.to_owned(),
+                    port,
+                },
+                tls,
+                username: decode(url.username()),
+                password: url.password().map(|p| SecretString::from(decode(p))),
             },
-            username: decode(url.username()),
-            password: url.password().map(|p| SecretString::from(decode(p))),
             path: url.path().strip_prefix('/').unwrap_or("").to_owned(),
             query,
         })
@@ -419,11 +481,13 @@ impl Publishers {
         let timeout = message.timeout;
         let policy = &self.inner.policy;
         let publishing = async {
-            match &*route {
+            // Err: the publish did not get as far as the broker's answer (no connection).
+            let result = match &*route {
                 Route::Nats(target, link) => nats::publish(policy, target, link, &message).await,
                 Route::Redis(target, link) => redis::publish(policy, target, link, &message).await,
                 Route::Amqp(target, link) => amqp::publish(policy, target, link, &message).await,
-            }
+            };
+            result.unwrap_or_else(|failure| failure)
         };
         match tokio::time::timeout(timeout, publishing).await {
             Ok(result) => result,
@@ -527,6 +591,18 @@ mod tests {
             let error = refused(url);
             assert!(error.contains(why), "{url}: {error}");
             assert!(!error.contains("hunter2"), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_parsed_target_never_shows_its_password() {
+        for url in [
+            "nats://u:hunter2@h/a",
+            "redis://:hunter2@h/0?stream=s",
+            "amqp://u:hunter2@h/?exchange=e",
+        ] {
+            let shown = format!("{:?}", Target::parse(url).expect("valid"));
+            assert!(!shown.contains("hunter2"), "{shown}");
         }
     }
 

@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream::context::PublishErrorKind;
 
-use super::{Endpoint, Link, Message, TargetError, UrlParts, failed, resolve};
-use crate::secret::{ExposeSecret, SecretString};
+use super::{Link, Message, Server, TargetError, UrlParts, failed};
 use crate::webhook::client::{FailureKind, HttpResult, error_chain};
 use crate::webhook::target_policy::TargetPolicy;
 
@@ -21,19 +20,10 @@ use crate::webhook::target_policy::TargetPolicy;
 /// concurrently and their acks are matched by reply subject.
 pub(crate) type Connection = async_nats::Client;
 
+#[derive(Debug)]
 pub struct Target {
-    endpoint: Endpoint,
-    credentials: Option<(String, SecretString)>,
+    server: Server,
     subject: String,
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("nats::Target")
-            .field("endpoint", &self.endpoint)
-            .field("subject", &self.subject)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Target {
@@ -58,32 +48,21 @@ impl Target {
                 parts.shown
             )));
         }
-        let credentials = match (parts.username.is_empty(), parts.password) {
-            (true, None) => None,
-            (_, password) => Some((
-                parts.username,
-                password.unwrap_or_else(|| SecretString::from(String::new())),
-            )),
-        };
         Ok(Target {
-            endpoint: parts.endpoint,
-            credentials,
+            server: parts.server,
             subject,
         })
     }
 
     /// One connection per server and user.
     pub(super) fn connection_key(&self) -> String {
-        let (user, password) = match &self.credentials {
-            Some((user, password)) => (user.as_str(), password.expose_secret()),
-            None => ("", ""),
-        };
-        format!("{user}\u{0}{password}\u{0}{}", self.endpoint)
+        self.server.connection_key("")
     }
 }
 
 async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, HttpResult> {
-    let addr = resolve(policy, &target.endpoint).await?;
+    let server = &target.server;
+    let addr = server.checked_address(policy, "nats").await?;
     // The client reconnects by itself after a broken connection (with its own backoff), always
     // to this checked address: servers the broker advertises are ignored, they were never
     // checked against the policy.
@@ -91,8 +70,8 @@ async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, H
         .name("outbox-relay")
         .ignore_discovered_servers()
         .connection_timeout(super::CONNECT_TIMEOUT);
-    if let Some((user, password)) = &target.credentials {
-        options = options.user_and_password(user.clone(), password.expose_secret().to_owned());
+    if server.has_credentials() {
+        options = options.user_and_password(server.username.clone(), server.password().to_owned());
     }
     // The URL holds only the resolved address: nothing secret can end up in its errors.
     options
@@ -101,7 +80,7 @@ async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, H
         .map_err(|error| {
             failed(
                 FailureKind::Connect,
-                format!("nats: connecting to {}: {error}", target.endpoint),
+                format!("nats: connecting to {}: {error}", server.endpoint),
             )
         })
 }
@@ -111,11 +90,8 @@ pub(super) async fn publish(
     target: &Target,
     link: &Arc<Link<Connection>>,
     message: &Message<'_>,
-) -> HttpResult {
-    let client = match link.get(|_| true, || connect(policy, target)).await {
-        Ok(client) => client,
-        Err(failure) => return failure,
-    };
+) -> Result<HttpResult, HttpResult> {
+    let client = link.get(|_| true, || connect(policy, target)).await?;
     let event = message.event;
     let event_id = event.event_id.to_string();
     let mut headers = async_nats::HeaderMap::new();
@@ -136,7 +112,7 @@ pub(super) async fn publish(
         Ok(ack) => ack.await,
         Err(error) => Err(error),
     };
-    match result {
+    Ok(match result {
         Ok(ack) => HttpResult::Published {
             receipt: format!(
                 "nats: stream {} seq {}{}",
@@ -173,5 +149,5 @@ pub(super) async fn publish(
             };
             failed(kind, text)
         }
-    }
+    })
 }

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Endpoint, Link, Message, TargetError, UrlParts, failed, resolve};
-use crate::secret::{ExposeSecret, SecretString};
+use super::{Link, Message, Server, TargetError, UrlParts, failed};
 use crate::webhook::client::{FailureKind, HttpResult, error_chain};
 use crate::webhook::target_policy::TargetPolicy;
 
@@ -20,25 +19,12 @@ use crate::webhook::target_policy::TargetPolicy;
 /// pipelined on it, and a broken connection fails only the commands in flight on it.
 pub(crate) type Connection = ConnectionManager;
 
+#[derive(Debug)]
 pub struct Target {
-    endpoint: Endpoint,
-    tls: bool,
-    username: String,
-    password: Option<SecretString>,
+    server: Server,
     db: i64,
     stream: String,
     maxlen: Option<u64>,
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("redis::Target")
-            .field("endpoint", &self.endpoint)
-            .field("db", &self.db)
-            .field("stream", &self.stream)
-            .field("maxlen", &self.maxlen)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Target {
@@ -79,10 +65,7 @@ impl Target {
                 })?
         };
         Ok(Target {
-            endpoint: parts.endpoint,
-            tls: parts.tls,
-            username: parts.username,
-            password: parts.password,
+            server: parts.server,
             db,
             stream,
             maxlen,
@@ -91,33 +74,19 @@ impl Target {
 
     /// One connection per server, user and database.
     pub(super) fn connection_key(&self) -> String {
-        format!(
-            "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
-            self.tls,
-            self.username,
-            self.password
-                .as_ref()
-                .map_or("", |password| password.expose_secret()),
-            self.endpoint,
-            self.db
-        )
+        self.server.connection_key(&self.db.to_string())
     }
 }
 
 async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, HttpResult> {
-    if target.tls {
-        return Err(failed(
-            FailureKind::InvalidRequest,
-            "redis: rediss:// (TLS) is not supported yet; use redis:// on a trusted network",
-        ));
-    }
-    let addr = resolve(policy, &target.endpoint).await?;
+    let server = &target.server;
+    let addr = server.checked_address(policy, "redis").await?;
     let mut settings = redis::RedisConnectionInfo::default().set_db(target.db);
-    if !target.username.is_empty() {
-        settings = settings.set_username(&target.username);
+    if !server.username.is_empty() {
+        settings = settings.set_username(&server.username);
     }
-    if let Some(password) = &target.password {
-        settings = settings.set_password(password.expose_secret());
+    if server.password.is_some() {
+        settings = settings.set_password(server.password());
     }
     // Connect to the checked address, not the name: see `super::resolve`. The manager's
     // reconnects go to the same address.
@@ -142,7 +111,7 @@ async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, H
                 FailureKind::Connect,
                 format!(
                     "redis: connecting to {}: {}",
-                    target.endpoint,
+                    server.endpoint,
                     error_chain(&error)
                 ),
             )
@@ -154,11 +123,8 @@ pub(super) async fn publish(
     target: &Target,
     link: &Arc<Link<Connection>>,
     message: &Message<'_>,
-) -> HttpResult {
-    let mut connection = match link.get(|_| true, || connect(policy, target)).await {
-        Ok(connection) => connection,
-        Err(failure) => return failure,
-    };
+) -> Result<HttpResult, HttpResult> {
+    let mut connection = link.get(|_| true, || connect(policy, target)).await?;
     let event = message.event;
     let mut command = redis::cmd("XADD");
     command.arg(&target.stream);
@@ -182,7 +148,7 @@ pub(super) async fn publish(
             command.arg(name).arg(value);
         }
     }
-    match command.query_async::<String>(&mut connection).await {
+    Ok(match command.query_async::<String>(&mut connection).await {
         Ok(entry_id) => HttpResult::Published {
             receipt: format!("redis: stream {} entry {entry_id}", target.stream),
         },
@@ -206,5 +172,5 @@ pub(super) async fn publish(
                 ),
             )
         }
-    }
+    })
 }

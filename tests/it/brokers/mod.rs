@@ -56,6 +56,31 @@ async fn webhook_bodies(db: &TestDb) -> HashMap<Uuid, Bytes> {
         .collect()
 }
 
+/// Asserts that `ids` (the event ids found at the broker, each once) are exactly the
+/// database's events; says how many are missing.
+async fn assert_every_event_arrived(db: &TestDb, ids: &std::collections::HashSet<String>) {
+    let expected: std::collections::HashSet<String> = webhook_bodies(db)
+        .await
+        .keys()
+        .map(Uuid::to_string)
+        .collect();
+    let missing: Vec<&String> = expected.difference(ids).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} events missing: {missing:?}",
+        missing.len(),
+        expected.len()
+    );
+    assert_eq!(ids.len(), expected.len(), "nothing else arrived");
+}
+
+/// The `event_id` of the database's only event.
+async fn the_one_event_id(db: &TestDb) -> Uuid {
+    let ids: Vec<Uuid> = webhook_bodies(db).await.into_keys().collect();
+    assert_eq!(ids.len(), 1, "one event");
+    ids[0]
+}
+
 /// Publishes `count` events `order.created` with tenant `acme`, source `shop` and ordering
 /// key `order:{n % keys}`, payload `{"seq": n}`, one statement.
 async fn publish_many(db: &TestDb, count: i64, keys: i64) {
