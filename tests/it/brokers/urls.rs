@@ -68,3 +68,58 @@ async fn broker_urls_are_checked_at_insert_with_the_constraint_name() {
         );
     }
 }
+
+/// The admin API takes broker targets, shows them with the password masked, refuses a bad
+/// one naming the `url` field, and its OpenAPI document lists the schemes.
+#[tokio::test]
+async fn the_admin_api_takes_broker_targets_and_masks_their_passwords() {
+    use crate::admin_api::Api;
+    use reqwest::Method;
+    use serde_json::json;
+
+    let db = TestDb::new().await;
+    let (relay, api) = Api::spawn(&db).await;
+    for (name, url, shown) in [
+        (
+            "orders-nats",
+            "nats://relay:hunter2@127.0.0.1:4222/orders.created",
+            "nats://relay:***@127.0.0.1:4222/orders.created",
+        ),
+        (
+            "orders-redis",
+            "redis://default:hunter2@127.0.0.1:6379/0?stream=orders&maxlen=1000",
+            "redis://default:***@127.0.0.1:6379/0?stream=orders&maxlen=1000",
+        ),
+        (
+            "orders-amqp",
+            "amqp://guest:hunter2@127.0.0.1:5672/%2f?exchange=events&routing_key=orders",
+            "amqp://guest:***@127.0.0.1:5672/%2f?exchange=events&routing_key=orders",
+        ),
+    ] {
+        let created = api
+            .post("/admin/v1/subscriptions", json!({"name": name, "url": url}))
+            .await
+            .expect(201);
+        assert_eq!(created["url"], shown, "{created:#}");
+    }
+    let listed = api.get("/admin/v1/subscriptions").await.expect(200);
+    assert!(!listed.to_string().contains("hunter2"), "{listed:#}");
+    api.post(
+        "/admin/v1/subscriptions",
+        json!({"name": "bad", "url": "redis://127.0.0.1:6379/0?stream=s&maxln=5"}),
+    )
+    .await
+    .expect_error(400, "invalid_input", Some("url"));
+    let document = api
+        .call_as(None, Method::GET, "/admin/v1/openapi.json", None)
+        .await
+        .expect(200)
+        .to_string();
+    for scheme in ["nats://", "redis://", "amqp://"] {
+        assert!(
+            document.contains(scheme),
+            "the document does not list {scheme}"
+        );
+    }
+    relay.shutdown().await;
+}
