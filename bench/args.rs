@@ -25,7 +25,7 @@ pub(super) struct Args {
     #[arg(long)]
     pub(super) database_url: Option<String>,
 
-    /// `drain` and `fanout`: where the subscriptions deliver. `webhook` POSTs to the receiver
+    /// `drain`, `fanout` and `latency`: where the subscriptions deliver. `webhook` POSTs to the receiver
     /// process; `nats`, `redis` and `amqp` publish to the broker on its default loopback port
     /// (NATS with JetStream, Redis, RabbitMQ as guest), each subscription to a sink of its own.
     #[arg(long, value_enum, default_value_t = Target::Webhook)]

@@ -4,7 +4,41 @@
 //! memory stream, a Redis stream, an exchange with one bound queue), removed afterwards; the
 //! check that every event arrived counts what the broker holds.
 
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+
 use super::*;
+
+/// When the sink's consumer first saw each event, by its `data.seq` (the `latency` scenario).
+pub(super) type Arrivals = Arc<Mutex<HashMap<i64, Instant>>>;
+
+/// A consumer reading the sink while the scenario runs; stopped on drop.
+pub(super) struct Watch {
+    pub(super) arrivals: Arrivals,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Notes the arrival of a message whose body is the webhook body (`data.seq`).
+fn note(arrivals: &Arrivals, body: &[u8]) {
+    let at = Instant::now();
+    let seq = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|body| body["data"]["seq"].as_i64());
+    if let Some(seq) = seq {
+        arrivals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(seq)
+            .or_insert(at);
+    }
+}
 
 /// Where the backlog goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -16,9 +50,13 @@ pub(super) enum Target {
     Amqp,
 }
 
+/// One stream's entries as `XREAD` answers: (stream, [(id, [(field, value)])]).
+type StreamRead = (String, Vec<(String, Vec<(String, Vec<u8>)>)>);
+
 /// One subscription's place at the broker.
 pub(super) enum Sink {
     Nats {
+        client: async_nats::Client,
         jetstream: async_nats::jetstream::Context,
         stream: String,
         subject: String,
@@ -45,7 +83,7 @@ impl Sink {
                 let client = async_nats::connect("127.0.0.1:4222")
                     .await
                     .context("connecting to NATS on 127.0.0.1:4222")?;
-                let jetstream = async_nats::jetstream::new(client);
+                let jetstream = async_nats::jetstream::new(client.clone());
                 let stream = unique.replace('.', "_");
                 let subject = format!("bench.{stream}");
                 jetstream
@@ -58,6 +96,7 @@ impl Sink {
                     .await
                     .context("creating the JetStream stream")?;
                 Ok(Sink::Nats {
+                    client,
                     jetstream,
                     stream,
                     subject,
@@ -161,6 +200,80 @@ impl Sink {
                 Ok(u64::from(declared.message_count()))
             }
         }
+    }
+
+    /// Starts a consumer that notes when each message arrives: a core NATS subscription on
+    /// the subject (JetStream delivers stored messages to it too), `XREAD BLOCK` on the Redis
+    /// stream, a `basic.consume` on the bound queue.
+    pub(super) async fn watch(&self) -> anyhow::Result<Watch> {
+        let arrivals: Arrivals = Arc::default();
+        let noted = Arc::clone(&arrivals);
+        let task = match self {
+            Sink::Nats {
+                client, subject, ..
+            } => {
+                let mut messages = client.subscribe(subject.clone()).await?;
+                client.flush().await?;
+                tokio::spawn(async move {
+                    while let Some(message) = messages.next().await {
+                        note(&noted, &message.payload);
+                    }
+                })
+            }
+            Sink::Redis { stream, .. } => {
+                let mut connection = redis::Client::open("redis://127.0.0.1:6379/0")?
+                    .get_multiplexed_async_connection()
+                    .await?;
+                let stream = stream.clone();
+                tokio::spawn(async move {
+                    let mut last = "0".to_string();
+                    loop {
+                        // Under the client's default 500 ms response timeout.
+                        let read: redis::RedisResult<Option<Vec<StreamRead>>> = redis::cmd("XREAD")
+                            .arg("BLOCK")
+                            .arg(200)
+                            .arg("STREAMS")
+                            .arg(&stream)
+                            .arg(&last)
+                            .query_async(&mut connection)
+                            .await;
+                        let Ok(read) = read else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
+                        for (_, entries) in read.unwrap_or_default() {
+                            for (id, fields) in entries {
+                                if let Some((_, body)) =
+                                    fields.iter().find(|(name, _)| name == "body")
+                                {
+                                    note(&noted, body);
+                                }
+                                last = id;
+                            }
+                        }
+                    }
+                })
+            }
+            Sink::Amqp { channel, queue, .. } => {
+                let mut consumer = channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "bench-latency".into(),
+                        lapin::options::BasicConsumeOptions {
+                            no_ack: true,
+                            ..Default::default()
+                        },
+                        lapin::types::FieldTable::default(),
+                    )
+                    .await?;
+                tokio::spawn(async move {
+                    while let Some(Ok(delivery)) = consumer.next().await {
+                        note(&noted, &delivery.data);
+                    }
+                })
+            }
+        };
+        Ok(Watch { arrivals, task })
     }
 
     /// Removes what [`Sink::create`] made; best effort.
