@@ -606,6 +606,39 @@ mod tests {
         }
     }
 
+    /// After a failed connect, attempts fail at once (no connect) until the backoff has
+    /// passed; then one connect is tried again, and a success is kept and shared.
+    #[tokio::test]
+    async fn a_failed_connect_backs_off_and_a_good_connection_is_reused() {
+        let link: Link<u32> = Link::new();
+        let connects = std::sync::atomic::AtomicU32::new(0);
+        let refuse = || async {
+            connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(failed(FailureKind::Connect, "refused"))
+        };
+        let accept = || async {
+            connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(7)
+        };
+        assert!(link.get(|_| true, refuse).await.is_err());
+        let during_backoff = link.get(|_| true, accept).await;
+        match during_backoff {
+            Err(HttpResult::Failed { kind, error }) => {
+                assert_eq!(kind, FailureKind::Connect);
+                assert!(error.starts_with("refused (next reconnect in "), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(connects.load(std::sync::atomic::Ordering::SeqCst), 1);
+        tokio::time::sleep(RECONNECT_BACKOFF_START + Duration::from_millis(20)).await;
+        assert_eq!(link.get(|_| true, accept).await.ok(), Some(7));
+        assert_eq!(link.get(|_| true, refuse).await.ok(), Some(7), "kept");
+        assert_eq!(connects.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // A connection its client reports finished is replaced.
+        assert!(link.get(|_| false, refuse).await.is_err());
+        assert_eq!(connects.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
     #[test]
     fn header_values_lose_control_characters() {
         assert_eq!(header_safe("a\r\nb\tc"), "a  b c");
