@@ -56,6 +56,73 @@ async fn webhook_bodies(db: &TestDb) -> HashMap<Uuid, Bytes> {
         .collect()
 }
 
+/// An ordered subscription `orders` to `url` whose first events fail at the broker (the
+/// caller set that up) until `heal` runs. [`ORDERED_EVENTS`] / 3 events on [`ORDERED_KEYS`]
+/// keys are published first; once some have failed, `heal` lets publishes succeed and the rest
+/// are published. Without per-key order the later events would overtake the failed ones,
+/// which come back only on retry. Returns the relay, running, once everything is delivered.
+async fn drain_ordered_past_failing_heads<H, Fut>(
+    db: &TestDb,
+    url: &str,
+    heal: H,
+) -> outbox_relay::relay::RelayHandle
+where
+    H: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use crate::harness::relay::{add_subscription, spawn_default_relay, wait_for_statuses};
+    add_subscription(
+        db,
+        "orders",
+        url,
+        &[
+            ("ordered", "true"),
+            ("max_in_flight", "10"),
+            (
+                "retry_schedule",
+                "'{300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms}'",
+            ),
+        ],
+    )
+    .await;
+    let relay = spawn_default_relay(db).await;
+    let first = ORDERED_EVENTS / 3;
+    publish_seqs(db, 0..first, ORDERED_KEYS).await;
+    wait_for_statuses(db, "failing", ORDERED_KEYS).await;
+    heal().await;
+    publish_seqs(db, first..ORDERED_EVENTS, ORDERED_KEYS).await;
+    wait_for_statuses(db, "delivered", ORDERED_EVENTS).await;
+    relay
+}
+
+const ORDERED_EVENTS: i64 = 60;
+const ORDERED_KEYS: i64 = 4;
+
+/// Asserts that the bodies, in the order the broker holds them, keep each key's event order.
+fn assert_each_keys_order<'a>(bodies: impl Iterator<Item = &'a [u8]>) {
+    assert_eq!(
+        seqs_by_key(bodies),
+        expected_seqs(ORDERED_EVENTS, ORDERED_KEYS)
+    );
+}
+
+/// A subscription `orders` to `url`, a relay, one event delivered, then (after `pause`) a
+/// replay of it; the relay is returned running.
+async fn deliver_one_then_replay(
+    db: &TestDb,
+    url: &str,
+    pause: std::time::Duration,
+) -> outbox_relay::relay::RelayHandle {
+    use crate::harness::relay::{add_subscription, spawn_default_relay, wait_for_statuses};
+    add_subscription(db, "orders", url, &[]).await;
+    let relay = spawn_default_relay(db).await;
+    publish_many(db, 1, 1).await;
+    wait_for_statuses(db, "delivered", 1).await;
+    tokio::time::sleep(pause).await;
+    assert_eq!(replay_delivered(db, "orders").await, 1);
+    relay
+}
+
 /// Asserts that `ids` (the event ids found at the broker, each once) are exactly the
 /// database's events; says how many are missing.
 async fn assert_every_event_arrived(db: &TestDb, ids: &std::collections::HashSet<String>) {
@@ -84,13 +151,18 @@ async fn the_one_event_id(db: &TestDb) -> Uuid {
 /// Publishes `count` events `order.created` with tenant `acme`, source `shop` and ordering
 /// key `order:{n % keys}`, payload `{"seq": n}`, one statement.
 async fn publish_many(db: &TestDb, count: i64, keys: i64) {
+    publish_seqs(db, 0..count, keys).await;
+}
+
+/// [`publish_many`] for the `seq`s in `seqs`.
+async fn publish_seqs(db: &TestDb, seqs: std::ops::Range<i64>, keys: i64) {
     db.client()
         .await
         .execute(
             "INSERT INTO outbox.events (event_type, payload, tenant_id, source_service, ordering_key)
-             SELECT 'order.created', jsonb_build_object('seq', n), 'acme', 'shop', 'order:' || (n % $2::bigint)
-               FROM generate_series(0, $1::bigint - 1) n",
-            &[&count, &keys],
+             SELECT 'order.created', jsonb_build_object('seq', n), 'acme', 'shop', 'order:' || (n % $3::bigint)
+               FROM generate_series($1::bigint, $2::bigint - 1) n",
+            &[&seqs.start, &seqs.end, &keys],
         )
         .await
         .expect("publish events");

@@ -25,25 +25,33 @@ impl TestStream {
     /// `duplicate_window`: how long JetStream drops a second message with the same
     /// `Nats-Msg-Id`.
     async fn create(duplicate_window: Duration) -> TestStream {
+        let stream = TestStream::not_yet_created().await;
+        stream.create_now(duplicate_window).await;
+        stream
+    }
+
+    /// A name and subject, with no stream behind them until [`TestStream::create_now`].
+    async fn not_yet_created() -> TestStream {
         let client = async_nats::connect(NATS).await.expect("connect to NATS");
-        let jetstream = jetstream::new(client);
         let name = unique("outbox_");
-        let subject = format!("outbox.test.{name}");
-        jetstream
+        TestStream {
+            jetstream: jetstream::new(client),
+            subject: format!("outbox.test.{name}"),
+            name,
+        }
+    }
+
+    async fn create_now(&self, duplicate_window: Duration) {
+        self.jetstream
             .create_stream(jetstream::stream::Config {
-                name: name.clone(),
-                subjects: vec![subject.clone()],
+                name: self.name.clone(),
+                subjects: vec![self.subject.clone()],
                 storage: StorageType::Memory,
                 duplicate_window,
                 ..Default::default()
             })
             .await
             .expect("create stream");
-        TestStream {
-            jetstream,
-            name,
-            subject,
-        }
     }
 
     fn url(&self) -> String {
@@ -198,26 +206,18 @@ async fn nats_connection_cut_mid_drain_loses_nothing() {
     relay.shutdown().await;
 }
 
-/// An ordered subscription publishes each key's events in event order.
+/// An ordered subscription publishes each key's events in event order, also when the first
+/// publishes fail (no stream yet) and are retried after later events were published.
 #[tokio::test]
 async fn nats_ordered_subscription_keeps_each_keys_order() {
     let db = TestDb::new().await;
-    let stream = TestStream::create(Duration::from_secs(120)).await;
-    add_subscription(
-        &db,
-        "orders",
-        &stream.url(),
-        &[("ordered", "true"), ("max_in_flight", "10")],
-    )
+    let stream = TestStream::not_yet_created().await;
+    let relay = drain_ordered_past_failing_heads(&db, &stream.url(), || {
+        stream.create_now(Duration::from_secs(120))
+    })
     .await;
-    let relay = spawn_default_relay(&db).await;
-    publish_many(&db, 60, 4).await;
-    wait_for_statuses(&db, "delivered", 60).await;
     let messages = stream.messages().await;
-    assert_eq!(
-        seqs_by_key(messages.iter().map(|m| m.payload.as_ref())),
-        expected_seqs(60, 4)
-    );
+    assert_each_keys_order(messages.iter().map(|m| m.payload.as_ref()));
     relay.shutdown().await;
 }
 
@@ -228,12 +228,7 @@ async fn nats_ordered_subscription_keeps_each_keys_order() {
 async fn nats_replay_republishes_with_the_same_message_id() {
     let db = TestDb::new().await;
     let stream = TestStream::create(Duration::from_millis(500)).await;
-    add_subscription(&db, "orders", &stream.url(), &[]).await;
-    let relay = spawn_default_relay(&db).await;
-    publish_many(&db, 1, 1).await;
-    wait_for_statuses(&db, "delivered", 1).await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(replay_delivered(&db, "orders").await, 1);
+    let relay = deliver_one_then_replay(&db, &stream.url(), Duration::from_millis(700)).await;
     wait_until("the replay is stored", DEADLINE, || async {
         stream.messages().await.len() == 2
     })
