@@ -68,7 +68,7 @@ impl Connection {
 
 #[derive(Debug)]
 pub struct Target {
-    server: Server,
+    pub(super) server: Server,
     vhost: String,
     exchange: String,
     routing_key: Option<String>,

@@ -334,6 +334,8 @@ async fn resolve(policy: &TargetPolicy, endpoint: &Endpoint) -> Result<SocketAdd
 /// A long-lived connection to one broker, made on first use and remade after it broke, no
 /// sooner than a backoff after the last failed connect.
 pub(crate) struct Link<C> {
+    /// What it connects to, for logs: kind and endpoint, never credentials.
+    label: String,
     state: tokio::sync::Mutex<LinkState<C>>,
 }
 
@@ -347,8 +349,9 @@ struct LinkState<C> {
 }
 
 impl<C: Clone> Link<C> {
-    fn new() -> Link<C> {
+    fn new(label: String) -> Link<C> {
         Link {
+            label,
             state: tokio::sync::Mutex::new(LinkState {
                 connection: None,
                 backoff: Backoff::new(RECONNECT_BACKOFF_START, RECONNECT_BACKOFF_MAX),
@@ -395,6 +398,8 @@ impl<C: Clone> Link<C> {
         };
         match outcome {
             Ok(connection) => {
+                // Once per (re)connect, not per delivery.
+                tracing::info!(broker = %self.label, "connected to broker");
                 state.connection = Some(connection.clone());
                 state.backoff.reset();
                 state.retry_at = None;
@@ -404,7 +409,16 @@ impl<C: Clone> Link<C> {
                 if let HttpResult::Failed { error, .. } = &failure {
                     state.last_error.clone_from(error);
                 }
-                state.retry_at = Some(Instant::now() + state.backoff.next_pause());
+                let pause = state.backoff.next_pause();
+                // At most once per backoff step: the deliveries failing meanwhile say so in
+                // their attempts. The text names the endpoint, never the credentials.
+                tracing::warn!(
+                    broker = %self.label,
+                    error = %state.last_error,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "connecting to broker failed; its deliveries fail until it is back"
+                );
+                state.retry_at = Some(Instant::now() + pause);
                 Err(failure)
             }
         }
@@ -449,11 +463,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn link<C: Clone>(links: &Mutex<HashMap<String, Arc<Link<C>>>>, key: String) -> Arc<Link<C>> {
+fn link<C: Clone>(
+    links: &Mutex<HashMap<String, Arc<Link<C>>>>,
+    key: String,
+    label: impl FnOnce() -> String,
+) -> Arc<Link<C>> {
     Arc::clone(
         lock(links)
             .entry(key)
-            .or_insert_with(|| Arc::new(Link::new())),
+            .or_insert_with(|| Arc::new(Link::new(label()))),
     )
 }
 
@@ -514,15 +532,21 @@ impl Publishers {
         tracing::debug!(url = %url, kind = target.kind(), "new broker route");
         let route = Arc::new(match target {
             Target::Nats(target) => {
-                let link = link(&self.inner.nats, target.connection_key());
+                let link = link(&self.inner.nats, target.connection_key(), || {
+                    format!("nats://{}", target.server.endpoint)
+                });
                 Route::Nats(target, link)
             }
             Target::Redis(target) => {
-                let link = link(&self.inner.redis, target.connection_key());
+                let link = link(&self.inner.redis, target.connection_key(), || {
+                    format!("redis://{}", target.server.endpoint)
+                });
                 Route::Redis(target, link)
             }
             Target::Amqp(target) => {
-                let link = link(&self.inner.amqp, target.connection_key());
+                let link = link(&self.inner.amqp, target.connection_key(), || {
+                    format!("amqp://{}", target.server.endpoint)
+                });
                 Route::Amqp(target, link)
             }
         });
@@ -610,7 +634,7 @@ mod tests {
     /// passed; then one connect is tried again, and a success is kept and shared.
     #[tokio::test]
     async fn a_failed_connect_backs_off_and_a_good_connection_is_reused() {
-        let link: Link<u32> = Link::new();
+        let link: Link<u32> = Link::new("test".to_owned());
         let connects = std::sync::atomic::AtomicU32::new(0);
         let refuse = || async {
             connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -22,7 +22,7 @@ pub(crate) type Connection = async_nats::Client;
 
 #[derive(Debug)]
 pub struct Target {
-    server: Server,
+    pub(super) server: Server,
     subject: String,
 }
 

@@ -21,7 +21,7 @@ pub(crate) type Connection = ConnectionManager;
 
 #[derive(Debug)]
 pub struct Target {
-    server: Server,
+    pub(super) server: Server,
     db: i64,
     stream: String,
     maxlen: Option<u64>,
