@@ -25,6 +25,12 @@ pub(super) struct Args {
     #[arg(long)]
     pub(super) database_url: Option<String>,
 
+    /// `drain`, `fanout` and `latency`: where the subscriptions deliver. `webhook` POSTs to the receiver
+    /// process; `nats`, `redis` and `amqp` publish to the broker on its default loopback port
+    /// (NATS with JetStream, Redis, RabbitMQ as guest), each subscription to a sink of its own.
+    #[arg(long, value_enum, default_value_t = Target::Webhook)]
+    pub(super) target: Target,
+
     /// Events for `drain`; `fanout` uses events/4 events × 4 subscriptions (same deliveries).
     #[arg(long, default_value_t = 20_000)]
     pub(super) events: u64,

@@ -46,6 +46,9 @@ use args::*;
 
 mod backlog;
 
+mod broker_target;
+use broker_target::{Sink, Target};
+
 mod database;
 
 mod latency;

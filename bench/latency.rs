@@ -15,10 +15,43 @@ pub(super) async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Re
         bail!("--latency-rate × --latency-duration publishes no event");
     }
     let db = server.fresh_db().await?;
+    let scenario: &'static str = match args.target {
+        Target::Webhook => SCENARIO,
+        // One short label per run of a bench binary: leaking it is simpler than owning it.
+        target => Box::leak(
+            format!("{SCENARIO}:{target:?}")
+                .to_lowercase()
+                .into_boxed_str(),
+        ),
+    };
+    let mut sink = None;
     let result = async {
         let client = connect(&db.url).await?;
         let receiver =
             receiver_with_subscription(&client, "bench-latency", PATH, args.max_in_flight).await?;
+        // A broker target: the subscription publishes to its sink, and a consumer notes the
+        // arrivals (the receiver above then gets nothing).
+        let watch = if args.target == Target::Webhook {
+            None
+        } else {
+            client
+                .execute("DELETE FROM outbox.subscriptions", &[])
+                .await
+                .context("replacing the receiver's subscription")?;
+            let created = sink.insert(Sink::create(args.target, "bench-latency").await?);
+            add_subscription(&client, "bench-latency", &created.url(), args.max_in_flight).await?;
+            Some(created.watch().await?)
+        };
+        let arrived = async || -> anyhow::Result<u64> {
+            Ok(match &watch {
+                None => receiver.received(PATH).await?.len() as u64,
+                Some(watch) => watch
+                    .arrivals
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .len() as u64,
+            })
+        };
         let relay = start_relay(args, &db.url).await?;
         let outcome = async {
             // Idle and listening before the first event.
@@ -46,14 +79,14 @@ pub(super) async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Re
             .await?;
 
             loop {
-                if receiver.received(PATH).await?.len() as u64 >= count {
+                if arrived().await? >= count {
                     break;
                 }
                 if tokio::time::Instant::now() >= deadline {
                     bail!(
                         "gave up after {:?}: {} of {count} events arrived",
                         args.scenario_timeout,
-                        receiver.received(PATH).await?.len()
+                        arrived().await?
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -67,6 +100,13 @@ pub(super) async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Re
         let (commits, before, after) = outcome?;
 
         let mut first_arrival: HashMap<i64, Instant> = HashMap::new();
+        if let Some(watch) = &watch {
+            first_arrival = watch
+                .arrivals
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone();
+        }
         for r in receiver.received(PATH).await? {
             let Some(seq) = r.seq else {
                 bail!("a request without data.seq reached the receiver");
@@ -92,22 +132,25 @@ pub(super) async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Re
         latencies_ms.sort_by(f64::total_cmp);
         let mean = latencies_ms.iter().sum::<f64>() / latencies_ms.len() as f64;
         let mut rows = vec![
-            row(SCENARIO, "events", latencies_ms.len() as f64, "count"),
-            row(SCENARIO, "p50_ms", percentile(&latencies_ms, 0.50), "ms"),
-            row(SCENARIO, "p90_ms", percentile(&latencies_ms, 0.90), "ms"),
-            row(SCENARIO, "p99_ms", percentile(&latencies_ms, 0.99), "ms"),
+            row(scenario, "events", latencies_ms.len() as f64, "count"),
+            row(scenario, "p50_ms", percentile(&latencies_ms, 0.50), "ms"),
+            row(scenario, "p90_ms", percentile(&latencies_ms, 0.90), "ms"),
+            row(scenario, "p99_ms", percentile(&latencies_ms, 0.99), "ms"),
             row(
-                SCENARIO,
+                scenario,
                 "max_ms",
                 *latencies_ms.last().unwrap_or(&0.0),
                 "ms",
             ),
-            row(SCENARIO, "mean_ms", mean, "ms"),
+            row(scenario, "mean_ms", mean, "ms"),
         ];
-        rows.extend(relay_counter_rows(SCENARIO, &before, &after));
+        rows.extend(relay_counter_rows(scenario, &before, &after));
         Ok(rows)
     }
     .await;
+    if let Some(sink) = sink {
+        sink.remove().await;
+    }
     server.drop_db(db, args.keep_databases).await;
     result
 }

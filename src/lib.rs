@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod api;
 pub mod backoff;
+pub mod broker;
 pub mod config;
 pub mod db;
 pub mod demo;

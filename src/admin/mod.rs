@@ -363,7 +363,7 @@ fn constraint_rule(constraint: &str) -> (&'static str, Option<&'static str>) {
         "url_scheme" => (
             "url",
             Some(
-                "must be an http:// or https:// URL with a host, without spaces, at most 2048 characters",
+                "must be an http:// or https:// URL with a host, or a broker target: nats://host:port/subject, redis://host:port/db?stream=S[&maxlen=N], amqp://user:pass@host:port/vhost?exchange=E[&routing_key=K]; without spaces, at most 2048 characters",
             ),
         ),
         "event_types_format" => (

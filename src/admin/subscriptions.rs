@@ -522,22 +522,36 @@ pub(super) fn check_url(url: &str) -> Result<(), AdminError> {
             "{shown:?} is not a URL ({error}); give an absolute URL such as https://service.internal/hooks/outbox"
         ))
     })?;
+    if crate::broker::is_broker_url(url) {
+        crate::broker::Target::parse(url).map_err(|error| invalid(error.to_string()))?;
+        return check_not_masked(&parsed, &shown);
+    }
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(invalid(format!(
-            "{shown:?} uses scheme {:?}; only http:// and https:// are delivered to",
-            parsed.scheme()
+            "{shown:?} uses scheme {:?}; give a webhook (http://, https://) or a broker ({})",
+            parsed.scheme(),
+            crate::broker::SCHEMES
+                .map(|scheme| format!("{scheme}://"))
+                .join(", ")
         )));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(invalid(format!("{shown:?} has no host")));
     }
-    // Subscriptions are shown with their password masked; sending such a URL back (a read,
-    // edit, write round trip) would silently replace the real password with the mask.
-    if parsed.password() == Some(MASK) {
-        return Err(invalid(format!(
-            "{shown:?} carries the masked password {MASK:?} as shown by list/show and the API; \
-             give the real password, or leave the URL out to keep the current one"
-        )));
+    check_not_masked(&parsed, &shown)
+}
+
+/// Subscriptions are shown with their password masked; sending such a URL back (a read, edit,
+/// write round trip) would silently replace the real password with the mask.
+fn check_not_masked(url: &reqwest::Url, shown: &str) -> Result<(), AdminError> {
+    if url.password() == Some(MASK) {
+        return Err(AdminError::Invalid {
+            field: "url",
+            problem: format!(
+                "{shown:?} carries the masked password {MASK:?} as shown by list/show and the API; \
+                 give the real password, or leave the URL out to keep the current one"
+            ),
+        });
     }
     Ok(())
 }

@@ -253,20 +253,51 @@ pub fn check_webhook_url(
     url: &crate::config::secret::SecretUrl,
 ) -> Result<(), ApiError> {
     static PATTERN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
-    let pattern = PATTERN.get_or_init(|| {
-        // A constant pattern, compiled by the unit test below: it cannot fail here.
-        regex::Regex::new(openapi::WEBHOOK_URL).expect("WEBHOOK_URL is a valid regex")
-    });
+    check_url_pattern(
+        field,
+        url,
+        &PATTERN,
+        openapi::WEBHOOK_URL,
+        "http:// or https://, an optional user:password@, a host name of letters, digits, - and _ \
+         (or an IPv4 or bracketed IPv6 address), an optional port, then printable ASCII without \
+         spaces",
+    )
+}
+
+/// Refuses a subscription URL outside [`openapi::TARGET_URL`] (a webhook or a broker), for the
+/// admin API; the same reasoning as [`check_webhook_url`].
+pub fn check_target_url(field: &str, url: &crate::secret::SecretUrl) -> Result<(), ApiError> {
+    static PATTERN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    check_url_pattern(
+        field,
+        url,
+        &PATTERN,
+        openapi::TARGET_URL,
+        "a webhook (http:// or https://, an optional user:password@, a host name of letters, \
+         digits, - and _ or an IP address, an optional port, then printable ASCII without spaces) \
+         or a broker target: nats://host:4222/subject, redis://host:6379/0?stream=S[&maxlen=N], \
+         amqp://user:pass@host:5672/vhost?exchange=E[&routing_key=K]",
+    )
+}
+
+fn check_url_pattern(
+    field: &str,
+    url: &crate::secret::SecretUrl,
+    compiled: &std::sync::OnceLock<regex::Regex>,
+    pattern: &str,
+    form: &str,
+) -> Result<(), ApiError> {
+    // A constant pattern, compiled by the unit tests in api/mod.rs: it cannot fail here.
+    let compiled = compiled
+        .get_or_init(|| regex::Regex::new(pattern).expect("the URL patterns are valid regexes"));
     let raw = url.expose_secret();
-    if raw.chars().count() <= openapi::WEBHOOK_URL_MAX && pattern.is_match(raw) {
+    if raw.chars().count() <= openapi::WEBHOOK_URL_MAX && compiled.is_match(raw) {
         return Ok(());
     }
     Err(ApiError::invalid(
         field,
         format!(
-            "{} is not a URL this API takes: give http:// or https://, an optional user:password@, \
-             a host name of letters, digits, - and _ (or an IPv4 or bracketed IPv6 address), an \
-             optional port, then printable ASCII without spaces; at most {} characters",
+            "{} is not a URL this API takes: give {form}; at most {} characters",
             url.masked(),
             openapi::WEBHOOK_URL_MAX
         ),

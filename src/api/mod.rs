@@ -217,6 +217,50 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_target_pattern_takes_webhooks_and_brokers_the_server_takes() {
+        use crate::secret::SecretUrl;
+        for good in [
+            "https://agents.internal/hooks",
+            "nats://127.0.0.1:4222/orders.created",
+            "NATS://user:pw@nats.internal/orders",
+            "redis://127.0.0.1:6379/0?stream=orders&maxlen=1000",
+            "rediss://default:pw@cache.internal?stream=orders",
+            "amqp://guest:guest@127.0.0.1:5672/%2f?exchange=events&routing_key=orders",
+            "amqps://rabbit.internal/prod?exchange=events",
+            "amqp://rabbit.internal/?routing_key=orders",
+            "amqp://rabbit.internal",
+        ] {
+            assert!(
+                check_target_url("url", &SecretUrl::from(good)).is_ok(),
+                "{good}"
+            );
+            if crate::broker::is_broker_url(good) {
+                assert!(crate::broker::Target::parse(good).is_ok(), "{good}");
+            }
+        }
+        for bad in [
+            "nats://h:4222",
+            "nats://h/a.*",
+            "nats://u:***@h/a",
+            "redis://h/0",
+            "redis://h/0?stream=s&maxlen=0",
+            "redis://h/0?stream=s&bogus=1",
+            "amqp://h/?exchange=e&bogus=1",
+            "kafka://h:9092/topic",
+            "ftp://a/",
+        ] {
+            assert!(
+                check_target_url("url", &SecretUrl::from(bad)).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(
+            check_webhook_url("url", &SecretUrl::from("nats://h/a")).is_err(),
+            "the compatibility API takes webhooks only"
+        );
+    }
+
+    #[test]
     fn parse_errors_name_the_field() {
         assert_eq!(
             field_of(".", &"missing field `url` at line 1 column 2").0,

@@ -31,31 +31,80 @@ pub const EVENT_TYPE: &str = "^[A-Za-z0-9._:-]{1,255}$";
 pub const EVENT_TYPE_PATTERN: &str = "^[A-Za-z0-9._:*-]{1,255}$";
 /// `subscriptions.name` (constraint `name_format`).
 pub const SUBSCRIPTION_NAME: &str = "^[A-Za-z0-9._:-]{1,255}$";
-/// `subscriptions.url` (constraint `url_scheme`, plus what a URL parser accepts): http or
-/// https, an optional `user[:password]@`, a host (a DNS name whose last label starts with a
-/// letter or `_`, a dotted IPv4 address or a bracketed IPv6 address), an optional port, then
-/// any printable ASCII without spaces. The server accepts a little more (names with other
-/// characters, non-ASCII paths); this is what it is guaranteed to accept.
-pub const WEBHOOK_URL: &str = concat!(
-    "^[Hh][Tt][Tt][Pp][Ss]?://",
-    "([A-Za-z0-9._~-]+(:[A-Za-z0-9._~-]+)?@)?",
-    "(",
-    "([A-Za-z0-9_-]+\\.)*[A-Za-z_][A-Za-z0-9_-]*\\.?",
-    "|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
-    "|\\[(",
-    "([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}",
-    "|([0-9A-Fa-f]{1,4}:){1,7}:",
-    "|([0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}",
-    "|([0-9A-Fa-f]{1,4}:){1,5}(:[0-9A-Fa-f]{1,4}){1,2}",
-    "|([0-9A-Fa-f]{1,4}:){1,4}(:[0-9A-Fa-f]{1,4}){1,3}",
-    "|([0-9A-Fa-f]{1,4}:){1,3}(:[0-9A-Fa-f]{1,4}){1,4}",
-    "|([0-9A-Fa-f]{1,4}:){1,2}(:[0-9A-Fa-f]{1,4}){1,5}",
-    "|[0-9A-Fa-f]{1,4}:(:[0-9A-Fa-f]{1,4}){1,6}",
-    "|:((:[0-9A-Fa-f]{1,4}){1,7}|:)",
-    ")\\]",
-    ")",
-    "(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?",
-    "([/?#][!-~]*)?$"
+// The parts every target URL pattern shares: an optional `user[:password]@` (the mask `***`
+// is not among its characters, so a masked URL sent back never matches), a host (a DNS name
+// whose last label starts with a letter or `_`, a dotted IPv4 address or a bracketed IPv6
+// address) and an optional port. Macros, because `concat!` takes only literals.
+macro_rules! url_authority {
+    () => {
+        concat!(
+            "([A-Za-z0-9._~-]+(:[A-Za-z0-9._~-]+)?@)?",
+            "(",
+            "([A-Za-z0-9_-]+\\.)*[A-Za-z_][A-Za-z0-9_-]*\\.?",
+            "|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
+            "|\\[(",
+            "([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}",
+            "|([0-9A-Fa-f]{1,4}:){1,7}:",
+            "|([0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}",
+            "|([0-9A-Fa-f]{1,4}:){1,5}(:[0-9A-Fa-f]{1,4}){1,2}",
+            "|([0-9A-Fa-f]{1,4}:){1,4}(:[0-9A-Fa-f]{1,4}){1,3}",
+            "|([0-9A-Fa-f]{1,4}:){1,3}(:[0-9A-Fa-f]{1,4}){1,4}",
+            "|([0-9A-Fa-f]{1,4}:){1,2}(:[0-9A-Fa-f]{1,4}){1,5}",
+            "|[0-9A-Fa-f]{1,4}:(:[0-9A-Fa-f]{1,4}){1,6}",
+            "|:((:[0-9A-Fa-f]{1,4}){1,7}|:)",
+            ")\\]",
+            ")",
+            "(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?",
+        )
+    };
+}
+
+macro_rules! webhook_url {
+    () => {
+        concat!(
+            "^[Hh][Tt][Tt][Pp][Ss]?://",
+            url_authority!(),
+            "([/?#][!-~]*)?$"
+        )
+    };
+}
+
+/// A token of a NATS subject, a Redis stream name, an AMQP exchange or routing key as the
+/// document spells them (the server takes a little more).
+macro_rules! broker_name {
+    () => {
+        "[A-Za-z0-9._:-]+"
+    };
+}
+
+/// `subscriptions.url` (constraint `url_scheme`, plus what a URL parser accepts) for a
+/// webhook: http or https, the shared authority, then any printable ASCII without spaces. The
+/// server accepts a little more (names with other characters, non-ASCII paths); this is what it
+/// is guaranteed to accept. The compatibility API takes only these.
+pub const WEBHOOK_URL: &str = webhook_url!();
+/// `subscriptions.url` for any target: a webhook ([`WEBHOOK_URL`]) or a broker (SPEC "Broker
+/// targets") in the forms the server is guaranteed to accept: `nats://…/subject`,
+/// `redis[s]://…[/db]?stream=S[&maxlen=N]`, `amqp[s]://…[/vhost][?exchange=E[&routing_key=K]]`
+/// (or `?routing_key=K` alone, for the default exchange).
+pub const TARGET_URL: &str = concat!(
+    webhook_url!(),
+    "|^[Nn][Aa][Tt][Ss]://",
+    url_authority!(),
+    "/[A-Za-z0-9_:-]+(\\.[A-Za-z0-9_:-]+)*$",
+    "|^[Rr][Ee][Dd][Ii][Ss][Ss]?://",
+    url_authority!(),
+    "(/[0-9]{1,5})?\\?stream=",
+    broker_name!(),
+    "(&maxlen=[1-9][0-9]{0,17})?$",
+    "|^[Aa][Mm][Qq][Pp][Ss]?://",
+    url_authority!(),
+    "(/([A-Za-z0-9._~-]|%2[Ff])*(\\?(exchange=",
+    broker_name!(),
+    "(&routing_key=",
+    broker_name!(),
+    ")?|routing_key=",
+    broker_name!(),
+    "))?)?$",
 );
 /// Longest `subscriptions.url` (constraint `url_scheme`).
 pub const WEBHOOK_URL_MAX: usize = 2048;
@@ -159,6 +208,17 @@ named_schema! {
     )
     .min_length(Some(1))
     .max_length(Some(255))
+}
+
+named_schema! {
+    TargetUrl => string(
+        TARGET_URL,
+        "Where events go: an http:// or https:// webhook URL with a host, or a broker target: \
+         nats://host:4222/subject (JetStream), redis://host:6379/0?stream=S[&maxlen=N] (or \
+         rediss://), amqp://user:pass@host:5672/vhost?exchange=E[&routing_key=K] (or amqps://). \
+         Without spaces, at most 2048 characters. A password in it is shown as *** in every answer.",
+    )
+    .max_length(Some(WEBHOOK_URL_MAX))
 }
 
 named_schema! {

@@ -138,7 +138,10 @@ pub enum SubscriptionCommand {
         /// Unique name of the subscribing service (letters, digits and . _ : -); events with
         /// target_services name subscriptions by it.
         name: String,
-        /// Where events are POSTed: an http:// or https:// URL.
+        /// Where events go: an http:// or https:// URL (a signed POST per event), or a broker
+        /// target: nats://host:4222/subject (JetStream), redis://host:6379/0?stream=S[&maxlen=N]
+        /// (or rediss://), amqp://user:pass@host:5672/vhost?exchange=E[&routing_key=K] (or
+        /// amqps://). A password in it is shown as ***.
         #[arg(long)]
         url: SecretUrl,
         #[command(flatten)]
@@ -169,7 +172,7 @@ pub enum SubscriptionCommand {
     Update {
         /// Name of the subscription to change.
         name: String,
-        /// New URL to POST to (http:// or https://).
+        /// New target URL: http(s)://, nats://, redis(s)://, amqp(s):// (see `add --help`).
         #[arg(long)]
         url: Option<SecretUrl>,
         #[command(flatten)]

@@ -186,6 +186,8 @@ pub struct Deliverer {
     pub db: Db,
     pub subscriptions: SubscriptionCache,
     pub client: WebhookClient,
+    /// Long-lived connections to broker targets (subscriptions whose URL names a broker).
+    pub brokers: crate::broker::Publishers,
     pub metrics: Metrics,
     pub health: Health,
     pub relay_id: Arc<str>,
@@ -227,6 +229,7 @@ impl Deliverer {
         Deliverer {
             db,
             subscriptions,
+            brokers: crate::broker::Publishers::new(client.policy()),
             client,
             metrics,
             health,
@@ -472,6 +475,16 @@ impl Deliverer {
                 };
             }
         };
+        // The one place a target's kind is chosen: by the URL's scheme, on every attempt, so
+        // an edited subscription URL takes effect like any other setting.
+        if crate::broker::is_broker_url(subscription.url.expose_secret()) {
+            let message = crate::broker::Message {
+                event: &delivery.event,
+                body,
+                timeout: subscription.timeout,
+            };
+            return self.brokers.publish(&subscription.url, message).await;
+        }
         let message_id = delivery.event.event_id.to_string();
         let timestamp = Utc::now().timestamp();
         let signature = webhook::sign(&subscription.secrets, &message_id, timestamp, &body);

@@ -62,6 +62,9 @@ pub enum FailureKind {
     Connect,
     ForbiddenTarget,
     InvalidRequest,
+    /// A broker answered and refused the message (no stream for the subject, a nack, an
+    /// unroutable message, an error reply).
+    Rejected,
     Other,
 }
 
@@ -77,6 +80,9 @@ pub enum HttpResult {
         /// From `Retry-After`, as delta-seconds or HTTP-date; a date in the past gives zero.
         retry_after: Option<Duration>,
     },
+    /// A broker confirmed the message durably (a JetStream PubAck, a Redis entry id, a
+    /// RabbitMQ `basic.ack` of a routed message). `receipt` says where it was stored.
+    Published { receipt: String },
     /// No usable response: timeout, connect error, refused target, invalid URL...
     Failed {
         kind: FailureKind,
@@ -118,6 +124,12 @@ impl WebhookClient {
             .build()
             .map_err(ClientError::Build)?;
         Ok(Self { http, policy })
+    }
+
+    /// The address policy, shared with the broker publishers so every kind of target obeys
+    /// the same `OUTBOX_ALLOW_PRIVATE_TARGETS`.
+    pub fn policy(&self) -> Arc<TargetPolicy> {
+        Arc::clone(&self.policy)
     }
 
     /// POSTs `request.body` with `content-type: application/json` plus `request.headers` (a
@@ -293,7 +305,8 @@ fn find_in_chain<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -
     None
 }
 
-fn error_chain(err: &(dyn StdError + 'static)) -> String {
+/// `err` and its causes joined by ": " (a cause already quoted by its parent is left out).
+pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
     let mut text = err.to_string();
     let mut last = text.clone();
     let mut source = err.source();

@@ -8,6 +8,9 @@
 //! - 429 and 503 with `Retry-After`: that wait instead of the schedule's, clamped to
 //!   [`RETRY_AFTER_MIN`, `RETRY_AFTER_MAX`].
 //! - 410: failed as above, and the subscription is disabled (the subscriber said it is gone).
+//! - Broker targets (`crate::broker`): a confirmed publish is delivered, with no status code
+//!   and the broker's receipt in place of a response body; a refusal (no stream, nack,
+//!   unroutable) is failed as above.
 
 use std::time::Duration;
 
@@ -93,12 +96,23 @@ pub fn judge(
                 honoured,
             )
         }
+        // A broker has no status code; its receipt stands where a webhook's answer would.
+        HttpResult::Published { receipt } => {
+            return Verdict {
+                next: NextState::Delivered,
+                status_code: None,
+                error: None,
+                response_body: Some(receipt),
+                disable_subscription: None,
+            };
+        }
         HttpResult::Failed { kind, error } => {
             let prefix = match kind {
                 FailureKind::Timeout => "timeout",
                 FailureKind::Connect => "connection failed",
                 FailureKind::ForbiddenTarget => "target refused",
                 FailureKind::InvalidRequest => "invalid request",
+                FailureKind::Rejected => "rejected",
                 FailureKind::Other => "request failed",
             };
             (None, Some(format!("{prefix}: {error}")), None, None)
@@ -176,6 +190,40 @@ mod tests {
         DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
             .expect("literal timestamp")
             .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_broker_confirm_is_delivered_and_a_broker_refusal_is_retried() {
+        let verdict = judge(
+            HttpResult::Published {
+                receipt: "nats: stream S seq 1".into(),
+            },
+            0,
+            &schedule(),
+            now(),
+            0.0,
+        );
+        assert_eq!(verdict.next, NextState::Delivered);
+        assert_eq!(verdict.status_code, None);
+        assert_eq!(
+            verdict.response_body.as_deref(),
+            Some("nats: stream S seq 1")
+        );
+        let refused = judge(
+            HttpResult::Failed {
+                kind: FailureKind::Rejected,
+                error: "nats: no stream for subject a.b".into(),
+            },
+            0,
+            &schedule(),
+            now(),
+            0.0,
+        );
+        assert!(matches!(refused.next, NextState::Retry { .. }));
+        assert_eq!(
+            refused.error.as_deref(),
+            Some("rejected: nats: no stream for subject a.b")
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod harness;
 mod harness_selftest;
 
 mod admin_api;
+mod brokers;
 mod cli_commands;
 mod compat_api;
 mod constraints;

@@ -143,6 +143,32 @@ async fn secrets_never_appear_in_output_logs_errors_metrics_or_help() {
     )
     .await;
     add_subscription(&db, "closed", &closed_url, &[("retry_schedule", "'{}'")]).await;
+    // Broker targets with passwords, at closed ports: their connect errors must not show them.
+    for (name, url) in [
+        (
+            "nats",
+            format!(
+                "nats://relay:{target_password}@127.0.0.1:{}/orders",
+                closed_port().await
+            ),
+        ),
+        (
+            "redis",
+            format!(
+                "redis://:{target_password}@127.0.0.1:{}/0?stream=orders",
+                closed_port().await
+            ),
+        ),
+        (
+            "amqp",
+            format!(
+                "amqp://relay:{target_password}@127.0.0.1:{}/%2f?exchange=events",
+                closed_port().await
+            ),
+        ),
+    ] {
+        add_subscription(&db, name, &url, &[("retry_schedule", "'{}'")]).await;
+    }
 
     let http_port = closed_port().await;
     let mut relay = RelayProcess::builder("secrets")
@@ -263,7 +289,7 @@ async fn secrets_never_appear_in_output_logs_errors_metrics_or_help() {
                JOIN outbox.deliveries d ON d.id = a.delivery_id WHERE a.error IS NOT NULL",
             )
             .await
-                >= 3
+                >= 6
         },
     )
     .await;
@@ -315,14 +341,23 @@ async fn secrets_never_appear_in_output_logs_errors_metrics_or_help() {
         assert!(ok, "{text}");
         printed.push(text);
     }
-    assert!(
-        printed[1].contains("hook:***@10.255.255.1"),
-        "the list shows the URL masked: {}",
-        printed[1]
-    );
+    for masked in [
+        "hook:***@10.255.255.1",
+        "nats://relay:***@127.0.0.1",
+        "redis://:***@127.0.0.1",
+        "amqp://relay:***@127.0.0.1",
+    ] {
+        assert!(
+            printed[1].contains(masked),
+            "the list shows the URL masked as {masked}: {}",
+            printed[1]
+        );
+    }
     let bad_url = format!("ftp://hook:{bad_target_password}@example.com/");
+    let bad_broker_url = format!("amqp://u:{bad_target_password}@127.0.0.1/?exchange=e&queue=q");
     for args in [
         &["subscription", "add", "bad", "--url", &bad_url][..],
+        &["subscription", "add", "bad", "--url", &bad_broker_url],
         &[
             "subscription",
             "update",

@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::openapi::{
-    EventId, EventTypePattern, Headers, JsonObject, Secret, SubscriptionName, Text, WebhookUrl,
+    EventId, EventTypePattern, Headers, JsonObject, Secret, SubscriptionName, TargetUrl, Text,
 };
 use super::{
     ApiError, ApiJson, ApiPath, ApiQuery, ApiState, ErrorBody, double_option, integer, non_null,
@@ -162,7 +162,7 @@ subscription_body! {
     SubscriptionCreate {
         #[schema(value_type = SubscriptionName)]
         pub name: String,
-        #[schema(value_type = WebhookUrl)]
+        #[schema(value_type = TargetUrl)]
         pub url: SecretUrl,
         /// Generated when omitted; shown once, in the answer.
         #[serde(default, deserialize_with = "non_null")]
@@ -177,7 +177,7 @@ subscription_body! {
     #[schema(min_properties = 1)]
     SubscriptionChange {
         #[serde(default, deserialize_with = "non_null")]
-        #[schema(value_type = WebhookUrl, nullable = false)]
+        #[schema(value_type = TargetUrl, nullable = false)]
         pub url: Option<SecretUrl>,
         /// Refused with a message saying what to do instead.
         #[serde(default)]

@@ -52,7 +52,7 @@ pub(super) async fn create_subscription(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<SubscriptionCreate>,
 ) -> Result<impl IntoResponse, ApiError> {
-    super::super::check_webhook_url("url", &body.url)?;
+    super::super::check_target_url("url", &body.url)?;
     let settings = body.settings()?;
     let new = NewSubscription {
         name: body.name,
@@ -130,7 +130,7 @@ pub(super) async fn update_subscription(
         ));
     }
     if let Some(url) = &body.url {
-        super::super::check_webhook_url("url", url)?;
+        super::super::check_target_url("url", url)?;
     }
     let update = SubscriptionUpdate {
         url: body.url.clone(),

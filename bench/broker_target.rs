@@ -1,0 +1,311 @@
+//! `--target nats|redis|amqp`: the `drain` and `fanout` backlogs published to a real broker on
+//! this machine (NATS with JetStream on 127.0.0.1:4222, Redis on 6379, RabbitMQ on 5672 with
+//! guest/guest) instead of POSTed to the receiver. Each subscription gets a sink of its own (a
+//! memory stream, a Redis stream, an exchange with one bound queue), removed afterwards; the
+//! check that every event arrived counts what the broker holds.
+
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+
+use super::*;
+
+/// When the sink's consumer first saw each event, by its `data.seq` (the `latency` scenario).
+pub(super) type Arrivals = Arc<Mutex<HashMap<i64, Instant>>>;
+
+/// A consumer reading the sink while the scenario runs; stopped on drop.
+pub(super) struct Watch {
+    pub(super) arrivals: Arrivals,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Notes the arrival of a message whose body is the webhook body (`data.seq`).
+fn note(arrivals: &Arrivals, body: &[u8]) {
+    let at = Instant::now();
+    let seq = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|body| body["data"]["seq"].as_i64());
+    if let Some(seq) = seq {
+        arrivals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(seq)
+            .or_insert(at);
+    }
+}
+
+/// Where the backlog goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub(super) enum Target {
+    Webhook,
+    Nats,
+    Redis,
+    Amqp,
+}
+
+/// One stream's entries as `XREAD` answers: (stream, [(id, [(field, value)])]).
+type StreamRead = (String, Vec<(String, Vec<(String, Vec<u8>)>)>);
+
+/// One subscription's place at the broker.
+pub(super) enum Sink {
+    Nats {
+        client: async_nats::Client,
+        jetstream: async_nats::jetstream::Context,
+        stream: String,
+        subject: String,
+    },
+    Redis {
+        connection: redis::aio::MultiplexedConnection,
+        stream: String,
+    },
+    Amqp {
+        _connection: lapin::Connection,
+        channel: lapin::Channel,
+        exchange: String,
+        queue: String,
+    },
+}
+
+impl Sink {
+    /// Creates the sink for subscription `name` (a fresh, unique place at the broker).
+    pub(super) async fn create(target: Target, name: &str) -> anyhow::Result<Sink> {
+        let unique = format!("{name}-{}", rand::random::<u32>());
+        match target {
+            Target::Webhook => bail!("webhooks go to the receiver, not a broker sink"),
+            Target::Nats => {
+                let client = async_nats::connect("127.0.0.1:4222")
+                    .await
+                    .context("connecting to NATS on 127.0.0.1:4222")?;
+                let jetstream = async_nats::jetstream::new(client.clone());
+                let stream = unique.replace('.', "_");
+                let subject = format!("bench.{stream}");
+                jetstream
+                    .create_stream(async_nats::jetstream::stream::Config {
+                        name: stream.clone(),
+                        subjects: vec![subject.clone()],
+                        storage: async_nats::jetstream::stream::StorageType::Memory,
+                        ..Default::default()
+                    })
+                    .await
+                    .context("creating the JetStream stream")?;
+                Ok(Sink::Nats {
+                    client,
+                    jetstream,
+                    stream,
+                    subject,
+                })
+            }
+            Target::Redis => {
+                let connection = redis::Client::open("redis://127.0.0.1:6379/0")?
+                    .get_multiplexed_async_connection()
+                    .await
+                    .context("connecting to Redis on 127.0.0.1:6379")?;
+                Ok(Sink::Redis {
+                    connection,
+                    stream: unique,
+                })
+            }
+            Target::Amqp => {
+                use lapin::options::{
+                    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+                };
+                use lapin::types::FieldTable;
+                let connection = lapin::Connection::connect(
+                    "amqp://guest:guest@127.0.0.1:5672/%2f",
+                    lapin::ConnectionProperties::default(),
+                )
+                .await
+                .context("connecting to RabbitMQ on 127.0.0.1:5672")?;
+                let channel = connection.create_channel().await?;
+                channel
+                    .exchange_declare(
+                        unique.as_str().into(),
+                        lapin::ExchangeKind::Topic,
+                        ExchangeDeclareOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                let queue = format!("{unique}-q");
+                channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        unique.as_str().into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok(Sink::Amqp {
+                    _connection: connection,
+                    channel,
+                    exchange: unique,
+                    queue,
+                })
+            }
+        }
+    }
+
+    /// The subscription URL that publishes here.
+    pub(super) fn url(&self) -> String {
+        match self {
+            Sink::Nats { subject, .. } => format!("nats://127.0.0.1:4222/{subject}"),
+            Sink::Redis { stream, .. } => format!("redis://127.0.0.1:6379/0?stream={stream}"),
+            Sink::Amqp { exchange, .. } => {
+                format!("amqp://guest:guest@127.0.0.1:5672/%2f?exchange={exchange}")
+            }
+        }
+    }
+
+    /// Messages the broker holds for this sink (NATS: de-duplicated by `Nats-Msg-Id`).
+    pub(super) async fn stored(&self) -> anyhow::Result<u64> {
+        match self {
+            Sink::Nats {
+                jetstream, stream, ..
+            } => {
+                let mut stream = jetstream.get_stream(stream).await?;
+                Ok(stream.info().await?.state.messages)
+            }
+            Sink::Redis { connection, stream } => {
+                let mut connection = connection.clone();
+                Ok(redis::cmd("XLEN")
+                    .arg(stream)
+                    .query_async(&mut connection)
+                    .await?)
+            }
+            Sink::Amqp { channel, queue, .. } => {
+                let declared = channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        lapin::options::QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        lapin::types::FieldTable::default(),
+                    )
+                    .await?;
+                Ok(u64::from(declared.message_count()))
+            }
+        }
+    }
+
+    /// Starts a consumer that notes when each message arrives: a core NATS subscription on
+    /// the subject (JetStream delivers stored messages to it too), `XREAD BLOCK` on the Redis
+    /// stream, a `basic.consume` on the bound queue.
+    pub(super) async fn watch(&self) -> anyhow::Result<Watch> {
+        let arrivals: Arrivals = Arc::default();
+        let noted = Arc::clone(&arrivals);
+        let task = match self {
+            Sink::Nats {
+                client, subject, ..
+            } => {
+                let mut messages = client.subscribe(subject.clone()).await?;
+                client.flush().await?;
+                tokio::spawn(async move {
+                    while let Some(message) = messages.next().await {
+                        note(&noted, &message.payload);
+                    }
+                })
+            }
+            Sink::Redis { stream, .. } => {
+                let mut connection = redis::Client::open("redis://127.0.0.1:6379/0")?
+                    .get_multiplexed_async_connection()
+                    .await?;
+                let stream = stream.clone();
+                tokio::spawn(async move {
+                    let mut last = "0".to_string();
+                    loop {
+                        // Under the client's default 500 ms response timeout.
+                        let read: redis::RedisResult<Option<Vec<StreamRead>>> = redis::cmd("XREAD")
+                            .arg("BLOCK")
+                            .arg(200)
+                            .arg("STREAMS")
+                            .arg(&stream)
+                            .arg(&last)
+                            .query_async(&mut connection)
+                            .await;
+                        let Ok(read) = read else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
+                        for (_, entries) in read.unwrap_or_default() {
+                            for (id, fields) in entries {
+                                if let Some((_, body)) =
+                                    fields.iter().find(|(name, _)| name == "body")
+                                {
+                                    note(&noted, body);
+                                }
+                                last = id;
+                            }
+                        }
+                    }
+                })
+            }
+            Sink::Amqp { channel, queue, .. } => {
+                let mut consumer = channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "bench-latency".into(),
+                        lapin::options::BasicConsumeOptions {
+                            no_ack: true,
+                            ..Default::default()
+                        },
+                        lapin::types::FieldTable::default(),
+                    )
+                    .await?;
+                tokio::spawn(async move {
+                    while let Some(Ok(delivery)) = consumer.next().await {
+                        note(&noted, &delivery.data);
+                    }
+                })
+            }
+        };
+        Ok(Watch { arrivals, task })
+    }
+
+    /// Removes what [`Sink::create`] made; best effort.
+    pub(super) async fn remove(self) {
+        match self {
+            Sink::Nats {
+                jetstream, stream, ..
+            } => {
+                let _ = jetstream.delete_stream(stream).await;
+            }
+            Sink::Redis {
+                mut connection,
+                stream,
+            } => {
+                let _: Result<(), _> = redis::cmd("DEL")
+                    .arg(stream)
+                    .query_async(&mut connection)
+                    .await;
+            }
+            Sink::Amqp {
+                channel,
+                exchange,
+                queue,
+                ..
+            } => {
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), Default::default())
+                    .await;
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), Default::default())
+                    .await;
+            }
+        }
+    }
+}

@@ -1,0 +1,670 @@
+//! Broker targets (SPEC "Broker targets"): a subscription whose `url` names a NATS subject, a
+//! Redis stream or a RabbitMQ exchange gets each event published there instead of POSTed.
+//!
+//! This module owns the URL forms (parsed here, checked again by the `url_scheme` constraint
+//! in SQL), the SSRF check on the broker's resolved address, and [`Publishers`]: one
+//! long-lived connection per broker (not per delivery), shared by every delivery task, which
+//! publishes concurrently on it (the brokers' clients multiplex and pipeline). It never
+//! decides what an outcome means for the delivery: a publish ends as an
+//! [`HttpResult`](crate::webhook::client::HttpResult), judged by
+//! [`crate::webhook::outcome::judge`] like a webhook's answer, so retries, dead deliveries and
+//! attempt rows work the same for every target.
+//!
+//! A broken or refused connection is a failed attempt, never an error of the relay: the next
+//! attempt reconnects, no sooner than a backoff after the last failed connect (so a broker that
+//! is down is not hammered by every due delivery).
+
+mod amqp;
+mod nats;
+mod redis;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::backoff::Backoff;
+use crate::secret::{ExposeSecret, SecretString, SecretUrl, mask_url};
+use crate::webhook::EventForDelivery;
+use crate::webhook::client::{FailureKind, HttpResult};
+use crate::webhook::target_policy::{ALLOW_HINT, TargetPolicy};
+
+/// The URL schemes that name a broker, as `subscription add --help` and the API list them.
+pub const SCHEMES: [&str; 5] = ["nats", "redis", "rediss", "amqp", "amqps"];
+
+/// Bounds one connection set-up (DNS, TCP, the protocol's handshake); the publish's own
+/// timeout still cuts it short when smaller, as a webhook's does.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed connect before the next try, doubling to the cap. Attempts made in
+/// between fail at once with the last connect error. No measurement behind the numbers: short
+/// enough that a restarted broker is used again within seconds, long enough that a dead one
+/// costs one connect per second at most.
+const RECONNECT_BACKOFF_START: Duration = Duration::from_millis(100);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Parsed URLs kept; past this the cache is emptied (URLs of changed or removed subscriptions
+/// would otherwise pile up). Connections are not affected.
+const ROUTE_CACHE_MAX: usize = 4096;
+
+/// Whether `url` names a broker (by its scheme) rather than a webhook.
+pub fn is_broker_url(url: &str) -> bool {
+    url.split_once("://")
+        .is_some_and(|(scheme, _)| SCHEMES.iter().any(|s| s.eq_ignore_ascii_case(scheme)))
+}
+
+/// A broker target URL that cannot be used. The text never holds the password.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TargetError(String);
+
+/// A parsed broker target.
+#[derive(Debug)]
+pub enum Target {
+    Nats(nats::Target),
+    Redis(redis::Target),
+    Amqp(amqp::Target),
+}
+
+impl Target {
+    /// Parses a broker URL (see the SPEC's table); refuses what the `url_scheme` constraint
+    /// refuses, with a reason.
+    pub fn parse(raw: &str) -> Result<Target, TargetError> {
+        let shown = mask_url(raw);
+        let url = reqwest::Url::parse(raw)
+            .map_err(|error| TargetError(format!("{shown:?} is not a URL ({error})")))?;
+        let parts = UrlParts::new(&url, &shown)?;
+        match url.scheme() {
+            "nats" => nats::Target::parse(parts).map(Target::Nats),
+            "redis" | "rediss" => redis::Target::parse(parts).map(Target::Redis),
+            "amqp" | "amqps" => amqp::Target::parse(parts).map(Target::Amqp),
+            other => Err(TargetError(format!(
+                "{shown:?} uses scheme {other:?}; brokers are {}",
+                SCHEMES.join(", ")
+            ))),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Target::Nats(_) => "nats",
+            Target::Redis(_) => "redis",
+            Target::Amqp(_) => "amqp",
+        }
+    }
+}
+
+/// What the URL parser gives, decoded once for every kind.
+struct UrlParts<'a> {
+    shown: &'a str,
+    server: Server,
+    /// The path without its leading `/`, still percent-encoded.
+    path: String,
+    query: Vec<(String, String)>,
+}
+
+/// A broker and who connects to it. `Debug` leaves the password out, so the targets holding
+/// one can derive it.
+pub struct Server {
+    endpoint: Endpoint,
+    tls: bool,
+    username: String,
+    password: Option<SecretString>,
+}
+
+impl Server {
+    /// Which long-lived connection serves a target: the same server, user and password, and
+    /// `scope` (a Redis database, an AMQP vhost). Secret: it holds the password.
+    fn connection_key(&self, scope: &str) -> String {
+        format!(
+            "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{scope}",
+            self.tls,
+            self.username,
+            self.password(),
+            self.endpoint
+        )
+    }
+
+    /// The password, or "" without one.
+    fn password(&self) -> &str {
+        self.password
+            .as_ref()
+            .map_or("", |password| password.expose_secret())
+    }
+
+    fn has_credentials(&self) -> bool {
+        !self.username.is_empty() || self.password.is_some()
+    }
+
+    /// The address to connect to (see [`resolve`]). TLS (`rediss://`, `amqps://`) is refused
+    /// for now: connecting to the checked address leaves no name to verify the certificate
+    /// against, and connecting by name would re-open the gap the check closes.
+    async fn checked_address(
+        &self,
+        policy: &TargetPolicy,
+        kind: &str,
+    ) -> Result<SocketAddr, HttpResult> {
+        if self.tls {
+            return Err(failed(
+                FailureKind::InvalidRequest,
+                format!(
+                    "{kind}: {kind}s:// (TLS) is not supported yet; use {kind}:// on a trusted network"
+                ),
+            ));
+        }
+        resolve(policy, &self.endpoint).await
+    }
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("endpoint", &self.endpoint)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> UrlParts<'a> {
+    fn new(url: &reqwest::Url, shown: &'a str) -> Result<UrlParts<'a>, TargetError> {
+        let host = url
+            .host_str()
+            .filter(|host| !host.is_empty())
+            .ok_or_else(|| TargetError(format!("{shown:?} has no host")))?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let scheme = url.scheme();
+        let tls = matches!(scheme, "rediss" | "amqps");
+        let port = url.port().unwrap_or(match scheme {
+            "nats" => 4222,
+            "redis" | "rediss" => 6379,
+            "amqps" => 5671,
+            _ => 5672,
+        });
+        if url.fragment().is_some() {
+            return Err(TargetError(format!("{shown:?} has a #fragment")));
+        }
+        let mut query: Vec<(String, String)> = Vec::new();
+        for (key, value) in url.query_pairs() {
+            if query.iter().any(|(seen, _)| *seen == key) {
+                return Err(TargetError(format!(
+                    "{shown:?} gives query parameter {key:?} twice"
+                )));
+            }
+            query.push((key.into_owned(), value.into_owned()));
+        }
+        Ok(UrlParts {
+            shown,
+            server: Server {
+                endpoint: Endpoint {
+                    host: host.to_owned(),
+                    port,
+                },
+                tls,
+                username: decode(url.username()),
+                password: url.password().map(|p| SecretString::from(decode(p))),
+            },
+            path: url.path().strip_prefix('/').unwrap_or("").to_owned(),
+            query,
+        })
+    }
+
+    /// Takes the query parameters: each of `allowed` at most once; anything else refused.
+    fn query(&self, allowed: &[&str]) -> Result<HashMap<String, String>, TargetError> {
+        let mut found = HashMap::new();
+        for (key, value) in &self.query {
+            if !allowed.contains(&key.as_str()) {
+                return Err(TargetError(format!(
+                    "{:?} has unknown query parameter {key:?}; this target takes {}",
+                    self.shown,
+                    allowed.join(", ")
+                )));
+            }
+            if value.is_empty() {
+                return Err(TargetError(format!(
+                    "{:?} gives query parameter {key:?} no value",
+                    self.shown
+                )));
+            }
+            found.insert(key.clone(), value.clone());
+        }
+        Ok(found)
+    }
+}
+
+fn decode(raw: &str) -> String {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Host and port of a broker, as written in the URL (resolved and checked when connecting).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One event to publish.
+pub struct Message<'a> {
+    pub event: &'a EventForDelivery,
+    /// The webhook body, byte for byte.
+    pub body: Bytes,
+    /// The subscription's `timeout`: connect (when needed), publish and the broker's confirm.
+    pub timeout: Duration,
+}
+
+impl Message<'_> {
+    /// `(name, value)` of the identity and metadata carried beside the body, in the SPEC's
+    /// spelling for headers; values made safe for every broker's header encoding (no control
+    /// characters: a CR/LF inside a NATS header would end it).
+    fn optional_headers(&self) -> Vec<(&'static str, String)> {
+        let event = self.event;
+        [
+            ("tenant-id", event.tenant_id.as_deref()),
+            ("ordering-key", event.ordering_key.as_deref()),
+            ("source-service", event.source_service.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|value| (name, header_safe(value))))
+        .collect()
+    }
+}
+
+/// `value` with control characters replaced by spaces.
+fn header_safe(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+fn failed(kind: FailureKind, error: impl Into<String>) -> HttpResult {
+    HttpResult::Failed {
+        kind,
+        error: error.into(),
+    }
+}
+
+/// Resolves the broker's host and keeps only the addresses the [`TargetPolicy`] permits: the
+/// connection is then made to that address, so a name cannot be re-pointed between check and
+/// connect.
+async fn resolve(policy: &TargetPolicy, endpoint: &Endpoint) -> Result<SocketAddr, HttpResult> {
+    let resolved: Vec<SocketAddr> =
+        tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(|error| {
+                failed(
+                    FailureKind::Connect,
+                    format!("resolving {endpoint}: {error}"),
+                )
+            })?
+            .collect();
+    if let Some(permitted) = resolved.iter().find(|addr| policy.permits(addr.ip())) {
+        return Ok(*permitted);
+    }
+    let addrs = resolved
+        .iter()
+        .map(|a| a.ip().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(failed(
+        FailureKind::ForbiddenTarget,
+        format!(
+            "refused: {} resolves only to forbidden addresses ({addrs}); {ALLOW_HINT}",
+            endpoint.host
+        ),
+    ))
+}
+
+/// A long-lived connection to one broker, made on first use and remade after it broke, no
+/// sooner than a backoff after the last failed connect.
+pub(crate) struct Link<C> {
+    /// What it connects to, for logs: kind and endpoint, never credentials.
+    label: String,
+    state: tokio::sync::Mutex<LinkState<C>>,
+}
+
+struct LinkState<C> {
+    connection: Option<C>,
+    backoff: Backoff,
+    /// After a failed connect: no new try before then; the attempts in between fail with
+    /// `last_error`.
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+impl<C: Clone> Link<C> {
+    fn new(label: String) -> Link<C> {
+        Link {
+            label,
+            state: tokio::sync::Mutex::new(LinkState {
+                connection: None,
+                backoff: Backoff::new(RECONNECT_BACKOFF_START, RECONNECT_BACKOFF_MAX),
+                retry_at: None,
+                last_error: String::new(),
+            }),
+        }
+    }
+
+    /// The connection, after (re)connecting with `connect` when there is none or `usable` says
+    /// the one held is finished. Concurrent callers wait for one connect instead of each
+    /// opening their own.
+    async fn get<F, Fut>(&self, usable: impl Fn(&C) -> bool, connect: F) -> Result<C, HttpResult>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<C, HttpResult>>,
+    {
+        let mut state = self.state.lock().await;
+        if let Some(connection) = &state.connection {
+            if usable(connection) {
+                return Ok(connection.clone());
+            }
+            state.connection = None;
+        }
+        let now = Instant::now();
+        if let Some(retry_at) = state.retry_at
+            && now < retry_at
+        {
+            return Err(failed(
+                FailureKind::Connect,
+                format!(
+                    "{} (next reconnect in {} ms)",
+                    state.last_error,
+                    retry_at.duration_since(now).as_millis()
+                ),
+            ));
+        }
+        let outcome = match tokio::time::timeout(CONNECT_TIMEOUT, connect()).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(failed(
+                FailureKind::Timeout,
+                format!("connecting timed out after {CONNECT_TIMEOUT:?}"),
+            )),
+        };
+        match outcome {
+            Ok(connection) => {
+                // Once per (re)connect, not per delivery.
+                tracing::info!(broker = %self.label, "connected to broker");
+                state.connection = Some(connection.clone());
+                state.backoff.reset();
+                state.retry_at = None;
+                Ok(connection)
+            }
+            Err(failure) => {
+                if let HttpResult::Failed { error, .. } = &failure {
+                    state.last_error.clone_from(error);
+                }
+                let pause = state.backoff.next_pause();
+                // At most once per backoff step: the deliveries failing meanwhile say so in
+                // their attempts. The text names the endpoint, never the credentials.
+                tracing::warn!(
+                    broker = %self.label,
+                    error = %state.last_error,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "connecting to broker failed; its deliveries fail until it is back"
+                );
+                state.retry_at = Some(Instant::now() + pause);
+                Err(failure)
+            }
+        }
+    }
+}
+
+/// A parsed target and the connection that serves it.
+enum Route {
+    Nats(nats::Target, Arc<Link<nats::Connection>>),
+    Redis(redis::Target, Arc<Link<redis::Connection>>),
+    Amqp(amqp::Target, Arc<Link<amqp::Connection>>),
+}
+
+/// Every broker connection of one relay, keyed by what a connection is for (broker address,
+/// credentials and, where it is part of the connection, the database or vhost). Cloning shares
+/// them.
+#[derive(Clone)]
+pub struct Publishers {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    policy: Arc<TargetPolicy>,
+    /// Full target URL (secret: it may hold a password) → its route.
+    routes: Mutex<HashMap<String, Arc<Route>>>,
+    nats: Mutex<HashMap<String, Arc<Link<nats::Connection>>>>,
+    redis: Mutex<HashMap<String, Arc<Link<redis::Connection>>>>,
+    amqp: Mutex<HashMap<String, Arc<Link<amqp::Connection>>>>,
+}
+
+impl std::fmt::Debug for Publishers {
+    // The maps' keys hold passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publishers").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only whole inserts happen under these locks: a panic cannot leave a map half-written.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn link<C: Clone>(
+    links: &Mutex<HashMap<String, Arc<Link<C>>>>,
+    key: String,
+    label: impl FnOnce() -> String,
+) -> Arc<Link<C>> {
+    Arc::clone(
+        lock(links)
+            .entry(key)
+            .or_insert_with(|| Arc::new(Link::new(label()))),
+    )
+}
+
+impl Publishers {
+    /// No connection is opened here: each is made when its first event is published.
+    pub fn new(policy: Arc<TargetPolicy>) -> Publishers {
+        Publishers {
+            inner: Arc::new(Inner {
+                policy,
+                routes: Mutex::new(HashMap::new()),
+                nats: Mutex::new(HashMap::new()),
+                redis: Mutex::new(HashMap::new()),
+                amqp: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Publishes one event to the broker `url` names and says what happened: published (with
+    /// the broker's receipt), or failed and why. Bounded by `message.timeout` as a whole.
+    pub async fn publish(&self, url: &SecretUrl, message: Message<'_>) -> HttpResult {
+        let route = match self.route(url) {
+            Ok(route) => route,
+            Err(error) => return failed(FailureKind::InvalidRequest, error.to_string()),
+        };
+        let timeout = message.timeout;
+        let policy = &self.inner.policy;
+        let publishing = async {
+            // Err: the publish did not get as far as the broker's answer (no connection).
+            let result = match &*route {
+                Route::Nats(target, link) => nats::publish(policy, target, link, &message).await,
+                Route::Redis(target, link) => redis::publish(policy, target, link, &message).await,
+                Route::Amqp(target, link) => amqp::publish(policy, target, link, &message).await,
+            };
+            result.unwrap_or_else(|failure| failure)
+        };
+        match tokio::time::timeout(timeout, publishing).await {
+            Ok(result) => result,
+            Err(_) => failed(
+                FailureKind::Timeout,
+                format!(
+                    "{}: no confirm within {timeout:?}",
+                    match &*route {
+                        Route::Nats(..) => "nats",
+                        Route::Redis(..) => "redis",
+                        Route::Amqp(..) => "amqp",
+                    }
+                ),
+            ),
+        }
+    }
+
+    fn route(&self, url: &SecretUrl) -> Result<Arc<Route>, TargetError> {
+        let raw = url.expose_secret();
+        if let Some(route) = lock(&self.inner.routes).get(raw) {
+            return Ok(Arc::clone(route));
+        }
+        let target = Target::parse(raw)?;
+        tracing::debug!(url = %url, kind = target.kind(), "new broker route");
+        let route = Arc::new(match target {
+            Target::Nats(target) => {
+                let link = link(&self.inner.nats, target.connection_key(), || {
+                    format!("nats://{}", target.server.endpoint)
+                });
+                Route::Nats(target, link)
+            }
+            Target::Redis(target) => {
+                let link = link(&self.inner.redis, target.connection_key(), || {
+                    format!("redis://{}", target.server.endpoint)
+                });
+                Route::Redis(target, link)
+            }
+            Target::Amqp(target) => {
+                let link = link(&self.inner.amqp, target.connection_key(), || {
+                    format!("amqp://{}", target.server.endpoint)
+                });
+                Route::Amqp(target, link)
+            }
+        });
+        let mut routes = lock(&self.inner.routes);
+        if routes.len() >= ROUTE_CACHE_MAX {
+            routes.clear();
+        }
+        routes.insert(raw.to_owned(), Arc::clone(&route));
+        Ok(route)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(url: &str) -> String {
+        match Target::parse(url) {
+            Ok(target) => panic!("{url} parsed as {target:?}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn broker_urls_are_told_apart_from_webhooks_by_scheme() {
+        assert!(is_broker_url("nats://h/s"));
+        assert!(is_broker_url("AMQP://h"));
+        assert!(is_broker_url("rediss://h?stream=s"));
+        assert!(!is_broker_url("https://h/nats://"));
+        assert!(!is_broker_url("kafka://h/t"));
+    }
+
+    #[test]
+    fn every_kind_parses_its_spec_form() {
+        assert!(matches!(
+            Target::parse("nats://127.0.0.1:4222/orders.created"),
+            Ok(Target::Nats(_))
+        ));
+        assert!(matches!(
+            Target::parse("redis://127.0.0.1:6379/0?stream=orders&maxlen=1000"),
+            Ok(Target::Redis(_))
+        ));
+        assert!(matches!(
+            Target::parse("amqp://guest:guest@127.0.0.1:5672/%2f?exchange=e&routing_key=k"),
+            Ok(Target::Amqp(_))
+        ));
+    }
+
+    #[test]
+    fn refusals_say_why_and_never_show_the_password() {
+        for (url, why) in [
+            ("nats://u:hunter2@h:4222", "no subject"),
+            ("nats://u:hunter2@h/a.*", "subject"),
+            ("redis://:hunter2@h/0", "stream"),
+            (
+                "redis://:hunter2@h/0?stream=s&maxln=5",
+                "unknown query parameter",
+            ),
+            ("redis://:hunter2@h/0?stream=s&maxlen=0", "maxlen"),
+            (
+                "amqp://u:hunter2@h/?exchange=e&bogus=1",
+                "unknown query parameter",
+            ),
+            ("kafka://u:hunter2@h/t", "scheme"),
+        ] {
+            let error = refused(url);
+            assert!(error.contains(why), "{url}: {error}");
+            assert!(!error.contains("hunter2"), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_parsed_target_never_shows_its_password() {
+        for url in [
+            "nats://u:hunter2@h/a",
+            "redis://:hunter2@h/0?stream=s",
+            "amqp://u:hunter2@h/?exchange=e",
+        ] {
+            let shown = format!("{:?}", Target::parse(url).expect("valid"));
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+    }
+
+    /// After a failed connect, attempts fail at once (no connect) until the backoff has
+    /// passed; then one connect is tried again, and a success is kept and shared.
+    #[tokio::test]
+    async fn a_failed_connect_backs_off_and_a_good_connection_is_reused() {
+        let link: Link<u32> = Link::new("test".to_owned());
+        let connects = std::sync::atomic::AtomicU32::new(0);
+        let refuse = || async {
+            connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(failed(FailureKind::Connect, "refused"))
+        };
+        let accept = || async {
+            connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(7)
+        };
+        assert!(link.get(|_| true, refuse).await.is_err());
+        let during_backoff = link.get(|_| true, accept).await;
+        match during_backoff {
+            Err(HttpResult::Failed { kind, error }) => {
+                assert_eq!(kind, FailureKind::Connect);
+                assert!(error.starts_with("refused (next reconnect in "), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(connects.load(std::sync::atomic::Ordering::SeqCst), 1);
+        tokio::time::sleep(RECONNECT_BACKOFF_START + Duration::from_millis(20)).await;
+        assert_eq!(link.get(|_| true, accept).await.ok(), Some(7));
+        assert_eq!(link.get(|_| true, refuse).await.ok(), Some(7), "kept");
+        assert_eq!(connects.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // A connection its client reports finished is replaced.
+        assert!(link.get(|_| false, refuse).await.is_err());
+        assert_eq!(connects.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn header_values_lose_control_characters() {
+        assert_eq!(header_safe("a\r\nb\tc"), "a  b c");
+    }
+}

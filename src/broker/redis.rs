@@ -1,0 +1,176 @@
+//! Redis Streams: `redis://[user:pass@]host[:port][/db]?stream=S[&maxlen=N]`. Each event is
+//! `XADD S [MAXLEN ~ N] * event_id … event_type … body …` (plus `tenant_id`, `ordering_key`
+//! and `source_service` when the event has them); success is the entry id Redis returns.
+//!
+//! Redis has no de-duplication: an event retried after a lost reply, or replayed, is a second
+//! entry with the same `event_id` field, which consumers use to drop it. `rediss://` (TLS) is
+//! accepted by the schema but not yet by this build: such a delivery fails with a reason.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{Link, Message, Server, TargetError, UrlParts, failed};
+use crate::webhook::client::{FailureKind, HttpResult, error_chain};
+use crate::webhook::target_policy::TargetPolicy;
+
+/// A multiplexed connection that reconnects by itself: every delivery task's XADD is
+/// pipelined on it, and a broken connection fails only the commands in flight on it.
+pub(crate) type Connection = ConnectionManager;
+
+#[derive(Debug)]
+pub struct Target {
+    pub(super) server: Server,
+    db: i64,
+    stream: String,
+    maxlen: Option<u64>,
+}
+
+impl Target {
+    pub(super) fn parse(parts: UrlParts<'_>) -> Result<Target, TargetError> {
+        let mut query = parts.query(&["stream", "maxlen"])?;
+        let shown = parts.shown;
+        let stream = query.remove("stream").ok_or_else(|| {
+            TargetError(format!(
+                "{shown:?} names no stream: give redis://host:6379/0?stream=orders"
+            ))
+        })?;
+        let maxlen = match query.remove("maxlen") {
+            None => None,
+            Some(text) => Some(
+                text.parse::<u64>()
+                    .ok()
+                    .filter(|n| *n > 0 && text.len() <= 18 && text.bytes().all(|b| b.is_ascii_digit()))
+                    .ok_or_else(|| {
+                        TargetError(format!(
+                            "{shown:?}: maxlen {text:?} must be a positive whole number of at most 18 digits"
+                        ))
+                    })?,
+            ),
+        };
+        let db = if parts.path.is_empty() {
+            0
+        } else {
+            parts
+                .path
+                .parse::<i64>()
+                .ok()
+                .filter(|_| parts.path.len() <= 5 && parts.path.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| {
+                    TargetError(format!(
+                        "{shown:?}: the database {:?} must be a number of at most 5 digits",
+                        parts.path
+                    ))
+                })?
+        };
+        Ok(Target {
+            server: parts.server,
+            db,
+            stream,
+            maxlen,
+        })
+    }
+
+    /// One connection per server, user and database.
+    pub(super) fn connection_key(&self) -> String {
+        self.server.connection_key(&self.db.to_string())
+    }
+}
+
+async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, HttpResult> {
+    let server = &target.server;
+    let addr = server.checked_address(policy, "redis").await?;
+    let mut settings = redis::RedisConnectionInfo::default().set_db(target.db);
+    if !server.username.is_empty() {
+        settings = settings.set_username(&server.username);
+    }
+    if server.password.is_some() {
+        settings = settings.set_password(server.password());
+    }
+    // Connect to the checked address, not the name: see `super::resolve`. The manager's
+    // reconnects go to the same address.
+    let info = redis::IntoConnectionInfo::into_connection_info(redis::ConnectionAddr::Tcp(
+        addr.ip().to_string(),
+        addr.port(),
+    ))
+    .map_err(|error| failed(FailureKind::InvalidRequest, format!("redis: {error}")))?
+    .set_redis_settings(settings);
+    let client = redis::Client::open(info)
+        .map_err(|error| failed(FailureKind::InvalidRequest, format!("redis: {error}")))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(super::CONNECT_TIMEOUT))
+        // Each publish is bounded by its subscription's timeout instead (in `super`): one
+        // fixed response timeout here would override it.
+        .set_response_timeout(None)
+        .set_max_delay(Duration::from_secs(5));
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|error| {
+            failed(
+                FailureKind::Connect,
+                format!(
+                    "redis: connecting to {}: {}",
+                    server.endpoint,
+                    error_chain(&error)
+                ),
+            )
+        })
+}
+
+pub(super) async fn publish(
+    policy: &TargetPolicy,
+    target: &Target,
+    link: &Arc<Link<Connection>>,
+    message: &Message<'_>,
+) -> Result<HttpResult, HttpResult> {
+    let mut connection = link.get(|_| true, || connect(policy, target)).await?;
+    let event = message.event;
+    let mut command = redis::cmd("XADD");
+    command.arg(&target.stream);
+    if let Some(maxlen) = target.maxlen {
+        command.arg("MAXLEN").arg("~").arg(maxlen);
+    }
+    command
+        .arg("*")
+        .arg("event_id")
+        .arg(event.event_id.to_string())
+        .arg("event_type")
+        .arg(&event.event_type)
+        .arg("body")
+        .arg(message.body.as_ref());
+    for (name, value) in [
+        ("tenant_id", &event.tenant_id),
+        ("ordering_key", &event.ordering_key),
+        ("source_service", &event.source_service),
+    ] {
+        if let Some(value) = value {
+            command.arg(name).arg(value);
+        }
+    }
+    Ok(match command.query_async::<String>(&mut connection).await {
+        Ok(entry_id) => HttpResult::Published {
+            receipt: format!("redis: stream {} entry {entry_id}", target.stream),
+        },
+        Err(error) => {
+            let kind = if error.is_timeout() {
+                FailureKind::Timeout
+            } else if error.is_io_error()
+                || error.is_connection_dropped()
+                || error.is_connection_refusal()
+            {
+                FailureKind::Connect
+            } else {
+                FailureKind::Rejected
+            };
+            failed(
+                kind,
+                format!(
+                    "redis: XADD to stream {}: {}",
+                    target.stream,
+                    error_chain(&error)
+                ),
+            )
+        }
+    })
+}
