@@ -266,7 +266,10 @@ pub fn check_webhook_url(
 
 /// Refuses a subscription URL outside [`openapi::TARGET_URL`] (a webhook or a broker), for the
 /// admin API; the same reasoning as [`check_webhook_url`].
-pub fn check_target_url(field: &str, url: &crate::secret::SecretUrl) -> Result<(), ApiError> {
+pub fn check_target_url(
+    field: &str,
+    url: &crate::config::secret::SecretUrl,
+) -> Result<(), ApiError> {
     static PATTERN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     check_url_pattern(
         field,
@@ -282,7 +285,7 @@ pub fn check_target_url(field: &str, url: &crate::secret::SecretUrl) -> Result<(
 
 fn check_url_pattern(
     field: &str,
-    url: &crate::secret::SecretUrl,
+    url: &crate::config::secret::SecretUrl,
     compiled: &std::sync::OnceLock<regex::Regex>,
     pattern: &str,
     form: &str,

@@ -218,7 +218,7 @@ mod tests {
 
     #[test]
     fn the_documented_target_pattern_takes_webhooks_and_brokers_the_server_takes() {
-        use crate::secret::SecretUrl;
+        use crate::config::secret::SecretUrl;
         for good in [
             "https://agents.internal/hooks",
             "nats://127.0.0.1:4222/orders.created",

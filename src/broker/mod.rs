@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::backoff::Backoff;
-use crate::secret::{ExposeSecret, SecretString, SecretUrl, mask_url};
+use crate::config::secret::{ExposeSecret, SecretString, SecretUrl, mask_url};
 use crate::webhook::EventForDelivery;
 use crate::webhook::client::{FailureKind, HttpResult};
 use crate::webhook::target_policy::{ALLOW_HINT, TargetPolicy};
