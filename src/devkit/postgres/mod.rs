@@ -8,6 +8,13 @@
 //!
 //! [`ClusterSetup`] adds what a test needs beyond that: server settings, files in the data
 //! directory (a TLS certificate and key) and its own `pg_hba.conf` (say, TLS-only).
+//!
+//! Two parts here serve only tests: [`ClusterSetup`] (the TLS tests' clusters) and
+//! [`TempPostgres::restart`] (a server restart under a running relay). They stay in the
+//! shipped crate, unlike the receiver's failure scripting (`crates/testkit`), because they
+//! are the cluster's own start-up and stop steps: the demo's start runs through
+//! `start_with(ClusterSetup::default())`, and both need the postmaster's process handling,
+//! which would otherwise have to be made public for another crate.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
