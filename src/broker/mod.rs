@@ -1,8 +1,8 @@
 //! Broker targets (SPEC "Broker targets"): a subscription whose `url` names a NATS subject, a
 //! Redis stream or a RabbitMQ exchange gets each event published there instead of POSTed.
 //!
-//! This module owns the URL forms (parsed here, checked again by the `url_scheme` constraint
-//! in SQL), the SSRF check on the broker's resolved address, and [`Publishers`]: one
+//! This module owns the URL forms (parsed in `target.rs`, checked again by the `url_scheme`
+//! constraint in SQL), the SSRF check on the broker's resolved address, and [`Publishers`]: one
 //! long-lived connection per broker (not per delivery), shared by every delivery task, which
 //! publishes concurrently on it (the brokers' clients multiplex and pipeline). It never
 //! decides what an outcome means for the delivery: a publish ends as an
@@ -17,6 +17,7 @@
 mod amqp;
 mod nats;
 mod redis;
+mod target;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,13 +28,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::backoff::Backoff;
-use crate::config::secret::{ExposeSecret, SecretString, SecretUrl, mask_url};
+use crate::config::secret::SecretUrl;
 use crate::webhook::EventForDelivery;
 use crate::webhook::client::{FailureKind, HttpResult};
 use crate::webhook::target_policy::{ALLOW_HINT, TargetPolicy};
 
-/// The URL schemes that name a broker, as `subscription add --help` and the API list them.
-pub const SCHEMES: [&str; 5] = ["nats", "redis", "rediss", "amqp", "amqps"];
+// The URL forms moved to `target.rs`; re-exported so callers (and the kind modules, through
+// `super::`) name them as before.
+pub use self::target::{Endpoint, SCHEMES, Server, Target, TargetError, is_broker_url};
+use self::target::{UrlParts, decode};
 
 /// Bounds one connection set-up (DNS, TCP, the protocol's handshake); the publish's own
 /// timeout still cuts it short when smaller, as a webhook's does.
@@ -47,217 +50,6 @@ const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Parsed URLs kept; past this the cache is emptied (URLs of changed or removed subscriptions
 /// would otherwise pile up). Connections are not affected.
 const ROUTE_CACHE_MAX: usize = 4096;
-
-/// Whether `url` names a broker (by its scheme) rather than a webhook.
-pub fn is_broker_url(url: &str) -> bool {
-    url.split_once("://")
-        .is_some_and(|(scheme, _)| SCHEMES.iter().any(|s| s.eq_ignore_ascii_case(scheme)))
-}
-
-/// A broker target URL that cannot be used. The text never holds the password.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct TargetError(String);
-
-/// A parsed broker target.
-#[derive(Debug)]
-pub enum Target {
-    Nats(nats::Target),
-    Redis(redis::Target),
-    Amqp(amqp::Target),
-}
-
-impl Target {
-    /// Parses a broker URL (see the SPEC's table); refuses what the `url_scheme` constraint
-    /// refuses, with a reason.
-    pub fn parse(raw: &str) -> Result<Target, TargetError> {
-        let shown = mask_url(raw);
-        let url = reqwest::Url::parse(raw)
-            .map_err(|error| TargetError(format!("{shown:?} is not a URL ({error})")))?;
-        let parts = UrlParts::new(&url, &shown)?;
-        match url.scheme() {
-            "nats" => nats::Target::parse(parts).map(Target::Nats),
-            "redis" | "rediss" => redis::Target::parse(parts).map(Target::Redis),
-            "amqp" | "amqps" => amqp::Target::parse(parts).map(Target::Amqp),
-            other => Err(TargetError(format!(
-                "{shown:?} uses scheme {other:?}; brokers are {}",
-                SCHEMES.join(", ")
-            ))),
-        }
-    }
-
-    fn kind(&self) -> &'static str {
-        match self {
-            Target::Nats(_) => "nats",
-            Target::Redis(_) => "redis",
-            Target::Amqp(_) => "amqp",
-        }
-    }
-}
-
-/// What the URL parser gives, decoded once for every kind.
-struct UrlParts<'a> {
-    shown: &'a str,
-    server: Server,
-    /// The path without its leading `/`, still percent-encoded.
-    path: String,
-    query: Vec<(String, String)>,
-}
-
-/// A broker and who connects to it. `Debug` leaves the password out, so the targets holding
-/// one can derive it.
-pub struct Server {
-    endpoint: Endpoint,
-    tls: bool,
-    username: String,
-    password: Option<SecretString>,
-}
-
-impl Server {
-    /// Which long-lived connection serves a target: the same server, user and password, and
-    /// `scope` (a Redis database, an AMQP vhost). Secret: it holds the password.
-    fn connection_key(&self, scope: &str) -> String {
-        format!(
-            "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{scope}",
-            self.tls,
-            self.username,
-            self.password(),
-            self.endpoint
-        )
-    }
-
-    /// The password, or "" without one.
-    fn password(&self) -> &str {
-        self.password
-            .as_ref()
-            .map_or("", |password| password.expose_secret())
-    }
-
-    fn has_credentials(&self) -> bool {
-        !self.username.is_empty() || self.password.is_some()
-    }
-
-    /// The address to connect to (see [`resolve`]). TLS (`rediss://`, `amqps://`) is refused
-    /// for now: connecting to the checked address leaves no name to verify the certificate
-    /// against, and connecting by name would re-open the gap the check closes.
-    async fn checked_address(
-        &self,
-        policy: &TargetPolicy,
-        kind: &str,
-    ) -> Result<SocketAddr, HttpResult> {
-        if self.tls {
-            return Err(failed(
-                FailureKind::InvalidRequest,
-                format!(
-                    "{kind}: {kind}s:// (TLS) is not supported yet; use {kind}:// on a trusted network"
-                ),
-            ));
-        }
-        resolve(policy, &self.endpoint).await
-    }
-}
-
-impl std::fmt::Debug for Server {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("endpoint", &self.endpoint)
-            .field("tls", &self.tls)
-            .field("username", &self.username)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<'a> UrlParts<'a> {
-    fn new(url: &reqwest::Url, shown: &'a str) -> Result<UrlParts<'a>, TargetError> {
-        let host = url
-            .host_str()
-            .filter(|host| !host.is_empty())
-            .ok_or_else(|| TargetError(format!("{shown:?} has no host")))?;
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let scheme = url.scheme();
-        let tls = matches!(scheme, "rediss" | "amqps");
-        let port = url.port().unwrap_or(match scheme {
-            "nats" => 4222,
-            "redis" | "rediss" => 6379,
-            "amqps" => 5671,
-            _ => 5672,
-        });
-        if url.fragment().is_some() {
-            return Err(TargetError(format!("{shown:?} has a #fragment")));
-        }
-        let mut query: Vec<(String, String)> = Vec::new();
-        for (key, value) in url.query_pairs() {
-            if query.iter().any(|(seen, _)| *seen == key) {
-                return Err(TargetError(format!(
-                    "{shown:?} gives query parameter {key:?} twice"
-                )));
-            }
-            query.push((key.into_owned(), value.into_owned()));
-        }
-        Ok(UrlParts {
-            shown,
-            server: Server {
-                endpoint: Endpoint {
-                    host: host.to_owned(),
-                    port,
-                },
-                tls,
-                username: decode(url.username()),
-                password: url.password().map(|p| SecretString::from(decode(p))),
-            },
-            path: url.path().strip_prefix('/').unwrap_or("").to_owned(),
-            query,
-        })
-    }
-
-    /// Takes the query parameters: each of `allowed` at most once; anything else refused.
-    fn query(&self, allowed: &[&str]) -> Result<HashMap<String, String>, TargetError> {
-        let mut found = HashMap::new();
-        for (key, value) in &self.query {
-            if !allowed.contains(&key.as_str()) {
-                return Err(TargetError(format!(
-                    "{:?} has unknown query parameter {key:?}; this target takes {}",
-                    self.shown,
-                    allowed.join(", ")
-                )));
-            }
-            if value.is_empty() {
-                return Err(TargetError(format!(
-                    "{:?} gives query parameter {key:?} no value",
-                    self.shown
-                )));
-            }
-            found.insert(key.clone(), value.clone());
-        }
-        Ok(found)
-    }
-}
-
-fn decode(raw: &str) -> String {
-    percent_encoding::percent_decode_str(raw)
-        .decode_utf8_lossy()
-        .into_owned()
-}
-
-/// Host and port of a broker, as written in the URL (resolved and checked when connecting).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Endpoint {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
 
 /// One event to publish.
 pub struct Message<'a> {
@@ -297,6 +89,29 @@ fn failed(kind: FailureKind, error: impl Into<String>) -> HttpResult {
     HttpResult::Failed {
         kind,
         error: error.into(),
+    }
+}
+
+/// Connecting, as opposed to the URL forms in `target.rs`: kept beside [`resolve`], the SSRF
+/// check it runs.
+impl Server {
+    /// The address to connect to (see [`resolve`]). TLS (`rediss://`, `amqps://`) is refused
+    /// for now: connecting to the checked address leaves no name to verify the certificate
+    /// against, and connecting by name would re-open the gap the check closes.
+    async fn checked_address(
+        &self,
+        policy: &TargetPolicy,
+        kind: &str,
+    ) -> Result<SocketAddr, HttpResult> {
+        if self.tls {
+            return Err(failed(
+                FailureKind::InvalidRequest,
+                format!(
+                    "{kind}: {kind}s:// (TLS) is not supported yet; use {kind}:// on a trusted network"
+                ),
+            ));
+        }
+        resolve(policy, &self.endpoint).await
     }
 }
 
@@ -562,73 +377,6 @@ impl Publishers {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn refused(url: &str) -> String {
-        match Target::parse(url) {
-            Ok(target) => panic!("{url} parsed as {target:?}"),
-            Err(error) => error.to_string(),
-        }
-    }
-
-    #[test]
-    fn broker_urls_are_told_apart_from_webhooks_by_scheme() {
-        assert!(is_broker_url("nats://h/s"));
-        assert!(is_broker_url("AMQP://h"));
-        assert!(is_broker_url("rediss://h?stream=s"));
-        assert!(!is_broker_url("https://h/nats://"));
-        assert!(!is_broker_url("kafka://h/t"));
-    }
-
-    #[test]
-    fn every_kind_parses_its_spec_form() {
-        assert!(matches!(
-            Target::parse("nats://127.0.0.1:4222/orders.created"),
-            Ok(Target::Nats(_))
-        ));
-        assert!(matches!(
-            Target::parse("redis://127.0.0.1:6379/0?stream=orders&maxlen=1000"),
-            Ok(Target::Redis(_))
-        ));
-        assert!(matches!(
-            Target::parse("amqp://guest:guest@127.0.0.1:5672/%2f?exchange=e&routing_key=k"),
-            Ok(Target::Amqp(_))
-        ));
-    }
-
-    #[test]
-    fn refusals_say_why_and_never_show_the_password() {
-        for (url, why) in [
-            ("nats://u:hunter2@h:4222", "no subject"),
-            ("nats://u:hunter2@h/a.*", "subject"),
-            ("redis://:hunter2@h/0", "stream"),
-            (
-                "redis://:hunter2@h/0?stream=s&maxln=5",
-                "unknown query parameter",
-            ),
-            ("redis://:hunter2@h/0?stream=s&maxlen=0", "maxlen"),
-            (
-                "amqp://u:hunter2@h/?exchange=e&bogus=1",
-                "unknown query parameter",
-            ),
-            ("kafka://u:hunter2@h/t", "scheme"),
-        ] {
-            let error = refused(url);
-            assert!(error.contains(why), "{url}: {error}");
-            assert!(!error.contains("hunter2"), "{url}: {error}");
-        }
-    }
-
-    #[test]
-    fn a_parsed_target_never_shows_its_password() {
-        for url in [
-            "nats://u:hunter2@h/a",
-            "redis://:hunter2@h/0?stream=s",
-            "amqp://u:hunter2@h/?exchange=e",
-        ] {
-            let shown = format!("{:?}", Target::parse(url).expect("valid"));
-            assert!(!shown.contains("hunter2"), "{shown}");
-        }
-    }
 
     /// After a failed connect, attempts fail at once (no connect) until the backoff has
     /// passed; then one connect is tried again, and a success is kept and shared.

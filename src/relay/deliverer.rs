@@ -5,11 +5,11 @@
 //! Limits: the relay-wide semaphore bounds concurrent requests (and so memory); each
 //! subscription's `max_in_flight` is enforced across relays by the claim itself; its
 //! `rate_limit_per_second` is a token bucket per relay. The deliverer claims at most what it
-//! can start now, so nothing waits leased in memory.
+//! can start now, so nothing waits leased in memory: what a claim may take is set aside first
+//! as a [`ClaimBudget`] (`budget.rs`, shared with the dispatcher's leases).
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -17,6 +17,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use super::budget::ClaimBudget;
+use super::budget::RateLimits;
 use super::subscriptions::{Subscription, SubscriptionCache, SubscriptionId};
 use crate::backoff::Backoff;
 use crate::db::{Db, DbContext, DbError, sql};
@@ -128,59 +130,6 @@ impl LeasePath {
     }
 }
 
-/// What one claim may lease, set aside so that the two places that lease (the claim loop
-/// here and the dispatcher, which leases deliveries as it creates them) never take more
-/// than the relay can send: request slots (at most a batch) and each subscription's
-/// rate-limit tokens. What the lease does not use goes back when the budget is dropped.
-#[derive(Debug)]
-pub struct ClaimBudget {
-    /// One permit per request slot set aside; each leased delivery takes one.
-    permits: OwnedSemaphorePermit,
-    /// Subscriptions to lease for, in the order to serve them, and how many each may take.
-    pub subscription_ids: Vec<i64>,
-    pub wanted: Vec<i32>,
-    /// Identifies the claim: its results are written only while the delivery holds it.
-    pub lease_token: i64,
-    rate_limits: Arc<Mutex<HashMap<SubscriptionId, TokenBucket>>>,
-    /// Rate-limit tokens taken for this claim, per subscription; unused ones go back.
-    rate_tokens: HashMap<SubscriptionId, u32>,
-    /// Set when a claim found no slot free while budgets held them; the budget that gives
-    /// slots back then wakes the claim loop, which would otherwise wait for a request to end
-    /// (or the poll) with work due.
-    claim_starved: Arc<AtomicBool>,
-    slot_freed: Arc<Notify>,
-}
-
-impl ClaimBudget {
-    /// Request slots set aside: the most this claim may lease in all.
-    pub fn slots(&self) -> usize {
-        self.permits.num_permits()
-    }
-}
-
-impl Drop for ClaimBudget {
-    fn drop(&mut self) {
-        if self.permits.num_permits() > 0 && self.claim_starved.swap(false, Ordering::AcqRel) {
-            // Release first, then wake: the woken claim loop must see the slots available.
-            let unused = self.permits.num_permits();
-            drop(self.permits.split(unused));
-            self.slot_freed.notify_one();
-        }
-        if self.rate_tokens.values().all(|tokens| *tokens == 0) {
-            return;
-        }
-        let mut limits = self
-            .rate_limits
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (id, tokens) in &self.rate_tokens {
-            if let Some(bucket) = limits.get_mut(id) {
-                bucket.give_back(*tokens);
-            }
-        }
-    }
-}
-
 pub struct Deliverer {
     /// The relay's pool, and how its statements must be sent.
     pub db: Db,
@@ -202,7 +151,7 @@ pub struct Deliverer {
     /// abandoned without a result and their leases released or left to expire.
     pub abandon: CancellationToken,
     pub tasks: TaskTracker,
-    rate_limits: Arc<Mutex<HashMap<SubscriptionId, TokenBucket>>>,
+    rate_limits: RateLimits,
     round: std::sync::atomic::AtomicUsize,
     /// See [`ClaimBudget`]'s `claim_starved`.
     claim_starved: Arc<AtomicBool>,
@@ -241,7 +190,7 @@ impl Deliverer {
             slot_freed: Arc::new(Notify::new()),
             abandon,
             tasks: TaskTracker::new(),
-            rate_limits: Arc::new(Mutex::new(HashMap::new())),
+            rate_limits: RateLimits::default(),
             round: std::sync::atomic::AtomicUsize::new(0),
             claim_starved: Arc::new(AtomicBool::new(false)),
             hungry: Arc::new(Notify::new()),
@@ -287,42 +236,14 @@ impl Deliverer {
             let offset = self.round.fetch_add(1, Ordering::Relaxed) % enabled.len();
             enabled.rotate_left(offset);
         }
-        let mut budget = ClaimBudget {
+        let mut budget = ClaimBudget::new(
             permits,
-            subscription_ids: Vec::with_capacity(enabled.len()),
-            wanted: Vec::with_capacity(enabled.len()),
-            // Random, not a counter: unique across this relay's restarts as well, which
-            // share its relay id when it is configured.
-            lease_token: rand::random(),
-            rate_limits: Arc::clone(&self.rate_limits),
-            rate_tokens: HashMap::new(),
-            claim_starved: Arc::clone(&self.claim_starved),
-            slot_freed: Arc::clone(&self.slot_freed),
-        };
-        let mut limits = self
-            .rate_limits
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let now = Instant::now();
-        for subscription in &enabled {
-            let mut want = free.min(subscription.max_in_flight as usize);
-            if let Some(rate) = subscription.rate_limit_per_second {
-                let bucket = limits
-                    .entry(subscription.id)
-                    .or_insert_with(|| TokenBucket::new(rate, now));
-                bucket.set_rate(rate);
-                want = want.min(bucket.available(now));
-                // Taken now, so a claim running beside this one cannot spend them too.
-                let taken = u32::try_from(want).unwrap_or(u32::MAX);
-                bucket.take(taken);
-                budget.rate_tokens.insert(subscription.id, taken);
-            }
-            if want > 0 {
-                budget.subscription_ids.push(subscription.id.0);
-                budget.wanted.push(i32::try_from(want).unwrap_or(i32::MAX));
-            }
-        }
-        limits.retain(|id, _| enabled.iter().any(|s| s.id == *id));
+            enabled.len(),
+            &self.rate_limits,
+            &self.claim_starved,
+            &self.slot_freed,
+        );
+        self.rate_limits.fill(&mut budget, &enabled, free);
         Some(budget)
     }
 
@@ -348,15 +269,13 @@ impl Deliverer {
                 .inc_by(count as u64);
         }
         for delivery in leased {
-            if let Some(tokens) = budget.rate_tokens.get_mut(&delivery.subscription_id) {
-                *tokens = tokens.saturating_sub(1);
-            }
+            budget.spend_rate_token(delivery.subscription_id);
             let Some(subscription) = self.subscriptions.get(delivery.subscription_id) else {
                 // Removed since the claim: its delete trigger already marked the delivery dead.
                 continue;
             };
             // The database leases no more than the budget's total, one slot each.
-            let Some(permit) = budget.permits.split(1) else {
+            let Some(permit) = budget.take_slot() else {
                 tracing::error!(
                     delivery_id = delivery.delivery_id,
                     "leased more deliveries than request slots set aside; the lease will expire"
@@ -553,81 +472,5 @@ impl Deliverer {
                 _ = tokio::time::sleep(poll_interval) => {}
             }
         }
-    }
-}
-
-/// Per-relay token bucket for `rate_limit_per_second`. Holds at most one second of tokens
-/// (at least one), so an idle subscriber gets a burst of at most its per-second rate.
-#[derive(Debug)]
-struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    refilled_at: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: f64, now: Instant) -> TokenBucket {
-        TokenBucket {
-            rate,
-            tokens: rate.max(1.0),
-            refilled_at: now,
-        }
-    }
-
-    fn set_rate(&mut self, rate: f64) {
-        self.rate = rate;
-    }
-
-    fn capacity(&self) -> f64 {
-        self.rate.max(1.0)
-    }
-
-    fn available(&mut self, now: Instant) -> usize {
-        let elapsed = now
-            .saturating_duration_since(self.refilled_at)
-            .as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity());
-        self.refilled_at = now;
-        self.tokens.floor().max(0.0) as usize
-    }
-
-    fn take(&mut self, count: u32) {
-        self.tokens -= f64::from(count);
-    }
-
-    /// Returns tokens taken for a claim that did not use them.
-    fn give_back(&mut self, count: u32) {
-        self.tokens = (self.tokens + f64::from(count)).min(self.capacity());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::TokenBucket;
-    use std::time::{Duration, Instant};
-
-    #[test]
-    fn token_bucket_refills_at_its_rate_and_caps_at_one_second() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(2.0, start);
-        assert_eq!(bucket.available(start), 2);
-        bucket.take(2);
-        assert_eq!(bucket.available(start), 0);
-        assert_eq!(bucket.available(start + Duration::from_millis(500)), 1);
-        assert_eq!(
-            bucket.available(start + Duration::from_secs(60)),
-            2,
-            "capped"
-        );
-    }
-
-    #[test]
-    fn slow_rates_still_allow_one_request() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(0.5, start);
-        assert_eq!(bucket.available(start), 1);
-        bucket.take(1);
-        assert_eq!(bucket.available(start + Duration::from_secs(1)), 0);
-        assert_eq!(bucket.available(start + Duration::from_secs(2)), 1);
     }
 }

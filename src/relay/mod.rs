@@ -14,6 +14,7 @@
 //! the grace period → the completer writes the last results → whatever is still leased is
 //! handed back (due now) so another relay takes it at once.
 
+pub mod budget;
 pub mod completer;
 pub mod deliverer;
 pub mod dispatcher;
