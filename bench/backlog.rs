@@ -232,13 +232,6 @@ pub(super) async fn backlog_scenario(
                 (requests - distinct) as f64,
                 "count",
             ),
-            row(
-                scenario,
-                "leased_at_dispatch_pct (no claim needed)",
-                100.0 * counters.leased_at_dispatch as f64
-                    / (counters.leased_at_dispatch + counters.leased_by_claim).max(1) as f64,
-                "%",
-            ),
         ];
         rows.extend(db_errors_row(scenario, counters.db_errors));
         Ok(rows)

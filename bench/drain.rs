@@ -137,9 +137,6 @@ struct RelayCounters {
     wakeups_notify: u64,
     wakeups_poll: u64,
     db_errors: u64,
-    /// Deliveries leased as the dispatcher created them, and by a claim.
-    leased_at_dispatch: u64,
-    leased_by_claim: u64,
 }
 
 fn relay_counters(relay: &RelayHandle) -> RelayCounters {
@@ -148,8 +145,6 @@ fn relay_counters(relay: &RelayHandle) -> RelayCounters {
         wakeups_notify: m.wakeups.with_label_values(&["notify"]).get(),
         wakeups_poll: m.wakeups.with_label_values(&["poll"]).get(),
         db_errors: testkit::relay::db_errors(relay),
-        leased_at_dispatch: m.deliveries_leased.with_label_values(&["dispatch"]).get(),
-        leased_by_claim: m.deliveries_leased.with_label_values(&["claim"]).get(),
     }
 }
 

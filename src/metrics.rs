@@ -36,7 +36,6 @@ pub struct Metrics {
     pub subscription_disabled: IntGaugeVec,
     pub oldest_pending_seconds: IntGauge,
     pub wakeups: IntCounterVec,
-    pub deliveries_leased: IntCounterVec,
     pub leases_reclaimed: IntCounter,
     pub events_purged: IntCounter,
     pub db_errors: IntCounterVec,
@@ -119,14 +118,6 @@ impl Metrics {
             ),
             &["reason"],
         )?;
-        let deliveries_leased = IntCounterVec::new(
-            Opts::new(
-                "outbox_deliveries_leased_total",
-                "Deliveries this relay leased to send, by how: claim (a due delivery claimed) or \
-                 dispatch (leased as the dispatcher created it, saving the claim).",
-            ),
-            &["path"],
-        )?;
         let leases_reclaimed = IntCounter::new(
             "outbox_leases_reclaimed_total",
             "In-flight deliveries whose lease expired (their relay stopped) and were re-queued.",
@@ -151,7 +142,6 @@ impl Metrics {
         registry.register(Box::new(subscription_disabled.clone()))?;
         registry.register(Box::new(oldest_pending_seconds.clone()))?;
         registry.register(Box::new(wakeups.clone()))?;
-        registry.register(Box::new(deliveries_leased.clone()))?;
         registry.register(Box::new(leases_reclaimed.clone()))?;
         registry.register(Box::new(events_purged.clone()))?;
         registry.register(Box::new(db_errors.clone()))?;
@@ -171,7 +161,6 @@ impl Metrics {
             subscription_disabled,
             oldest_pending_seconds,
             wakeups,
-            deliveries_leased,
             leases_reclaimed,
             events_purged,
             db_errors,

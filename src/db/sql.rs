@@ -14,45 +14,19 @@ use super::query::Query;
 
 /// Claims due events, fans each out into one delivery per matching enabled unordered
 /// subscription and marks it dispatched, in one call and so one transaction (see
-/// `outbox.dispatch_events` in migrations/V9__hardening.sql and V13__dispatch_leases.sql).
-/// `$1` is the batch size per kind: events due at insert (highest priority first, then
-/// insert order) and scheduled events now due. An event that matches nothing is marked
-/// dispatched too: it stays queryable and can be backfilled later, but is never retried.
+/// `outbox.dispatch_events` in migrations/V9__hardening.sql). `$1` is the batch size per kind:
+/// events due at insert (highest priority first, then insert order) and scheduled events now
+/// due. An event that matches nothing is marked dispatched too: it stays queryable and can be
+/// backfilled later, but is never retried.
 ///
 /// Matching: event_types globs, tenant (NULL = all), payload containment filter, and the
 /// event's target_services (NULL = everyone) against the subscription name. Ordered
 /// subscriptions are left to [`DISPATCH_ORDERED`], which respects commit order.
 ///
-/// It leases what this relay can send now as it creates the deliveries, saving each of them
-/// a row version and the claim: `$2`/`$3` how many each subscription may take (free request
-/// slots, rate-limit tokens), `$4` the total, under owner `$5`, lease `$6` seconds and token
-/// `$7`, within the quotas [`CLAIM_DELIVERIES`] keeps (max_in_flight across relays, nothing
-/// overtakes an older due delivery). The rest is inserted pending and claimed as usual.
-/// `$8` paces it: not NULL, it dispatches nothing when nothing can be leased (and says it
-/// held back), else about as many events as the quotas can take, at least `$8`.
-///
-/// The first row is the summary (columns 0–2: events dispatched, deliveries created, held
-/// back; the rest NULL); each further row is a leased delivery, columns 3– as
-/// [`CLAIM_DELIVERIES`] returns them (without the delivery ordering key: unordered
-/// subscriptions only).
+/// Returns (events dispatched, deliveries created).
 pub const DISPATCH_EVENTS: Query = Query {
-    sql: "
-SELECT events, deliveries, held_back,
-       delivery_id, subscription_id, attempts, replay_id,
-       event_id, event_type, tenant_id, source_service, created_at,
-       payload, metadata, event_ordering_key
-  FROM outbox.dispatch_events($1::integer, $2::bigint[], $3::integer[], $4::integer, $5::text,
-                              make_interval(secs => $6::float8), $7::bigint, $8::integer)",
-    param_types: &[
-        Type::INT4,
-        Type::INT8_ARRAY,
-        Type::INT4_ARRAY,
-        Type::INT4,
-        Type::TEXT,
-        Type::FLOAT8,
-        Type::INT8,
-        Type::INT4,
-    ],
+    sql: "SELECT events, deliveries FROM outbox.dispatch_events($1::integer)",
+    param_types: &[Type::INT4],
 };
 
 /// Leases due deliveries (see `outbox.claim_deliveries`) under the token `$6`, and returns

@@ -5,11 +5,10 @@
 //! Limits: the relay-wide semaphore bounds concurrent requests (and so memory); each
 //! subscription's `max_in_flight` is enforced across relays by the claim itself; its
 //! `rate_limit_per_second` is a token bucket per relay. The deliverer claims at most what it
-//! can start now, so nothing waits leased in memory: what a claim may take is set aside first
-//! as a [`ClaimBudget`] (`budget.rs`, shared with the dispatcher's leases).
+//! can start now, so nothing waits leased in memory.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -17,8 +16,6 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use super::budget::ClaimBudget;
-use super::budget::RateLimits;
 use super::subscriptions::{Subscription, SubscriptionCache, SubscriptionId};
 use crate::backoff::Backoff;
 use crate::db::{Db, DbContext, DbError, sql};
@@ -81,55 +78,6 @@ pub struct ClaimedDelivery {
     pub event: EventForDelivery,
 }
 
-impl ClaimedDelivery {
-    /// Reads a leased delivery from a row whose columns `first..` are, in order: delivery
-    /// id, subscription id, attempts, replay id, then the event's id, type, tenant, source
-    /// service, created_at, payload and metadata (as text) and ordering key. The claim and
-    /// the leasing dispatch both return them so.
-    pub fn from_row(
-        row: &tokio_postgres::Row,
-        first: usize,
-        delivery_ordering_key: Option<String>,
-        lease_token: i64,
-    ) -> ClaimedDelivery {
-        ClaimedDelivery {
-            delivery_id: row.get(first),
-            subscription_id: SubscriptionId(row.get(first + 1)),
-            attempts_before: u32::try_from(row.get::<_, i32>(first + 2)).unwrap_or(0),
-            ordering_key: delivery_ordering_key,
-            lease_token,
-            event: EventForDelivery {
-                event_id: row.get(first + 4),
-                event_type: row.get(first + 5),
-                tenant_id: row.get(first + 6),
-                source_service: row.get(first + 7),
-                created_at: row.get::<_, DateTime<Utc>>(first + 8),
-                payload_json: row.get(first + 9),
-                metadata_json: row.get(first + 10),
-                ordering_key: row.get(first + 11),
-            },
-        }
-    }
-}
-
-/// How a delivery was leased (label of `outbox_deliveries_leased_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeasePath {
-    /// Claimed as a due delivery.
-    Claim,
-    /// Leased by the dispatcher as it created the delivery.
-    Dispatch,
-}
-
-impl LeasePath {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LeasePath::Claim => "claim",
-            LeasePath::Dispatch => "dispatch",
-        }
-    }
-}
-
 pub struct Deliverer {
     /// The relay's pool, and how its statements must be sent.
     pub db: Db,
@@ -151,13 +99,8 @@ pub struct Deliverer {
     /// abandoned without a result and their leases released or left to expire.
     pub abandon: CancellationToken,
     pub tasks: TaskTracker,
-    rate_limits: RateLimits,
+    rate_limits: Mutex<HashMap<SubscriptionId, TokenBucket>>,
     round: std::sync::atomic::AtomicUsize,
-    /// See [`ClaimBudget`]'s `claim_starved`.
-    claim_starved: Arc<AtomicBool>,
-    /// Notified when a claim found less due than it could send: the dispatcher may fill the
-    /// free slots with deliveries it leases as it creates them.
-    pub hungry: Arc<Notify>,
 }
 
 impl Deliverer {
@@ -190,134 +133,148 @@ impl Deliverer {
             slot_freed: Arc::new(Notify::new()),
             abandon,
             tasks: TaskTracker::new(),
-            rate_limits: RateLimits::default(),
+            rate_limits: Mutex::new(HashMap::new()),
             round: std::sync::atomic::AtomicUsize::new(0),
-            claim_starved: Arc::new(AtomicBool::new(false)),
-            hungry: Arc::new(Notify::new()),
         }
     }
 
     /// One claim round: lease what is due and can start now, and start a request for each.
     /// Returns (claimed, asked): fewer claimed than asked means nothing more is due now.
     pub async fn claim_and_start(self: &Arc<Self>) -> Result<(usize, usize), DbError> {
-        let Some(budget) = self.reserve() else {
-            // Every slot is taken: by requests (each wakes this loop when it ends) or by a
-            // dispatch round's budget (which wakes it when it gives slots back).
-            self.claim_starved.store(true, Ordering::Release);
+        let free = self
+            .permits
+            .available_permits()
+            .min(self.batch_size as usize);
+        if free == 0 {
             return Ok((0, 0));
-        };
-        let asked = budget.slots();
-        let claimed = if budget.subscription_ids.is_empty() {
-            Vec::new()
-        } else {
-            self.claim(&budget).await?
-        };
-        let count = self.start(budget, claimed, LeasePath::Claim);
-        if count < asked {
-            self.hungry.notify_one();
         }
-        Ok((count, asked))
-    }
-
-    /// Sets aside what this relay may lease now: its free request slots (at most a batch)
-    /// and, per enabled subscription, at most its `max_in_flight` and its rate-limit tokens.
-    /// `None` when no slot is free. The database still applies each subscription's
-    /// `max_in_flight` across relays when it leases.
-    pub fn reserve(&self) -> Option<ClaimBudget> {
-        let free = self.free_slots();
-        let permits = u32::try_from(free)
-            .ok()
-            .filter(|free| *free > 0)
-            .and_then(|free| self.permits.clone().try_acquire_many_owned(free).ok())?;
         let mut enabled = self.subscriptions.enabled();
-        if !enabled.is_empty() {
-            // Rotate the order each round so, when capacity is short, no subscription always
-            // comes first. (The claim never waits on a lock, so order cannot deadlock.)
-            let offset = self.round.fetch_add(1, Ordering::Relaxed) % enabled.len();
-            enabled.rotate_left(offset);
+        if enabled.is_empty() {
+            return Ok((0, free));
         }
-        let mut budget = ClaimBudget::new(
-            permits,
-            enabled.len(),
-            &self.rate_limits,
-            &self.claim_starved,
-            &self.slot_freed,
-        );
-        self.rate_limits.fill(&mut budget, &enabled, free);
-        Some(budget)
-    }
+        // Rotate the order each round so, when capacity is short, no subscription always
+        // comes first. (The claim never waits on a lock, so order cannot deadlock.)
+        let offset = self
+            .round
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % enabled.len();
+        enabled.rotate_left(offset);
 
-    /// This relay's lease owner name and lease duration in seconds, as the lease
-    /// statements take them.
-    pub fn lease_owner(&self) -> (&str, f64) {
-        (&self.relay_id, self.lease_duration.as_secs_f64())
-    }
-
-    /// Starts a request for each leased delivery, each with a slot from `budget`; the
-    /// unused slots and rate tokens go back with the budget. Returns how many started.
-    pub fn start(
-        self: &Arc<Self>,
-        mut budget: ClaimBudget,
-        leased: Vec<ClaimedDelivery>,
-        path: LeasePath,
-    ) -> usize {
-        let count = leased.len();
-        if count > 0 {
-            self.metrics
-                .deliveries_leased
-                .with_label_values(&[path.as_str()])
-                .inc_by(count as u64);
+        let (ids, wanted) = self.wanted_per_subscription(&enabled, free);
+        if ids.is_empty() {
+            return Ok((0, free));
         }
-        for delivery in leased {
-            budget.spend_rate_token(delivery.subscription_id);
+        let claimed = self.claim(&ids, &wanted, free).await?;
+        let count = claimed.len();
+        let mut per_subscription: HashMap<SubscriptionId, u32> = HashMap::new();
+        for delivery in claimed {
+            *per_subscription
+                .entry(delivery.subscription_id)
+                .or_default() += 1;
             let Some(subscription) = self.subscriptions.get(delivery.subscription_id) else {
                 // Removed since the claim: its delete trigger already marked the delivery dead.
                 continue;
             };
-            // The database leases no more than the budget's total, one slot each.
-            let Some(permit) = budget.take_slot() else {
-                tracing::error!(
-                    delivery_id = delivery.delivery_id,
-                    "leased more deliveries than request slots set aside; the lease will expire"
-                );
-                continue;
+            let permit = match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                // Only this loop takes permits and it claimed no more than were free.
+                Err(_) => unreachable!("claimed more deliveries than free permits"),
             };
             let this = Arc::clone(self);
             self.tasks.spawn(async move {
                 this.deliver(delivery, subscription, permit).await;
             });
         }
-        count
+        self.consume_rate_tokens(&per_subscription);
+        Ok((count, free))
     }
 
-    /// Request slots free now (at most a batch): what a claim could lease.
-    fn free_slots(&self) -> usize {
-        self.permits
-            .available_permits()
-            .min(self.batch_size as usize)
+    fn wanted_per_subscription(
+        &self,
+        enabled: &[Arc<Subscription>],
+        free: usize,
+    ) -> (Vec<i64>, Vec<i32>) {
+        let mut limits = self
+            .rate_limits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        let mut ids = Vec::with_capacity(enabled.len());
+        let mut wanted = Vec::with_capacity(enabled.len());
+        for subscription in enabled {
+            let mut want = free.min(subscription.max_in_flight as usize);
+            if let Some(rate) = subscription.rate_limit_per_second {
+                let bucket = limits
+                    .entry(subscription.id)
+                    .or_insert_with(|| TokenBucket::new(rate, now));
+                bucket.set_rate(rate);
+                want = want.min(bucket.available(now));
+            }
+            if want > 0 {
+                ids.push(subscription.id.0);
+                wanted.push(i32::try_from(want).unwrap_or(i32::MAX));
+            }
+        }
+        limits.retain(|id, _| enabled.iter().any(|s| s.id == *id));
+        (ids, wanted)
     }
 
-    async fn claim(&self, budget: &ClaimBudget) -> Result<Vec<ClaimedDelivery>, DbError> {
+    fn consume_rate_tokens(&self, claimed: &HashMap<SubscriptionId, u32>) {
+        let mut limits = self
+            .rate_limits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (id, count) in claimed {
+            if let Some(bucket) = limits.get_mut(id) {
+                bucket.take(*count);
+            }
+        }
+    }
+
+    async fn claim(
+        &self,
+        ids: &[i64],
+        wanted: &[i32],
+        total: usize,
+    ) -> Result<Vec<ClaimedDelivery>, DbError> {
         let client = self.db.client("claiming deliveries").await?;
-        let total = i32::try_from(budget.slots()).unwrap_or(i32::MAX);
-        let (owner, lease_seconds) = self.lease_owner();
+        let total = i32::try_from(total).unwrap_or(i32::MAX);
+        // Random, not a counter: unique across this relay's restarts as well, which share
+        // its relay id when it is configured.
+        let lease_token: i64 = rand::random();
         let rows = client
             .query(
                 &sql::CLAIM_DELIVERIES,
                 &[
-                    &budget.subscription_ids,
-                    &budget.wanted,
+                    &ids,
+                    &wanted,
                     &total,
-                    &owner,
-                    &lease_seconds,
-                    &budget.lease_token,
+                    &&*self.relay_id,
+                    &self.lease_duration.as_secs_f64(),
+                    &lease_token,
                 ],
             )
             .await
             .context("claiming deliveries")?;
         Ok(rows
-            .iter()
-            .map(|row| ClaimedDelivery::from_row(row, 0, row.get(12), budget.lease_token))
+            .into_iter()
+            .map(|row| ClaimedDelivery {
+                delivery_id: row.get(0),
+                subscription_id: SubscriptionId(row.get(1)),
+                attempts_before: u32::try_from(row.get::<_, i32>(2)).unwrap_or(0),
+                ordering_key: row.get(12),
+                lease_token,
+                event: EventForDelivery {
+                    event_id: row.get(4),
+                    event_type: row.get(5),
+                    tenant_id: row.get(6),
+                    source_service: row.get(7),
+                    created_at: row.get::<_, DateTime<Utc>>(8),
+                    payload_json: row.get(9),
+                    metadata_json: row.get(10),
+                    ordering_key: row.get(11),
+                },
+            })
             .collect())
     }
 
@@ -472,5 +429,76 @@ impl Deliverer {
                 _ = tokio::time::sleep(poll_interval) => {}
             }
         }
+    }
+}
+
+/// Per-relay token bucket for `rate_limit_per_second`. Holds at most one second of tokens
+/// (at least one), so an idle subscriber gets a burst of at most its per-second rate.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, now: Instant) -> TokenBucket {
+        TokenBucket {
+            rate,
+            tokens: rate.max(1.0),
+            refilled_at: now,
+        }
+    }
+
+    fn set_rate(&mut self, rate: f64) {
+        self.rate = rate;
+    }
+
+    fn capacity(&self) -> f64 {
+        self.rate.max(1.0)
+    }
+
+    fn available(&mut self, now: Instant) -> usize {
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity());
+        self.refilled_at = now;
+        self.tokens.floor().max(0.0) as usize
+    }
+
+    fn take(&mut self, count: u32) {
+        self.tokens -= f64::from(count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenBucket;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn token_bucket_refills_at_its_rate_and_caps_at_one_second() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(2.0, start);
+        assert_eq!(bucket.available(start), 2);
+        bucket.take(2);
+        assert_eq!(bucket.available(start), 0);
+        assert_eq!(bucket.available(start + Duration::from_millis(500)), 1);
+        assert_eq!(
+            bucket.available(start + Duration::from_secs(60)),
+            2,
+            "capped"
+        );
+    }
+
+    #[test]
+    fn slow_rates_still_allow_one_request() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(0.5, start);
+        assert_eq!(bucket.available(start), 1);
+        bucket.take(1);
+        assert_eq!(bucket.available(start + Duration::from_secs(1)), 0);
+        assert_eq!(bucket.available(start + Duration::from_secs(2)), 1);
     }
 }

@@ -11,7 +11,6 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::deliverer::{ClaimBudget, ClaimedDelivery, Deliverer, LeasePath};
 use super::subscriptions::SubscriptionCache;
 use crate::backoff::Backoff;
 use crate::db::wake_gate::WakeGate;
@@ -30,14 +29,6 @@ const ORDERED_FOLLOW_UP_START: Duration = Duration::from_millis(10);
 /// the max while a producer transaction keeps the gate taken.
 const GATE_PENDING_POLL_MIN: Duration = Duration::from_millis(1);
 const GATE_PENDING_POLL_MAX: Duration = Duration::from_millis(100);
-/// The longest the dispatcher holds back because nothing could be leased (see [`Pacer`]).
-/// Events that wait are not late for subscriptions that are busy anyway, but events for
-/// the others (matching no subscription, or one whose deliveries were not held up) are:
-/// this bounds their wait.
-const MAX_HOLD_BACK: Duration = Duration::from_millis(250);
-/// Fewest events a paced dispatch round takes: below this the statement's fixed cost
-/// outweighs the claims saved.
-const MIN_PACED_BATCH: i32 = 32;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchedBatch {
@@ -48,8 +39,6 @@ pub struct DispatchedBatch {
     /// Ordered fan-out is waiting for older producer transactions to end; run again soon.
     pub ordered_probe_pending: bool,
     pub deliveries: u64,
-    /// Paced, and nothing could be leased: no event was dispatched (see [`Pacer`]).
-    pub held_back: bool,
 }
 
 pub struct Dispatcher {
@@ -60,9 +49,6 @@ pub struct Dispatcher {
     pub health: Health,
     /// Notified when new deliveries exist, so the deliverer claims them at once.
     pub deliveries_created: Arc<Notify>,
-    /// Starts the requests of the deliveries this dispatcher leases as it creates them, and
-    /// tells how many request slots are free.
-    pub deliverer: Arc<Deliverer>,
     /// Tells whether any subscription is ordered: without one, the ordered pass (two more
     /// round trips, one of them a write) runs once per poll interval instead of every round,
     /// only to keep its cursor moving (retention and a future ordered subscription use it).
@@ -81,34 +67,27 @@ impl Dispatcher {
     /// Dispatches one batch, with the ordered pass. The seam tests step instead of waiting
     /// for timers.
     pub async fn run_once(&self) -> Result<DispatchedBatch, DbError> {
-        self.run_round(true, false).await
+        self.run_round(true).await
     }
 
-    /// One batch of unordered fan-out (`paced`: see [`Pacer`]), and of ordered fan-out when
-    /// `with_ordered`. Deliveries this relay can send now are leased as they are created and
-    /// their requests started here; the rest wait, pending, for the deliverer's claim.
-    async fn run_round(&self, with_ordered: bool, paced: bool) -> Result<DispatchedBatch, DbError> {
+    /// One batch of unordered fan-out, and of ordered fan-out when `with_ordered`.
+    async fn run_round(&self, with_ordered: bool) -> Result<DispatchedBatch, DbError> {
         let client = self.db.client("dispatching events").await?;
         let limit = i32::try_from(self.batch_size).unwrap_or(i32::MAX);
-        let budget = self.deliverer.reserve();
-        let (leased, summary) = self
-            .dispatch(&client, limit, budget.as_ref(), paced)
-            .await?;
-        let leased_count = leased.len() as u64;
-        if let Some(budget) = budget {
-            self.deliverer.start(budget, leased, LeasePath::Dispatch);
-        }
+        let row = client
+            .query_one(&sql::DISPATCH_EVENTS, &[&limit])
+            .await
+            .context("dispatching events")?;
         let mut batch = DispatchedBatch {
-            events: summary.events,
-            deliveries: summary.deliveries,
+            events: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+            deliveries: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
             ordered_events: 0,
             ordered_probe_pending: false,
-            held_back: summary.held_back,
         };
         self.metrics.events_dispatched.inc_by(batch.events);
-        // Wake the deliverer for what was left pending now, not after the ordered pass's two
-        // round trips: those deliveries are committed and due.
-        if batch.deliveries > leased_count {
+        // Wake the deliverer now, not after the ordered pass's two round trips: those
+        // deliveries are committed and due, and every event would otherwise wait for them.
+        if batch.deliveries > 0 {
             self.deliveries_created.notify_one();
         }
         if with_ordered {
@@ -121,58 +100,6 @@ impl Dispatcher {
             }
         }
         Ok(batch)
-    }
-
-    /// Unordered fan-out of up to `limit` events, leasing within `budget`. Returns the
-    /// leased deliveries and the summary.
-    async fn dispatch(
-        &self,
-        client: &DbClient,
-        limit: i32,
-        budget: Option<&ClaimBudget>,
-        paced: bool,
-    ) -> Result<(Vec<ClaimedDelivery>, DispatchedBatch), DbError> {
-        let no_ids: Vec<i64> = Vec::new();
-        let no_wanted: Vec<i32> = Vec::new();
-        let (ids, wanted, total, token) = match budget {
-            Some(budget) => (
-                &budget.subscription_ids,
-                &budget.wanted,
-                i32::try_from(budget.slots()).unwrap_or(i32::MAX),
-                budget.lease_token,
-            ),
-            None => (&no_ids, &no_wanted, 0, 0),
-        };
-        let (owner, lease_seconds) = self.deliverer.lease_owner();
-        let rows = client
-            .query(
-                &sql::DISPATCH_EVENTS,
-                &[
-                    &limit,
-                    ids,
-                    wanted,
-                    &total,
-                    &owner,
-                    &lease_seconds,
-                    &token,
-                    &paced.then_some(MIN_PACED_BATCH),
-                ],
-            )
-            .await
-            .context("dispatching events")?;
-        let mut summary = DispatchedBatch::default();
-        let mut leased = Vec::with_capacity(rows.len().saturating_sub(1));
-        for row in &rows {
-            match row.get::<_, Option<i64>>(3) {
-                None => {
-                    summary.events = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-                    summary.deliveries = u64::try_from(row.get::<_, i64>(1)).unwrap_or(0);
-                    summary.held_back = row.get(2);
-                }
-                Some(_) => leased.push(ClaimedDelivery::from_row(row, 3, None, token)),
-            }
-        }
-        Ok((leased, summary))
     }
 
     /// Ordered subscriptions get their deliveries from a second, commit-order-safe pass.
@@ -204,22 +131,15 @@ impl Dispatcher {
         ))
     }
 
-    /// Dispatches until nothing is due (with the ordered pass when `with_ordered`), or until
-    /// `pacer` holds back. Returns how many events went out, and whether ordered fan-out has
-    /// a probe waiting.
-    async fn drain(&self, with_ordered: bool, pacer: &mut Pacer) -> Result<(u64, bool), DbError> {
+    /// Dispatches until nothing is due (with the ordered pass when `with_ordered`). Returns
+    /// how many events went out, and whether ordered fan-out has a probe waiting.
+    pub async fn drain(&self, with_ordered: bool) -> Result<(u64, bool), DbError> {
         let mut total = 0;
         loop {
-            let paced = pacer.paced();
-            let batch = self.run_round(with_ordered, paced).await?;
-            pacer.ran(&batch);
+            let batch = self.run_round(with_ordered).await?;
             total += batch.events;
             let full = u64::from(self.batch_size);
-            // A paced round takes what the free slots can, so one that dispatched anything
-            // may leave more due: look again (the next round holds back once nothing can be
-            // leased).
-            let more = batch.events >= full || (paced && batch.events > 0);
-            if batch.held_back || (!more && batch.ordered_events < full) {
+            if batch.events < full && batch.ordered_events < full {
                 return Ok((total, batch.ordered_probe_pending));
             }
         }
@@ -231,7 +151,6 @@ impl Dispatcher {
         let mut probe_was_pending = false;
         let mut ordered_pass_at: Option<tokio::time::Instant> = None;
         let mut busy = BusySpell::new(self.busy_poll_interval, self.busy_linger);
-        let mut pacer = Pacer::default();
         let mut gate_pending = Backoff::new(
             GATE_PENDING_POLL_MIN.max(self.busy_poll_interval),
             GATE_PENDING_POLL_MAX,
@@ -244,7 +163,7 @@ impl Dispatcher {
             if with_ordered {
                 ordered_pass_at = Some(tokio::time::Instant::now());
             }
-            match self.drain(with_ordered, &mut pacer).await {
+            match self.drain(with_ordered).await {
                 Ok((events, probe_pending)) => {
                     probe_was_pending = probe_pending;
                     // A pending probe usually completes as soon as the producers that were
@@ -291,11 +210,6 @@ impl Dispatcher {
             if busy_poll {
                 wait = wait.min(self.busy_poll_interval);
             }
-            // Holding back for the deliverer: its next short claim wakes this loop (below);
-            // past the longest hold-back, dispatch regardless.
-            if let Some(left) = pacer.hold_back_left() {
-                wait = wait.min(left);
-            }
             // Asked for the gate but not yet holding it (nor covered by another relay's):
             // producers may still be skipping their NOTIFY, so keep looking, less often the
             // longer a producer transaction keeps the gate taken. (A busy spell looks every
@@ -317,7 +231,6 @@ impl Dispatcher {
                     Some("notify")
                 }
                 _ = granted(self.wake_gate.as_ref()) => None,
-                _ = self.deliverer.hungry.notified() => None,
                 // A short ordered-probe follow-up or busy poll is not a wake-up from idle:
                 // counting it as a poll would hide how often the fallback poll finds work.
                 _ = tokio::time::sleep(wait) => (wait == poll_interval).then_some("poll"),
@@ -326,45 +239,6 @@ impl Dispatcher {
                 self.metrics.wakeups.with_label_values(&[reason]).inc();
             }
         }
-    }
-}
-
-/// Paces dispatch to the deliverer, so that deliveries are created when they can be leased
-/// at once (then they need no claim). A paced round dispatches nothing while nothing can be
-/// leased (no request slot free, every subscription at its `max_in_flight` or with older due
-/// deliveries waiting): new deliveries would only wait, pending, behind those. The
-/// deliverer's next claim that finds less than it could take wakes the dispatcher
-/// (`Deliverer::hungry`). After holding back for [`MAX_HOLD_BACK`], one round runs unpaced (a
-/// whole batch), so events no busy subscription waits for move on at a batch per
-/// [`MAX_HOLD_BACK`] at least; then pacing resumes. (Running unpaced until everything due
-/// was dispatched would turn a backlog of events into one of pending deliveries, each
-/// needing a claim: what pacing is there to avoid.)
-#[derive(Debug, Default)]
-struct Pacer {
-    held_back_since: Option<tokio::time::Instant>,
-}
-
-impl Pacer {
-    fn paced(&self) -> bool {
-        self.held_back_since
-            .is_none_or(|since| since.elapsed() < MAX_HOLD_BACK)
-    }
-
-    /// After a round: a paced one that held back starts (or continues) holding back; any
-    /// other, including the one unpaced round after holding back too long, ends it.
-    fn ran(&mut self, batch: &DispatchedBatch) {
-        if batch.held_back {
-            self.held_back_since
-                .get_or_insert_with(tokio::time::Instant::now);
-        } else {
-            self.held_back_since = None;
-        }
-    }
-
-    /// While holding back: how long until rounds run unpaced.
-    fn hold_back_left(&self) -> Option<Duration> {
-        self.held_back_since
-            .map(|since| MAX_HOLD_BACK.saturating_sub(since.elapsed()))
     }
 }
 

@@ -14,7 +14,6 @@
 //! the grace period → the completer writes the last results → whatever is still leased is
 //! handed back (due now) so another relay takes it at once.
 
-pub mod budget;
 pub mod completer;
 pub mod deliverer;
 pub mod dispatcher;
@@ -176,7 +175,6 @@ pub async fn start(
         metrics: metrics.clone(),
         health: health.clone(),
         deliveries_created: deliveries_wake.clone(),
-        deliverer: Arc::clone(&deliverer),
         subscriptions: subscriptions.clone(),
         wake_gate: config.listen.then(db::wake_gate::WakeGate::new),
         busy_poll_interval: config.busy_poll_interval,

@@ -11,7 +11,6 @@ mod compat_api;
 mod constraints;
 mod delivery;
 mod deploy_kit;
-mod dispatch_leases;
 mod failures;
 mod health_and_metrics;
 mod leases;
