@@ -1,5 +1,6 @@
 //! Broker targets (SPEC "Broker targets"): a subscription whose `url` names a NATS subject, a
-//! Redis stream or a RabbitMQ exchange gets each event published there instead of POSTed.
+//! Redis stream, a RabbitMQ exchange or a Kafka topic gets each event published there instead
+//! of POSTed.
 //!
 //! This module owns the URL forms (parsed here, checked again by the `url_scheme` constraint
 //! in SQL), the SSRF check on the broker's resolved address, and [`Publishers`]: one
@@ -15,6 +16,7 @@
 //! is down is not hammered by every due delivery).
 
 mod amqp;
+mod kafka;
 mod nats;
 mod redis;
 
@@ -33,7 +35,7 @@ use crate::webhook::client::{FailureKind, HttpResult};
 use crate::webhook::target_policy::{ALLOW_HINT, TargetPolicy};
 
 /// The URL schemes that name a broker, as `subscription add --help` and the API list them.
-pub const SCHEMES: [&str; 5] = ["nats", "redis", "rediss", "amqp", "amqps"];
+pub const SCHEMES: [&str; 6] = ["nats", "redis", "rediss", "amqp", "amqps", "kafka"];
 
 /// Bounds one connection set-up (DNS, TCP, the protocol's handshake); the publish's own
 /// timeout still cuts it short when smaller, as a webhook's does.
@@ -65,6 +67,7 @@ pub enum Target {
     Nats(nats::Target),
     Redis(redis::Target),
     Amqp(amqp::Target),
+    Kafka(kafka::Target),
 }
 
 impl Target {
@@ -72,6 +75,13 @@ impl Target {
     /// refuses, with a reason.
     pub fn parse(raw: &str) -> Result<Target, TargetError> {
         let shown = mask_url(raw);
+        // A broker list (`host:port,host:port`) is no URL authority: kafka parses its own.
+        if raw
+            .split_once("://")
+            .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("kafka"))
+        {
+            return kafka::Target::parse(raw, &shown).map(Target::Kafka);
+        }
         let url = reqwest::Url::parse(raw)
             .map_err(|error| TargetError(format!("{shown:?} is not a URL ({error})")))?;
         let parts = UrlParts::new(&url, &shown)?;
@@ -91,6 +101,7 @@ impl Target {
             Target::Nats(_) => "nats",
             Target::Redis(_) => "redis",
             Target::Amqp(_) => "amqp",
+            Target::Kafka(_) => "kafka",
         }
     }
 }
@@ -430,6 +441,7 @@ enum Route {
     Nats(nats::Target, Arc<Link<nats::Connection>>),
     Redis(redis::Target, Arc<Link<redis::Connection>>),
     Amqp(amqp::Target, Arc<Link<amqp::Connection>>),
+    Kafka(kafka::Target, Arc<Link<kafka::Connection>>),
 }
 
 /// Every broker connection of one relay, keyed by what a connection is for (broker address,
@@ -447,6 +459,7 @@ struct Inner {
     nats: Mutex<HashMap<String, Arc<Link<nats::Connection>>>>,
     redis: Mutex<HashMap<String, Arc<Link<redis::Connection>>>>,
     amqp: Mutex<HashMap<String, Arc<Link<amqp::Connection>>>>,
+    kafka: Mutex<HashMap<String, Arc<Link<kafka::Connection>>>>,
 }
 
 impl std::fmt::Debug for Publishers {
@@ -485,6 +498,7 @@ impl Publishers {
                 nats: Mutex::new(HashMap::new()),
                 redis: Mutex::new(HashMap::new()),
                 amqp: Mutex::new(HashMap::new()),
+                kafka: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -504,6 +518,7 @@ impl Publishers {
                 Route::Nats(target, link) => nats::publish(policy, target, link, &message).await,
                 Route::Redis(target, link) => redis::publish(policy, target, link, &message).await,
                 Route::Amqp(target, link) => amqp::publish(policy, target, link, &message).await,
+                Route::Kafka(target, link) => kafka::publish(policy, target, link, &message).await,
             };
             result.unwrap_or_else(|failure| failure)
         };
@@ -517,6 +532,7 @@ impl Publishers {
                         Route::Nats(..) => "nats",
                         Route::Redis(..) => "redis",
                         Route::Amqp(..) => "amqp",
+                        Route::Kafka(..) => "kafka",
                     }
                 ),
             ),
@@ -549,6 +565,12 @@ impl Publishers {
                 });
                 Route::Amqp(target, link)
             }
+            Target::Kafka(target) => {
+                let link = link(&self.inner.kafka, target.connection_key(), || {
+                    format!("kafka://{}", target.label())
+                });
+                Route::Kafka(target, link)
+            }
         });
         let mut routes = lock(&self.inner.routes);
         if routes.len() >= ROUTE_CACHE_MAX {
@@ -576,7 +598,8 @@ mod tests {
         assert!(is_broker_url("AMQP://h"));
         assert!(is_broker_url("rediss://h?stream=s"));
         assert!(!is_broker_url("https://h/nats://"));
-        assert!(!is_broker_url("kafka://h/t"));
+        assert!(is_broker_url("kafka://h:9092/t"));
+        assert!(!is_broker_url("mqtt://h/t"));
     }
 
     #[test]
@@ -592,6 +615,10 @@ mod tests {
         assert!(matches!(
             Target::parse("amqp://guest:guest@127.0.0.1:5672/%2f?exchange=e&routing_key=k"),
             Ok(Target::Amqp(_))
+        ));
+        assert!(matches!(
+            Target::parse("kafka://127.0.0.1:9092,127.0.0.2:9092/orders"),
+            Ok(Target::Kafka(_))
         ));
     }
 
@@ -610,7 +637,8 @@ mod tests {
                 "amqp://u:hunter2@h/?exchange=e&bogus=1",
                 "unknown query parameter",
             ),
-            ("kafka://u:hunter2@h/t", "scheme"),
+            ("kafka://u:hunter2@h:9092", "no topic"),
+            ("mqtt://u:hunter2@h/t", "scheme"),
         ] {
             let error = refused(url);
             assert!(error.contains(why), "{url}: {error}");
@@ -624,6 +652,7 @@ mod tests {
             "nats://u:hunter2@h/a",
             "redis://:hunter2@h/0?stream=s",
             "amqp://u:hunter2@h/?exchange=e",
+            "kafka://u:hunter2@h:9092/t",
         ] {
             let shown = format!("{:?}", Target::parse(url).expect("valid"));
             assert!(!shown.contains("hunter2"), "{shown}");
