@@ -46,6 +46,11 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// the attempt quickly and say so, not look like a slow broker.
 const MISSING_TOPIC_WAIT: Duration = Duration::from_secs(2);
 
+/// How long the first metadata request of a new producer may take: within the link's
+/// connect bound (`super::CONNECT_TIMEOUT`), so that a broker list nobody answers on ends as
+/// a failed connect with librdkafka's reason, not as the link's bare timeout.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One idempotent producer per broker list and credentials, shared by every topic and every
 /// delivery task: librdkafka batches and pipelines their records on its own connections and
 /// reconnects by itself; it is replaced only after a fatal error (see [`usable`]).
@@ -229,7 +234,7 @@ async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, H
     let metadata = tokio::task::spawn_blocking(move || {
         probe
             .client()
-            .fetch_metadata(None, Timeout::After(super::CONNECT_TIMEOUT))
+            .fetch_metadata(None, Timeout::After(METADATA_TIMEOUT))
     })
     .await
     .map_err(|error| failed(FailureKind::Other, format!("kafka: {error}")))?
