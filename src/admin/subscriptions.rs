@@ -517,15 +517,16 @@ pub(super) fn check_url(url: &str) -> Result<(), AdminError> {
     };
     // These messages reach the terminal, API responses and logs: the URL only masked.
     let shown = mask_url(url);
+    if crate::broker::is_broker_url(url) {
+        // Before the URL parser: a Kafka broker list (`h1:9092,h2:9092`) is no URL authority.
+        crate::broker::Target::parse(url).map_err(|error| invalid(error.to_string()))?;
+        return check_password_not_masked(broker_password(url), &shown);
+    }
     let parsed = reqwest::Url::parse(url).map_err(|error| {
         invalid(format!(
             "{shown:?} is not a URL ({error}); give an absolute URL such as https://service.internal/hooks/outbox"
         ))
     })?;
-    if crate::broker::is_broker_url(url) {
-        crate::broker::Target::parse(url).map_err(|error| invalid(error.to_string()))?;
-        return check_not_masked(&parsed, &shown);
-    }
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(invalid(format!(
             "{shown:?} uses scheme {:?}; give a webhook (http://, https://) or a broker ({})",
@@ -544,7 +545,20 @@ pub(super) fn check_url(url: &str) -> Result<(), AdminError> {
 /// Subscriptions are shown with their password masked; sending such a URL back (a read, edit,
 /// write round trip) would silently replace the real password with the mask.
 fn check_not_masked(url: &reqwest::Url, shown: &str) -> Result<(), AdminError> {
-    if url.password() == Some(MASK) {
+    check_password_not_masked(url.password(), shown)
+}
+
+/// The password as written in a broker URL (still percent-encoded, as
+/// [`reqwest::Url::password`] gives it), found in the text: a broker list is no URL authority.
+fn broker_password(url: &str) -> Option<&str> {
+    let after_scheme = url.split_once("://")?.1;
+    let authority = after_scheme.split(['/', '?', '#']).next()?;
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    userinfo.split_once(':').map(|(_, password)| password)
+}
+
+fn check_password_not_masked(password: Option<&str>, shown: &str) -> Result<(), AdminError> {
+    if password == Some(MASK) {
         return Err(AdminError::Invalid {
             field: "url",
             problem: format!(

@@ -279,7 +279,8 @@ pub fn check_target_url(
         "a webhook (http:// or https://, an optional user:password@, a host name of letters, \
          digits, - and _ or an IP address, an optional port, then printable ASCII without spaces) \
          or a broker target: nats://host:4222/subject, redis://host:6379/0?stream=S[&maxlen=N], \
-         amqp://user:pass@host:5672/vhost?exchange=E[&routing_key=K]",
+         amqp://user:pass@host:5672/vhost?exchange=E[&routing_key=K], \
+         kafka://host:9092[,host:9092...]/topic",
     )
 }
 

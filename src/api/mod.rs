@@ -229,6 +229,8 @@ mod tests {
             "amqps://rabbit.internal/prod?exchange=events",
             "amqp://rabbit.internal/?routing_key=orders",
             "amqp://rabbit.internal",
+            "kafka://127.0.0.1:9092/orders",
+            "kafka://u:pw@k1.internal:9092,k2.internal:9092/orders.v1",
         ] {
             assert!(
                 check_target_url("url", &SecretUrl::from(good)).is_ok(),
@@ -246,7 +248,9 @@ mod tests {
             "redis://h/0?stream=s&maxlen=0",
             "redis://h/0?stream=s&bogus=1",
             "amqp://h/?exchange=e&bogus=1",
-            "kafka://h:9092/topic",
+            "kafka://h:9092",
+            "kafka://h/topic",
+            "kafka://h:9092/topic?acks=1",
             "ftp://a/",
         ] {
             assert!(

@@ -37,8 +37,19 @@ pub const SUBSCRIPTION_NAME: &str = "^[A-Za-z0-9._:-]{1,255}$";
 // address) and an optional port. Macros, because `concat!` takes only literals.
 macro_rules! url_authority {
     () => {
+        concat!(url_userinfo!(), url_host!(), "(:", url_port!(), ")?",)
+    };
+}
+
+macro_rules! url_userinfo {
+    () => {
+        "([A-Za-z0-9._~-]+(:[A-Za-z0-9._~-]+)?@)?"
+    };
+}
+
+macro_rules! url_host {
+    () => {
         concat!(
-            "([A-Za-z0-9._~-]+(:[A-Za-z0-9._~-]+)?@)?",
             "(",
             "([A-Za-z0-9_-]+\\.)*[A-Za-z_][A-Za-z0-9_-]*\\.?",
             "|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
@@ -54,8 +65,13 @@ macro_rules! url_authority {
             "|:((:[0-9A-Fa-f]{1,4}){1,7}|:)",
             ")\\]",
             ")",
-            "(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?",
         )
+    };
+}
+
+macro_rules! url_port {
+    () => {
+        "([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
     };
 }
 
@@ -85,7 +101,7 @@ pub const WEBHOOK_URL: &str = webhook_url!();
 /// `subscriptions.url` for any target: a webhook ([`WEBHOOK_URL`]) or a broker (SPEC "Broker
 /// targets") in the forms the server is guaranteed to accept: `nats://…/subject`,
 /// `redis[s]://…[/db]?stream=S[&maxlen=N]`, `amqp[s]://…[/vhost][?exchange=E[&routing_key=K]]`
-/// (or `?routing_key=K` alone, for the default exchange).
+/// (or `?routing_key=K` alone, for the default exchange), `kafka://host:port[,…]/topic`.
 pub const TARGET_URL: &str = concat!(
     webhook_url!(),
     "|^[Nn][Aa][Tt][Ss]://",
@@ -105,6 +121,18 @@ pub const TARGET_URL: &str = concat!(
     ")?|routing_key=",
     broker_name!(),
     "))?)?$",
+    // kafka://[user:pass@]host:port[,host:port...]/topic: every broker with its port; a topic
+    // of Kafka's characters, at most 249, not starting with a dot ("." and ".." are refused).
+    "|^[Kk][Aa][Ff][Kk][Aa]://",
+    url_userinfo!(),
+    url_host!(),
+    ":",
+    url_port!(),
+    "(,",
+    url_host!(),
+    ":",
+    url_port!(),
+    ")*/[A-Za-z0-9_-][A-Za-z0-9._-]{0,248}$",
 );
 /// Longest `subscriptions.url` (constraint `url_scheme`).
 pub const WEBHOOK_URL_MAX: usize = 2048;
@@ -215,7 +243,8 @@ named_schema! {
         TARGET_URL,
         "Where events go: an http:// or https:// webhook URL with a host, or a broker target: \
          nats://host:4222/subject (JetStream), redis://host:6379/0?stream=S[&maxlen=N] (or \
-         rediss://), amqp://user:pass@host:5672/vhost?exchange=E[&routing_key=K] (or amqps://). \
+         rediss://), amqp://user:pass@host:5672/vhost?exchange=E[&routing_key=K] (or amqps://), \
+         kafka://host:9092[,host:9092...]/topic (idempotent producer, acks=all). \
          Without spaces, at most 2048 characters. A password in it is shown as *** in every answer.",
     )
     .max_length(Some(WEBHOOK_URL_MAX))

@@ -1,5 +1,6 @@
 //! Broker targets (SPEC "Broker targets"): a subscription whose `url` names a NATS subject, a
-//! Redis stream or a RabbitMQ exchange gets each event published there instead of POSTed.
+//! Redis stream, a RabbitMQ exchange or a Kafka topic gets each event published there instead
+//! of POSTed.
 //!
 //! This module owns the URL forms (parsed in `target.rs`, checked again by the `url_scheme`
 //! constraint in SQL), the SSRF check on the broker's resolved address, and [`Publishers`]: one
@@ -15,6 +16,7 @@
 //! is down is not hammered by every due delivery).
 
 mod amqp;
+mod kafka;
 mod nats;
 mod redis;
 mod target;
@@ -245,6 +247,7 @@ enum Route {
     Nats(nats::Target, Arc<Link<nats::Connection>>),
     Redis(redis::Target, Arc<Link<redis::Connection>>),
     Amqp(amqp::Target, Arc<Link<amqp::Connection>>),
+    Kafka(kafka::Target, Arc<Link<kafka::Connection>>),
 }
 
 /// Every broker connection of one relay, keyed by what a connection is for (broker address,
@@ -262,6 +265,7 @@ struct Inner {
     nats: Mutex<HashMap<String, Arc<Link<nats::Connection>>>>,
     redis: Mutex<HashMap<String, Arc<Link<redis::Connection>>>>,
     amqp: Mutex<HashMap<String, Arc<Link<amqp::Connection>>>>,
+    kafka: Mutex<HashMap<String, Arc<Link<kafka::Connection>>>>,
 }
 
 impl std::fmt::Debug for Publishers {
@@ -300,6 +304,7 @@ impl Publishers {
                 nats: Mutex::new(HashMap::new()),
                 redis: Mutex::new(HashMap::new()),
                 amqp: Mutex::new(HashMap::new()),
+                kafka: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -319,6 +324,7 @@ impl Publishers {
                 Route::Nats(target, link) => nats::publish(policy, target, link, &message).await,
                 Route::Redis(target, link) => redis::publish(policy, target, link, &message).await,
                 Route::Amqp(target, link) => amqp::publish(policy, target, link, &message).await,
+                Route::Kafka(target, link) => kafka::publish(policy, target, link, &message).await,
             };
             result.unwrap_or_else(|failure| failure)
         };
@@ -332,6 +338,7 @@ impl Publishers {
                         Route::Nats(..) => "nats",
                         Route::Redis(..) => "redis",
                         Route::Amqp(..) => "amqp",
+                        Route::Kafka(..) => "kafka",
                     }
                 ),
             ),
@@ -363,6 +370,12 @@ impl Publishers {
                     format!("amqp://{}", target.server.endpoint)
                 });
                 Route::Amqp(target, link)
+            }
+            Target::Kafka(target) => {
+                let link = link(&self.inner.kafka, target.connection_key(), || {
+                    format!("kafka://{}", target.label())
+                });
+                Route::Kafka(target, link)
             }
         });
         let mut routes = lock(&self.inner.routes);

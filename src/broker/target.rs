@@ -6,11 +6,11 @@
 
 use std::collections::HashMap;
 
-use super::{amqp, nats, redis};
+use super::{amqp, kafka, nats, redis};
 use crate::config::secret::{ExposeSecret, SecretString, mask_url};
 
 /// The URL schemes that name a broker, as `subscription add --help` and the API list them.
-pub const SCHEMES: [&str; 5] = ["nats", "redis", "rediss", "amqp", "amqps"];
+pub const SCHEMES: [&str; 6] = ["nats", "redis", "rediss", "amqp", "amqps", "kafka"];
 
 /// Whether `url` names a broker (by its scheme) rather than a webhook.
 pub fn is_broker_url(url: &str) -> bool {
@@ -29,6 +29,7 @@ pub enum Target {
     Nats(nats::Target),
     Redis(redis::Target),
     Amqp(amqp::Target),
+    Kafka(kafka::Target),
 }
 
 impl Target {
@@ -36,6 +37,13 @@ impl Target {
     /// refuses, with a reason.
     pub fn parse(raw: &str) -> Result<Target, TargetError> {
         let shown = mask_url(raw);
+        // A broker list (`host:port,host:port`) is no URL authority: kafka parses its own.
+        if raw
+            .split_once("://")
+            .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("kafka"))
+        {
+            return kafka::Target::parse(raw, &shown).map(Target::Kafka);
+        }
         let url = reqwest::Url::parse(raw)
             .map_err(|error| TargetError(format!("{shown:?} is not a URL ({error})")))?;
         let parts = UrlParts::new(&url, &shown)?;
@@ -55,6 +63,7 @@ impl Target {
             Target::Nats(_) => "nats",
             Target::Redis(_) => "redis",
             Target::Amqp(_) => "amqp",
+            Target::Kafka(_) => "kafka",
         }
     }
 }
@@ -113,7 +122,7 @@ impl std::fmt::Debug for Server {
 }
 
 impl<'a> UrlParts<'a> {
-    fn new(url: &reqwest::Url, shown: &'a str) -> Result<UrlParts<'a>, TargetError> {
+    pub(super) fn new(url: &reqwest::Url, shown: &'a str) -> Result<UrlParts<'a>, TargetError> {
         let host = url
             .host_str()
             .filter(|host| !host.is_empty())
@@ -221,7 +230,8 @@ mod tests {
         assert!(is_broker_url("AMQP://h"));
         assert!(is_broker_url("rediss://h?stream=s"));
         assert!(!is_broker_url("https://h/nats://"));
-        assert!(!is_broker_url("kafka://h/t"));
+        assert!(is_broker_url("kafka://h:9092/t"));
+        assert!(!is_broker_url("mqtt://h/t"));
     }
 
     #[test]
@@ -237,6 +247,10 @@ mod tests {
         assert!(matches!(
             Target::parse("amqp://guest:guest@127.0.0.1:5672/%2f?exchange=e&routing_key=k"),
             Ok(Target::Amqp(_))
+        ));
+        assert!(matches!(
+            Target::parse("kafka://127.0.0.1:9092,127.0.0.2:9092/orders"),
+            Ok(Target::Kafka(_))
         ));
     }
 
@@ -255,7 +269,8 @@ mod tests {
                 "amqp://u:hunter2@h/?exchange=e&bogus=1",
                 "unknown query parameter",
             ),
-            ("kafka://u:hunter2@h/t", "scheme"),
+            ("kafka://u:hunter2@h:9092", "no topic"),
+            ("mqtt://u:hunter2@h/t", "scheme"),
         ] {
             let error = refused(url);
             assert!(error.contains(why), "{url}: {error}");
@@ -269,6 +284,7 @@ mod tests {
             "nats://u:hunter2@h/a",
             "redis://:hunter2@h/0?stream=s",
             "amqp://u:hunter2@h/?exchange=e",
+            "kafka://u:hunter2@h:9092/t",
         ] {
             let shown = format!("{:?}", Target::parse(url).expect("valid"));
             assert!(!shown.contains("hunter2"), "{shown}");

@@ -141,7 +141,7 @@ pub enum SubscriptionCommand {
         /// Where events go: an http:// or https:// URL (a signed POST per event), or a broker
         /// target: nats://host:4222/subject (JetStream), redis://host:6379/0?stream=S[&maxlen=N]
         /// (or rediss://), amqp://user:pass@host:5672/vhost?exchange=E[&routing_key=K] (or
-        /// amqps://). A password in it is shown as ***.
+        /// amqps://), kafka://host:9092[,host:9092...]/topic. A password in it is shown as ***.
         #[arg(long)]
         url: SecretUrl,
         #[command(flatten)]

@@ -1,5 +1,6 @@
 //! Broker targets against the real brokers on this machine (NATS with JetStream on
-//! 127.0.0.1:4222, Redis on 6379, RabbitMQ on 5672 with guest/guest; `.ci/run` starts them).
+//! 127.0.0.1:4222, Redis on 6379, RabbitMQ on 5672 with guest/guest; `.ci/run` starts them),
+//! and Kafka against a tansu broker each test starts itself (see `kafka`).
 //! Every test names its own subject, stream or exchange, so they run in parallel.
 //!
 //! "The connection breaks mid-drain" is staged with [`proxy::Proxy`], a TCP relay in the test
@@ -8,6 +9,7 @@
 //! tests that share the broker. For Redis the cut is the broker's own `CLIENT KILL`.
 
 mod amqp;
+mod kafka;
 mod nats;
 mod proxy;
 mod redis;

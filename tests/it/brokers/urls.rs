@@ -38,12 +38,22 @@ async fn broker_urls_are_checked_at_insert_with_the_constraint_name() {
         "amqp://guest:guest@127.0.0.1:5672/%2f?exchange=events&routing_key=orders",
         "amqps://rabbit.internal/prod?exchange=events",
         "amqp://rabbit.internal/?routing_key=orders",
+        "kafka://127.0.0.1:9092/orders",
+        "kafka://user:pw@k1.internal:9092,k2.internal:9093,[::1]:9094/orders.v1_x-y",
         "https://hooks.example.com/x#still-fine",
     ] {
         assert_eq!(refusal(&db, good).await, None, "{good} refused");
     }
     for bad in [
-        "kafka://127.0.0.1:9092/orders",
+        "kafka://127.0.0.1:9092",
+        "kafka://127.0.0.1:9092/",
+        "kafka://127.0.0.1/orders",
+        "kafka://127.0.0.1:9092,/orders",
+        "kafka://127.0.0.1:9092,k2/orders",
+        "kafka://127.0.0.1:9092/orders?acks=1",
+        "kafka://127.0.0.1:9092/a/b",
+        "kafka://127.0.0.1:9092/..",
+        "kafka://127.0.0.1:9092/orders#x",
         "mqtt://127.0.0.1/orders",
         "nats://127.0.0.1:4222",
         "nats://127.0.0.1:4222/",
@@ -91,6 +101,11 @@ async fn the_admin_api_takes_broker_targets_and_masks_their_passwords() {
             "redis://default:***@127.0.0.1:6379/0?stream=orders&maxlen=1000",
         ),
         (
+            "orders-kafka",
+            "kafka://relay:hunter2@127.0.0.1:9092,127.0.0.1:9093/orders",
+            "kafka://relay:***@127.0.0.1:9092,127.0.0.1:9093/orders",
+        ),
+        (
             "orders-amqp",
             "amqp://guest:hunter2@127.0.0.1:5672/%2f?exchange=events&routing_key=orders",
             "amqp://guest:***@127.0.0.1:5672/%2f?exchange=events&routing_key=orders",
@@ -115,7 +130,7 @@ async fn the_admin_api_takes_broker_targets_and_masks_their_passwords() {
         .await
         .expect(200)
         .to_string();
-    for scheme in ["nats://", "redis://", "amqp://"] {
+    for scheme in ["nats://", "redis://", "amqp://", "kafka://"] {
         assert!(
             document.contains(scheme),
             "the document does not list {scheme}"
