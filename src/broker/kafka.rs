@@ -91,6 +91,9 @@ impl Target {
             Some((userinfo, hosts)) => (Some(userinfo), hosts),
             None => (None, authority),
         };
+        // Each broker parsed once: `host:port` as the URL parser reads an authority (IPv6 in
+        // brackets), kept as the text (for the first, which goes through `UrlParts` with the
+        // credentials) and as an endpoint (for the rest).
         let mut brokers = Vec::new();
         for entry in hosts.split(',') {
             let url = reqwest::Url::parse(&format!("kafka://{entry}/"))
@@ -106,7 +109,18 @@ impl Target {
                     "{shown:?}: broker {entry:?} has no port; {example}"
                 )));
             };
-            brokers.push((entry, port));
+            let host = url.host_str().unwrap_or_default();
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
+            brokers.push((
+                entry,
+                Endpoint {
+                    host: host.to_owned(),
+                    port,
+                },
+            ));
         }
         let Some(((first, _), others)) = brokers.split_first() else {
             return Err(TargetError(format!("{shown:?} has no broker; {example}")));
@@ -117,20 +131,10 @@ impl Target {
             .map_err(|error| TargetError(format!("{shown:?} is not a URL ({error})")))?;
         let parts = UrlParts::new(&url, shown)?;
         parts.query(&[])?;
-        let mut more = Vec::new();
-        for (entry, port) in others {
-            let url = reqwest::Url::parse(&format!("kafka://{entry}/"))
-                .map_err(|error| TargetError(format!("{shown:?}: broker {entry:?}: {error}")))?;
-            let host = url.host_str().unwrap_or_default();
-            let host = host
-                .strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .unwrap_or(host);
-            more.push(Endpoint {
-                host: host.to_owned(),
-                port: *port,
-            });
-        }
+        let more = others
+            .iter()
+            .map(|(_, endpoint)| endpoint.clone())
+            .collect();
         let topic = super::decode(&parts.path);
         if topic.is_empty() {
             return Err(TargetError(format!("{shown:?} has no topic; {example}")));
