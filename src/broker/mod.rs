@@ -391,6 +391,35 @@ impl Publishers {
 mod tests {
     use super::*;
 
+    /// `rediss://` and `amqps://` are taken at insert but refused when publishing (see
+    /// `checked_address`): a failed attempt saying so, never a plain-text connection.
+    #[tokio::test]
+    async fn tls_broker_targets_are_refused_before_any_connection() {
+        let policy = TargetPolicy::from(&crate::config::CidrList(Vec::new()));
+        let servers = [
+            match Target::parse("rediss://127.0.0.1:6379/0?stream=s") {
+                Ok(Target::Redis(target)) => (target.server, "redis"),
+                other => panic!("{other:?}"),
+            },
+            match Target::parse("amqps://guest:guest@127.0.0.1:5671/%2f?exchange=e") {
+                Ok(Target::Amqp(target)) => (target.server, "amqp"),
+                other => panic!("{other:?}"),
+            },
+        ];
+        for (server, kind) in servers {
+            match server.checked_address(&policy, kind).await {
+                Err(HttpResult::Failed {
+                    kind: failure,
+                    error,
+                }) => {
+                    assert_eq!(failure, FailureKind::InvalidRequest);
+                    assert!(error.contains("(TLS) is not supported yet"), "{error}");
+                }
+                other => panic!("{kind}: {other:?}"),
+            }
+        }
+    }
+
     /// After a failed connect, attempts fail at once (no connect) until the backoff has
     /// passed; then one connect is tried again, and a success is kept and shared.
     #[tokio::test]
