@@ -27,9 +27,14 @@ pub(super) struct Args {
 
     /// `drain`, `fanout` and `latency`: where the subscriptions deliver. `webhook` POSTs to the receiver
     /// process; `nats`, `redis` and `amqp` publish to the broker on its default loopback port
-    /// (NATS with JetStream, Redis, RabbitMQ as guest), each subscription to a sink of its own.
+    /// (NATS with JetStream, Redis, RabbitMQ as guest), `kafka` to `--kafka-broker`, each
+    /// subscription to a sink of its own.
     #[arg(long, value_enum, default_value_t = Target::Webhook)]
     pub(super) target: Target,
+
+    /// `--target kafka`: the Kafka-protocol broker (host:port) the topics are made on.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub(super) kafka_broker: String,
 
     /// Events for `drain`; `fanout` uses events/4 events × 4 subscriptions (same deliveries).
     #[arg(long, default_value_t = 20_000)]

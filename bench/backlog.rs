@@ -145,7 +145,7 @@ pub(super) async fn backlog_scenario(
             let url = if args.target == Target::Webhook {
                 receiver.url(&path)
             } else {
-                let sink = Sink::create(args.target, &name).await?;
+                let sink = Sink::create(args, &name).await?;
                 let url = sink.url();
                 sinks.push(sink);
                 url

@@ -1,12 +1,17 @@
-//! `--target nats|redis|amqp`: the `drain` and `fanout` backlogs published to a real broker on
-//! this machine (NATS with JetStream on 127.0.0.1:4222, Redis on 6379, RabbitMQ on 5672 with
-//! guest/guest) instead of POSTed to the receiver. Each subscription gets a sink of its own (a
-//! memory stream, a Redis stream, an exchange with one bound queue), removed afterwards; the
-//! check that every event arrived counts what the broker holds.
+//! `--target nats|redis|amqp|kafka`: the `drain` and `fanout` backlogs published to a real
+//! broker on this machine (NATS with JetStream on 127.0.0.1:4222, Redis on 6379, RabbitMQ on
+//! 5672 with guest/guest, a Kafka-protocol broker at `--kafka-broker`) instead of POSTed to the
+//! receiver. Each subscription gets a sink of its own (a memory stream, a Redis stream, an
+//! exchange with one bound queue, a one-partition topic), removed afterwards; the check that
+//! every event arrived counts what the broker holds.
 
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 
 use super::*;
 
@@ -48,6 +53,7 @@ pub(super) enum Target {
     Nats,
     Redis,
     Amqp,
+    Kafka,
 }
 
 /// One stream's entries as `XREAD` answers: (stream, [(id, [(field, value)])]).
@@ -71,13 +77,17 @@ pub(super) enum Sink {
         exchange: String,
         queue: String,
     },
+    Kafka {
+        broker: String,
+        topic: String,
+    },
 }
 
 impl Sink {
     /// Creates the sink for subscription `name` (a fresh, unique place at the broker).
-    pub(super) async fn create(target: Target, name: &str) -> anyhow::Result<Sink> {
+    pub(super) async fn create(args: &Args, name: &str) -> anyhow::Result<Sink> {
         let unique = format!("{name}-{}", rand::random::<u32>());
-        match target {
+        match args.target {
             Target::Webhook => bail!("webhooks go to the receiver, not a broker sink"),
             Target::Nats => {
                 let client = async_nats::connect("127.0.0.1:4222")
@@ -156,6 +166,23 @@ impl Sink {
                     queue,
                 })
             }
+            Target::Kafka => {
+                let broker = args.kafka_broker.clone();
+                let topic = unique;
+                let results = kafka_admin(&broker)?
+                    .create_topics(
+                        &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+                        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(5))),
+                    )
+                    .await
+                    .with_context(|| format!("creating a topic on the Kafka broker {broker}"))?;
+                for result in results {
+                    result.map_err(|(name, error)| {
+                        anyhow::anyhow!("creating topic {name} on {broker}: {error}")
+                    })?;
+                }
+                Ok(Sink::Kafka { broker, topic })
+            }
         }
     }
 
@@ -167,10 +194,12 @@ impl Sink {
             Sink::Amqp { exchange, .. } => {
                 format!("amqp://guest:guest@127.0.0.1:5672/%2f?exchange={exchange}")
             }
+            Sink::Kafka { broker, topic } => format!("kafka://{broker}/{topic}"),
         }
     }
 
-    /// Messages the broker holds for this sink (NATS: de-duplicated by `Nats-Msg-Id`).
+    /// Messages the broker holds for this sink (NATS: de-duplicated by `Nats-Msg-Id`; Kafka:
+    /// every record, a copy too).
     pub(super) async fn stored(&self) -> anyhow::Result<u64> {
         match self {
             Sink::Nats {
@@ -199,12 +228,27 @@ impl Sink {
                     .await?;
                 Ok(u64::from(declared.message_count()))
             }
+            Sink::Kafka { broker, topic } => {
+                let consumer = kafka_consumer(broker, topic)?;
+                // Read to the end: tansu 0.6.0's high watermark is one past the last batch's
+                // base offset, not past its last record, so it cannot count them.
+                tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                    let mut records = 0;
+                    while let Some(record) = consumer.poll(Duration::from_secs(1)) {
+                        record.context("reading the Kafka topic")?;
+                        records += 1;
+                    }
+                    Ok(records)
+                })
+                .await?
+            }
         }
     }
 
     /// Starts a consumer that notes when each message arrives: a core NATS subscription on
     /// the subject (JetStream delivers stored messages to it too), `XREAD BLOCK` on the Redis
-    /// stream, a `basic.consume` on the bound queue.
+    /// stream, a `basic.consume` on the bound queue, a Kafka consumer polling the topic (its
+    /// fetch waits at most 1 ms at the broker, so it adds little to a record's latency).
     pub(super) async fn watch(&self) -> anyhow::Result<Watch> {
         let arrivals: Arrivals = Arc::default();
         let noted = Arc::clone(&arrivals);
@@ -272,6 +316,23 @@ impl Sink {
                     }
                 })
             }
+            Sink::Kafka { broker, topic } => {
+                let consumer = kafka_consumer(broker, topic)?;
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let stopped = Arc::clone(&stop);
+                let poller = tokio::task::spawn_blocking(move || {
+                    while !stopped.load(Ordering::Relaxed) {
+                        if let Some(Ok(record)) = consumer.poll(Duration::from_millis(100)) {
+                            note(&noted, record.payload().unwrap_or_default());
+                        }
+                    }
+                });
+                // Aborting a blocking task does not stop it: the guard's drop raises the flag.
+                tokio::spawn(async move {
+                    let _stop_on_abort = StopOnDrop(stop);
+                    let _ = poller.await;
+                })
+            }
         };
         Ok(Watch { arrivals, task })
     }
@@ -306,6 +367,45 @@ impl Sink {
                     .exchange_delete(exchange.as_str().into(), Default::default())
                     .await;
             }
+            Sink::Kafka { broker, topic } => {
+                if let Ok(admin) = kafka_admin(&broker) {
+                    let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
+                }
+            }
         }
     }
+}
+
+/// Raises its flag when dropped.
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn kafka_admin(broker: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .create()
+        .with_context(|| format!("a Kafka admin client for {broker}"))
+}
+
+/// A consumer of the topic's one partition from its first record.
+fn kafka_consumer(broker: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set(
+            "group.id",
+            format!("outbox-bench-{}", rand::random::<u32>()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "1")
+        .create()
+        .with_context(|| format!("a Kafka consumer for {broker}"))?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&assignment)?;
+    Ok(consumer)
 }

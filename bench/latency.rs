@@ -38,7 +38,7 @@ pub(super) async fn latency_scenario(args: &Args, server: &Server) -> anyhow::Re
                 .execute("DELETE FROM outbox.subscriptions", &[])
                 .await
                 .context("replacing the receiver's subscription")?;
-            let created = sink.insert(Sink::create(args.target, "bench-latency").await?);
+            let created = sink.insert(Sink::create(args, "bench-latency").await?);
             add_subscription(&client, "bench-latency", &created.url(), args.max_in_flight).await?;
             Some(created.watch().await?)
         };
