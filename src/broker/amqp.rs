@@ -5,8 +5,10 @@
 //! a lost connection is a failed attempt.
 //!
 //! `routing_key` defaults to the event type; no `exchange` means the default exchange (the
-//! routing key then names a queue). An empty vhost means RabbitMQ's default, `/`. `amqps://`
-//! is accepted by the schema but not yet by this build: such a delivery fails with a reason.
+//! routing key then names a queue). An empty vhost means RabbitMQ's default, `/`.
+//!
+//! `amqps://`: TLS over the connection to the checked address, the broker's certificate
+//! verified against the URL's host name and the [`TlsTrust`] roots.
 //!
 //! One connection per broker, user and vhost; on it one channel per exchange, because the
 //! broker closes a channel on some errors (a publish to a missing exchange) and that must not
@@ -20,7 +22,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{BasicProperties, Confirmation, ConnectionProperties};
 
-use super::{Link, Message, Server, TargetError, UrlParts, failed};
+use super::{Link, Message, Server, TargetError, TlsTrust, UrlParts, failed};
 use crate::webhook::client::{FailureKind, HttpResult, error_chain};
 use crate::webhook::target_policy::TargetPolicy;
 
@@ -118,9 +120,13 @@ impl Target {
     }
 }
 
-async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, HttpResult> {
+async fn connect(
+    policy: &TargetPolicy,
+    trust: &TlsTrust,
+    target: &Target,
+) -> Result<Connection, HttpResult> {
     let server = &target.server;
-    let addr = server.checked_address(policy, "amqp").await?;
+    let addr = server.checked_address(policy).await?;
     let userinfo = if !server.has_credentials() {
         // What an AMQP URI without credentials means: RabbitMQ's guest user.
         AMQPUserInfo::default()
@@ -130,19 +136,53 @@ async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, H
             password: server.password().to_owned(),
         }
     };
-    // Connect to the checked address, not the name: see `super::resolve`.
     let uri = AMQPUri {
-        scheme: AMQPScheme::AMQP,
+        scheme: if server.tls {
+            AMQPScheme::AMQPS
+        } else {
+            AMQPScheme::AMQP
+        },
         authority: AMQPAuthority {
             userinfo,
-            host: addr.ip().to_string(),
+            host: server.endpoint.host.clone(),
             port: addr.port(),
         },
         vhost: target.vhost.clone(),
         query: AMQPQueryString::default(),
     };
     let properties = ConnectionProperties::default().with_connection_name("outbox-relay".into());
-    let connection = lapin::Connection::connect_uri(uri, properties)
+    let runtime = lapin::runtime::default_runtime().map_err(|error| {
+        failed(
+            FailureKind::Connect,
+            format!("amqp: no runtime: {}", error_chain(&error)),
+        )
+    })?;
+    let tls = server.tls;
+    let trust = trust.clone();
+    // Connect to the checked address, not the name: see `super::resolve`. The name (in `uri`)
+    // is what a TLS certificate is verified against. lapin calls this again to reconnect.
+    let connect_checked = async move |uri: AMQPUri, runtime| {
+        let stream = lapin::AsyncTcpStream::connect(&runtime, addr).await?;
+        if !tls {
+            return Ok(stream);
+        }
+        let host = &uri.authority.host;
+        Ok(match trust.ca_certificates() {
+            // The configured CAs in place of the system's roots.
+            Some(certificates) => {
+                let connector = lapin::tcp::RustlsConnectorConfig::default()
+                    .with_parsable_certificates(certificates)
+                    .connector_with_no_client_auth()?;
+                stream.into_rustls(&connector, host).await?
+            }
+            None => {
+                stream
+                    .into_tls(host, lapin::tcp::TLSConfig::default())
+                    .await?
+            }
+        })
+    };
+    let connection = lapin::Connection::connector(uri, runtime, connect_checked, properties)
         .await
         .map_err(|error| {
             failed(
@@ -182,12 +222,13 @@ fn properties(message: &Message<'_>) -> BasicProperties {
 
 pub(super) async fn publish(
     policy: &TargetPolicy,
+    trust: &TlsTrust,
     target: &Target,
     link: &Arc<Link<Connection>>,
     message: &Message<'_>,
 ) -> Result<HttpResult, HttpResult> {
     let connection = link
-        .get(Connection::usable, || connect(policy, target))
+        .get(Connection::usable, || connect(policy, trust, target))
         .await?;
     let channel = connection.channel(&target.exchange).await?;
     let routing_key = target

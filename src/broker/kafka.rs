@@ -13,8 +13,9 @@
 //! producer session. It does not make the relay's retries or replays single: those are new
 //! records with the same `event-id` header, which consumers use to drop a second copy.
 //!
-//! Credentials (`user:pass@`) are sent as SASL/PLAIN over the plain connection; TLS is not
-//! offered yet (see `Server::checked_address`: the checked address leaves no name to verify).
+//! Credentials (`user:pass@`) are sent as SASL/PLAIN over the plain connection; the scheme has
+//! no TLS form yet (librdkafka connects to the advertised brokers by itself, so the name each
+//! certificate would be checked against is librdkafka's to handle).
 //!
 //! SSRF: the bootstrap brokers are resolved and checked against the [`TargetPolicy`] and given
 //! to librdkafka as addresses. The brokers the cluster advertises (which librdkafka then
@@ -191,7 +192,7 @@ async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, H
     let mut bootstrap = Vec::new();
     for endpoint in target.brokers() {
         if server.tls {
-            // Not reachable (the scheme has no TLS form yet), but kept with the others' rule.
+            // Not reachable (the scheme has no TLS form yet): never a plain connection instead.
             return Err(failed(
                 FailureKind::InvalidRequest,
                 "kafka: TLS is not supported",

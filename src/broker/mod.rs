@@ -97,23 +97,80 @@ fn failed(kind: FailureKind, error: impl Into<String>) -> HttpResult {
 /// Connecting, as opposed to the URL forms in `target.rs`: kept beside [`resolve`], the SSRF
 /// check it runs.
 impl Server {
-    /// The address to connect to (see [`resolve`]). TLS (`rediss://`, `amqps://`) is refused
-    /// for now: connecting to the checked address leaves no name to verify the certificate
-    /// against, and connecting by name would re-open the gap the check closes.
-    async fn checked_address(
-        &self,
-        policy: &TargetPolicy,
-        kind: &str,
-    ) -> Result<SocketAddr, HttpResult> {
-        if self.tls {
-            return Err(failed(
-                FailureKind::InvalidRequest,
-                format!(
-                    "{kind}: {kind}s:// (TLS) is not supported yet; use {kind}:// on a trusted network"
-                ),
-            ));
-        }
+    /// The address to connect to (see [`resolve`]). With TLS (`rediss://`, `amqps://`) the
+    /// connection goes to this address too, and the certificate is verified against the name
+    /// in the URL, as a browser does for a webhook's `https://`.
+    async fn checked_address(&self, policy: &TargetPolicy) -> Result<SocketAddr, HttpResult> {
         resolve(policy, &self.endpoint).await
+    }
+}
+
+/// The certificate authorities TLS broker connections (`rediss://`, `amqps://`) are verified
+/// against: the system's roots, or the PEM file `OUTBOX_BROKER_CA_FILE` names.
+#[derive(Clone, Debug, Default)]
+pub struct TlsTrust {
+    /// The file's certificates, PEM; `None`: the system's roots.
+    ca_pem: Option<Arc<str>>,
+}
+
+/// `OUTBOX_BROKER_CA_FILE` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsTrustError {
+    #[error("reading the broker CA file {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the broker CA file {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
+    NoCertificate { path: std::path::PathBuf },
+}
+
+impl TlsTrust {
+    /// The system's roots.
+    pub fn system() -> TlsTrust {
+        TlsTrust::default()
+    }
+
+    /// The certificates in the PEM file at `path` instead of the system's roots; a file that
+    /// cannot be read or holds no certificate is refused now, not at the first publish.
+    pub fn from_ca_file(path: &std::path::Path) -> Result<TlsTrust, TlsTrustError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::fs::read_to_string(path).map_err(|source| TlsTrustError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !CertificateDer::pem_slice_iter(pem.as_bytes()).any(|cert| cert.is_ok()) {
+            return Err(TlsTrustError::NoCertificate {
+                path: path.to_owned(),
+            });
+        }
+        Ok(TlsTrust {
+            ca_pem: Some(pem.into()),
+        })
+    }
+
+    /// [`TlsTrust::from_ca_file`] when a file is named, else [`TlsTrust::system`].
+    pub fn from_config(path: Option<&std::path::Path>) -> Result<TlsTrust, TlsTrustError> {
+        path.map_or(Ok(TlsTrust::system()), TlsTrust::from_ca_file)
+    }
+
+    fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    /// The configured certificates (checked at load to hold at least one), or `None` for the
+    /// system's roots.
+    fn ca_certificates(&self) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let pem = self.ca_pem.as_deref()?;
+        Some(
+            CertificateDer::pem_slice_iter(pem.as_bytes())
+                .filter_map(Result::ok)
+                .collect(),
+        )
     }
 }
 
@@ -260,6 +317,7 @@ pub struct Publishers {
 
 struct Inner {
     policy: Arc<TargetPolicy>,
+    trust: TlsTrust,
     /// Full target URL (secret: it may hold a password) → its route.
     routes: Mutex<HashMap<String, Arc<Route>>>,
     nats: Mutex<HashMap<String, Arc<Link<nats::Connection>>>>,
@@ -296,10 +354,11 @@ fn link<C: Clone>(
 
 impl Publishers {
     /// No connection is opened here: each is made when its first event is published.
-    pub fn new(policy: Arc<TargetPolicy>) -> Publishers {
+    pub fn new(policy: Arc<TargetPolicy>, trust: TlsTrust) -> Publishers {
         Publishers {
             inner: Arc::new(Inner {
                 policy,
+                trust,
                 routes: Mutex::new(HashMap::new()),
                 nats: Mutex::new(HashMap::new()),
                 redis: Mutex::new(HashMap::new()),
@@ -318,12 +377,17 @@ impl Publishers {
         };
         let timeout = message.timeout;
         let policy = &self.inner.policy;
+        let trust = &self.inner.trust;
         let publishing = async {
             // Err: the publish did not get as far as the broker's answer (no connection).
             let result = match &*route {
                 Route::Nats(target, link) => nats::publish(policy, target, link, &message).await,
-                Route::Redis(target, link) => redis::publish(policy, target, link, &message).await,
-                Route::Amqp(target, link) => amqp::publish(policy, target, link, &message).await,
+                Route::Redis(target, link) => {
+                    redis::publish(policy, trust, target, link, &message).await
+                }
+                Route::Amqp(target, link) => {
+                    amqp::publish(policy, trust, target, link, &message).await
+                }
                 Route::Kafka(target, link) => kafka::publish(policy, target, link, &message).await,
             };
             result.unwrap_or_else(|failure| failure)
@@ -391,33 +455,32 @@ impl Publishers {
 mod tests {
     use super::*;
 
-    /// `rediss://` and `amqps://` are taken at insert but refused when publishing (see
-    /// `checked_address`): a failed attempt saying so, never a plain-text connection.
-    #[tokio::test]
-    async fn tls_broker_targets_are_refused_before_any_connection() {
-        let policy = TargetPolicy::from(&crate::config::CidrList(Vec::new()));
-        let servers = [
-            match Target::parse("rediss://127.0.0.1:6379/0?stream=s") {
-                Ok(Target::Redis(target)) => (target.server, "redis"),
-                other => panic!("{other:?}"),
-            },
-            match Target::parse("amqps://guest:guest@127.0.0.1:5671/%2f?exchange=e") {
-                Ok(Target::Amqp(target)) => (target.server, "amqp"),
-                other => panic!("{other:?}"),
-            },
-        ];
-        for (server, kind) in servers {
-            match server.checked_address(&policy, kind).await {
-                Err(HttpResult::Failed {
-                    kind: failure,
-                    error,
-                }) => {
-                    assert_eq!(failure, FailureKind::InvalidRequest);
-                    assert!(error.contains("(TLS) is not supported yet"), "{error}");
-                }
-                other => panic!("{kind}: {other:?}"),
-            }
-        }
+    /// `OUTBOX_BROKER_CA_FILE` naming a missing file, or one without a certificate, stops the
+    /// relay at start with the path; no file means the system's roots.
+    #[test]
+    fn a_broker_ca_file_without_a_certificate_is_refused_at_start() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let missing = dir.path().join("missing.pem");
+        let error = TlsTrust::from_ca_file(&missing).expect_err("missing file");
+        assert!(matches!(error, TlsTrustError::Read { .. }), "{error:?}");
+        assert!(error.to_string().contains("missing.pem"), "{error}");
+        let empty = dir.path().join("key-only.pem");
+        std::fs::write(
+            &empty,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        let error = TlsTrust::from_ca_file(&empty).expect_err("no certificate");
+        assert!(
+            matches!(error, TlsTrustError::NoCertificate { .. }),
+            "{error:?}"
+        );
+        assert!(
+            TlsTrust::from_config(None)
+                .expect("system")
+                .ca_pem()
+                .is_none()
+        );
     }
 
     /// After a failed connect, attempts fail at once (no connect) until the backoff has

@@ -3,21 +3,80 @@
 //! and `source_service` when the event has them); success is the entry id Redis returns.
 //!
 //! Redis has no de-duplication: an event retried after a lost reply, or replayed, is a second
-//! entry with the same `event_id` field, which consumers use to drop it. `rediss://` (TLS) is
-//! accepted by the schema but not yet by this build: such a delivery fails with a reason.
+//! entry with the same `event_id` field, which consumers use to drop it.
+//!
+//! `rediss://`: TLS over the connection to the checked address, the server's certificate
+//! verified against the URL's host name and the [`TlsTrust`] roots.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 
-use super::{Link, Message, Server, TargetError, UrlParts, failed};
+use super::{Link, Message, Server, TargetError, TlsTrust, UrlParts, failed};
 use crate::webhook::client::{FailureKind, HttpResult, error_chain};
 use crate::webhook::target_policy::TargetPolicy;
 
-/// A multiplexed connection that reconnects by itself: every delivery task's XADD is
-/// pipelined on it, and a broken connection fails only the commands in flight on it.
-pub(crate) type Connection = ConnectionManager;
+/// A multiplexed connection: every delivery task's XADD is pipelined on it, and a broken
+/// connection fails only the commands in flight on it.
+#[derive(Clone)]
+pub(crate) enum Connection {
+    /// `redis://`: the client's connection manager, which reconnects by itself (to the checked
+    /// address).
+    Plain(ConnectionManager),
+    /// `rediss://`: the manager cannot be told which address a name stands for, so this is a
+    /// plain multiplexed connection, given the checked address by [`CheckedAddress`]; once a
+    /// command found it broken the link makes a new one.
+    Tls {
+        connection: MultiplexedConnection,
+        broken: Arc<AtomicBool>,
+    },
+}
+
+impl Connection {
+    fn usable(&self) -> bool {
+        match self {
+            Connection::Plain(_) => true,
+            Connection::Tls { broken, .. } => !broken.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn xadd(&self, command: &redis::Cmd) -> redis::RedisResult<String> {
+        match self {
+            Connection::Plain(manager) => command.query_async(&mut manager.clone()).await,
+            Connection::Tls { connection, broken } => {
+                let result = command.query_async(&mut connection.clone()).await;
+                if let Err(error) = &result
+                    && (error.is_io_error()
+                        || error.is_connection_dropped()
+                        || error.is_unrecoverable_error())
+                {
+                    broken.store(true, Ordering::Relaxed);
+                }
+                result
+            }
+        }
+    }
+}
+
+/// Answers the client's name lookup with the address [`super::resolve`] checked, so that the
+/// TLS connection keeps the name (for the certificate) but cannot be steered elsewhere.
+struct CheckedAddress(SocketAddr);
+
+impl redis::io::AsyncDNSResolver for CheckedAddress {
+    fn resolve<'a, 'b: 'a>(
+        &'a self,
+        _host: &'b str,
+        _port: u16,
+    ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
+        let addr = self.0;
+        Box::pin(async move {
+            Ok(Box::new(std::iter::once(addr)) as Box<dyn Iterator<Item = SocketAddr> + Send>)
+        })
+    }
+}
 
 #[derive(Debug)]
 pub struct Target {
@@ -78,9 +137,13 @@ impl Target {
     }
 }
 
-async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, HttpResult> {
+async fn connect(
+    policy: &TargetPolicy,
+    trust: &TlsTrust,
+    target: &Target,
+) -> Result<Connection, HttpResult> {
     let server = &target.server;
-    let addr = server.checked_address(policy, "redis").await?;
+    let addr = server.checked_address(policy).await?;
     let mut settings = redis::RedisConnectionInfo::default().set_db(target.db);
     if !server.username.is_empty() {
         settings = settings.set_username(&server.username);
@@ -88,16 +151,62 @@ async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, H
     if server.password.is_some() {
         settings = settings.set_password(server.password());
     }
+    let connect_failed = |error: redis::RedisError| {
+        failed(
+            FailureKind::Connect,
+            format!(
+                "redis: connecting to {}: {}",
+                server.endpoint,
+                error_chain(&error)
+            ),
+        )
+    };
+    let invalid =
+        |error: redis::RedisError| failed(FailureKind::InvalidRequest, format!("redis: {error}"));
+    if server.tls {
+        // The name stays in the address (the certificate is verified against it); the lookup
+        // is answered with the checked address.
+        let info = redis::IntoConnectionInfo::into_connection_info(format!(
+            "rediss://{}/",
+            server.endpoint
+        ))
+        .map_err(invalid)?
+        .set_redis_settings(settings);
+        let client = match trust.ca_pem() {
+            // The configured CAs in place of the system's roots.
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.as_bytes().to_vec()),
+                },
+            ),
+            None => redis::Client::open(info),
+        }
+        .map_err(invalid)?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(super::CONNECT_TIMEOUT))
+            // Each publish is bounded by its subscription's timeout instead (in `super`).
+            .set_response_timeout(None)
+            .set_dns_resolver(CheckedAddress(addr));
+        let connection = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(connect_failed)?;
+        return Ok(Connection::Tls {
+            connection,
+            broken: Arc::default(),
+        });
+    }
     // Connect to the checked address, not the name: see `super::resolve`. The manager's
     // reconnects go to the same address.
     let info = redis::IntoConnectionInfo::into_connection_info(redis::ConnectionAddr::Tcp(
         addr.ip().to_string(),
         addr.port(),
     ))
-    .map_err(|error| failed(FailureKind::InvalidRequest, format!("redis: {error}")))?
+    .map_err(invalid)?
     .set_redis_settings(settings);
-    let client = redis::Client::open(info)
-        .map_err(|error| failed(FailureKind::InvalidRequest, format!("redis: {error}")))?;
+    let client = redis::Client::open(info).map_err(invalid)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(super::CONNECT_TIMEOUT))
         // Each publish is bounded by its subscription's timeout instead (in `super`): one
@@ -106,25 +215,20 @@ async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, H
         .set_max_delay(Duration::from_secs(5));
     ConnectionManager::new_with_config(client, config)
         .await
-        .map_err(|error| {
-            failed(
-                FailureKind::Connect,
-                format!(
-                    "redis: connecting to {}: {}",
-                    server.endpoint,
-                    error_chain(&error)
-                ),
-            )
-        })
+        .map(Connection::Plain)
+        .map_err(connect_failed)
 }
 
 pub(super) async fn publish(
     policy: &TargetPolicy,
+    trust: &TlsTrust,
     target: &Target,
     link: &Arc<Link<Connection>>,
     message: &Message<'_>,
 ) -> Result<HttpResult, HttpResult> {
-    let mut connection = link.get(|_| true, || connect(policy, target)).await?;
+    let connection = link
+        .get(Connection::usable, || connect(policy, trust, target))
+        .await?;
     let event = message.event;
     let mut command = redis::cmd("XADD");
     command.arg(&target.stream);
@@ -148,7 +252,7 @@ pub(super) async fn publish(
             command.arg(name).arg(value);
         }
     }
-    Ok(match command.query_async::<String>(&mut connection).await {
+    Ok(match connection.xadd(&command).await {
         Ok(entry_id) => HttpResult::Published {
             receipt: format!("redis: stream {} entry {entry_id}", target.stream),
         },

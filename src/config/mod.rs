@@ -13,6 +13,7 @@
 //! each name means for how statements are sent.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -34,6 +35,12 @@ pub struct RelayConfig {
     /// (comma-separated, e.g. `10.0.0.0/8,127.0.0.1`). Refused by default.
     #[arg(long, env = "OUTBOX_ALLOW_PRIVATE_TARGETS", default_value = "", value_parser = parse_cidrs)]
     pub allow_private_targets: CidrList,
+
+    /// PEM file of the certificate authorities that `rediss://` and `amqps://` broker targets
+    /// must be signed by, in place of the system's roots (for brokers with a private CA).
+    /// Read at start. Unset: the system's roots.
+    #[arg(long, env = "OUTBOX_BROKER_CA_FILE")]
+    pub broker_ca_file: Option<PathBuf>,
 
     /// Fallback poll interval. LISTEN/NOTIFY wakes the relay at once; the poll catches what a
     /// lost notification would miss and retries that come due.
@@ -343,6 +350,7 @@ impl RelayConfig {
             allow_private_targets: CidrList(vec![
                 "127.0.0.0/8".parse().expect("literal CIDR is valid"),
             ]),
+            broker_ca_file: None,
             poll_interval: Duration::from_millis(200),
             busy_poll_interval: Duration::from_millis(1),
             busy_linger: Duration::from_millis(200),

@@ -109,6 +109,7 @@ impl Deliverer {
         db: Db,
         subscriptions: SubscriptionCache,
         client: WebhookClient,
+        brokers: crate::broker::Publishers,
         metrics: Metrics,
         health: Health,
         relay_id: Arc<str>,
@@ -121,7 +122,7 @@ impl Deliverer {
         Deliverer {
             db,
             subscriptions,
-            brokers: crate::broker::Publishers::new(client.policy()),
+            brokers,
             client,
             metrics,
             health,

@@ -50,6 +50,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("building the HTTP client")]
     Client(#[from] crate::webhook::client::ClientError),
+    #[error(transparent)]
+    BrokerTrust(#[from] crate::broker::TlsTrustError),
     #[error("binding the HTTP listener on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -132,6 +134,10 @@ pub async fn start(
         crate::webhook::target_policy::TargetPolicy::from(&config.allow_private_targets),
         &format!("outbox-relay/{}", env!("CARGO_PKG_VERSION")),
     )?;
+    let brokers = crate::broker::Publishers::new(
+        client.policy(),
+        crate::broker::TlsTrust::from_config(config.broker_ca_file.as_deref())?,
+    );
     let http_addr = http_listener
         .local_addr()
         .map_err(|source| StartError::Bind {
@@ -160,6 +166,7 @@ pub async fn start(
         db.clone(),
         subscriptions.clone(),
         client,
+        brokers,
         metrics.clone(),
         health.clone(),
         relay_id.clone(),

@@ -7,6 +7,9 @@
 //! between the relay and the broker: cutting its connections breaks the relay's long-lived
 //! connection exactly as a broker restart or a network cut does, without disturbing the other
 //! tests that share the broker. For Redis the cut is the broker's own `CLIENT KILL`.
+//!
+//! `rediss://` and `amqps://` meet the same proxy ending TLS with a certificate for
+//! `localhost` from a CA of the test's own ([`TestTls`]).
 
 mod amqp;
 mod kafka;
@@ -22,6 +25,85 @@ use outbox_relay::webhook::{EventForDelivery, build_body};
 use uuid::Uuid;
 
 use crate::harness::db::TestDb;
+
+/// A CA of the test's own, a certificate for `localhost` signed by it (served by
+/// [`proxy::Proxy::start_tls`]), and the CA's PEM in a file, for `OUTBOX_BROKER_CA_FILE`.
+struct TestTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    ca_file: tempfile::NamedTempFile,
+}
+
+impl TestTls {
+    fn new() -> TestTls {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "outbox-relay broker test CA");
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+        let server_key = KeyPair::generate().expect("server key");
+        let server_cert = CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("server params")
+            .signed_by(&server_key, &ca)
+            .expect("server certificate");
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![server_cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+            )
+            .expect("server TLS config");
+        let ca_file = tempfile::NamedTempFile::new().expect("CA file");
+        std::fs::write(ca_file.path(), ca.pem()).expect("writing the CA file");
+        TestTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+            ca_file,
+        }
+    }
+
+    /// The test relay's settings, trusting this CA (and only it) for broker TLS.
+    fn trusting_relay_config(&self) -> outbox_relay::config::RelayConfig {
+        let mut config = outbox_relay::config::RelayConfig::for_tests();
+        config.broker_ca_file = Some(self.ca_file.path().to_owned());
+        config
+    }
+}
+
+/// Subscription settings for the TLS tests: a refused handshake is retried soon.
+const TLS_TEST_SETTINGS: [(&str, &str); 1] = [(
+    "retry_schedule",
+    "'{200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms}'",
+)];
+
+/// Asserts that every delivery of `subscription` has failed at least once with an error
+/// containing `reason`.
+async fn assert_failed_with(db: &TestDb, subscription: &str, reason: &str) {
+    let errors: Vec<Option<String>> = db
+        .client()
+        .await
+        .query(
+            "SELECT d.last_error FROM outbox.deliveries d
+               JOIN outbox.subscriptions s ON s.id = d.subscription_id
+              WHERE s.name = $1",
+            &[&subscription],
+        )
+        .await
+        .expect("read deliveries")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!errors.is_empty(), "{subscription} has deliveries");
+    for error in errors {
+        let error = error.unwrap_or_default();
+        assert!(error.contains(reason), "{subscription}: {error:?}");
+    }
+}
 
 /// A name no other test (or earlier run) uses: subjects, streams, exchanges.
 fn unique(prefix: &str) -> String {

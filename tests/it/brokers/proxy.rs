@@ -1,13 +1,16 @@
 //! A TCP relay between the outbox relay and a broker, so a test can break the relay's
 //! connection mid-drain (as a broker restart or a network cut would) and see what it does.
+//! [`Proxy::start_tls`] also ends TLS in front of a broker that has no TLS port here, so the
+//! relay's `rediss://` and `amqps://` connections meet a real certificate check.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 pub struct Proxy {
     pub addr: SocketAddr,
@@ -27,6 +30,17 @@ struct Link {
 impl Proxy {
     /// Listens on 127.0.0.1:0 and forwards each connection to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Proxy {
+        Proxy::start_with(upstream, None).await
+    }
+
+    /// [`Proxy::start`], each connection TLS on the listening side (ended here with
+    /// `acceptor`'s certificate), plain towards `upstream`. A client whose handshake fails is
+    /// dropped.
+    pub async fn start_tls(upstream: SocketAddr, acceptor: TlsAcceptor) -> Proxy {
+        Proxy::start_with(upstream, Some(acceptor)).await
+    }
+
+    async fn start_with(upstream: SocketAddr, tls: Option<TlsAcceptor>) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let links: Arc<Mutex<Vec<Link>>> = Arc::default();
@@ -39,13 +53,18 @@ impl Proxy {
                     continue;
                 };
                 let upstream_local = server.local_addr().expect("upstream local address");
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
                 let (up, down) = (Arc::clone(&dropping), Arc::clone(&dropping));
+                let tls = tls.clone();
                 let task = tokio::spawn(async move {
-                    tokio::select! {
-                        () = forward(client_read, server_write, up) => {}
-                        () = forward(server_read, client_write, down) => {}
+                    match tls {
+                        None => pipe(client, server, up, down).await,
+                        // The handshake runs in the link's task, so a client that never
+                        // finishes it holds up nobody else.
+                        Some(acceptor) => {
+                            if let Ok(client) = acceptor.accept(client).await {
+                                pipe(client, server, up, down).await;
+                            }
+                        }
                     }
                 });
                 let mut links = accepted.lock().expect("proxy links");
@@ -105,10 +124,23 @@ impl Drop for Proxy {
     }
 }
 
+/// Forwards both ways between `client` and `server` until either side closes.
+async fn pipe<C>(client: C, server: TcpStream, up: Arc<AtomicBool>, down: Arc<AtomicBool>)
+where
+    C: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (client_read, client_write) = tokio::io::split(client);
+    let (server_read, server_write) = server.into_split();
+    tokio::select! {
+        () = forward(client_read, server_write, up) => {}
+        () = forward(server_read, client_write, down) => {}
+    }
+}
+
 /// Copies `from` to `to` until either closes, dropping the bytes while `blackhole` is set.
 async fn forward(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
     blackhole: Arc<AtomicBool>,
 ) {
     let mut buffer = vec![0; 64 * 1024];

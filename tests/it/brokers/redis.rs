@@ -258,3 +258,49 @@ async fn redis_error_reply_is_a_failed_attempt() {
     );
     relay.shutdown().await;
 }
+
+/// `rediss://` to `localhost` through a TLS proxy with a certificate from the test's CA,
+/// trusted by `OUTBOX_BROKER_CA_FILE`: every event is added. The same proxy reached as
+/// `127.0.0.1` is refused (the certificate names `localhost`): failed attempts that say why,
+/// and nothing in that stream.
+#[tokio::test]
+async fn rediss_publishes_over_tls_verified_against_the_urls_host_name() {
+    let tls = TestTls::new();
+    let proxy = Proxy::start_tls(REDIS.parse().expect("address"), tls.acceptor.clone()).await;
+    let db = TestDb::new().await;
+    let (by_name, by_ip) = (TestStream::new().await, TestStream::new().await);
+    let rediss = |url: String| url.replacen("redis://", "rediss://", 1);
+    let port = proxy.addr.port();
+    let name_url = rediss(by_name.url(&format!("localhost:{port}"), ""));
+    let ip_url = rediss(by_ip.url(&proxy.addr.to_string(), ""));
+    add_subscription(&db, "by_name", &name_url, &TLS_TEST_SETTINGS).await;
+    add_subscription(&db, "by_ip", &ip_url, &TLS_TEST_SETTINGS).await;
+    let relay = spawn_relay(&db, tls.trusting_relay_config()).await;
+    publish_many(&db, 10, 5).await;
+    wait_for_statuses(&db, "delivered", 10).await;
+    wait_for_statuses(&db, "failing", 10).await;
+    assert_eq!(by_name.entries().await.len(), 10);
+    assert_failed_with(&db, "by_ip", "certificate not valid for name").await;
+    assert!(by_ip.entries().await.is_empty(), "nothing sent without TLS");
+    relay.shutdown().await;
+}
+
+/// Without `OUTBOX_BROKER_CA_FILE` the system's roots decide, and the test CA is not among
+/// them: every attempt fails on the certificate, none falls back to plain text.
+#[tokio::test]
+async fn rediss_refuses_a_certificate_from_an_unknown_ca() {
+    let tls = TestTls::new();
+    let proxy = Proxy::start_tls(REDIS.parse().expect("address"), tls.acceptor.clone()).await;
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    let url = stream
+        .url(&format!("localhost:{}", proxy.addr.port()), "")
+        .replacen("redis://", "rediss://", 1);
+    add_subscription(&db, "orders", &url, &TLS_TEST_SETTINGS).await;
+    let relay = spawn_default_relay(&db).await;
+    publish_many(&db, 3, 3).await;
+    wait_for_statuses(&db, "failing", 3).await;
+    assert_failed_with(&db, "orders", "UnknownIssuer").await;
+    assert!(stream.entries().await.is_empty());
+    relay.shutdown().await;
+}
