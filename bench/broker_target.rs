@@ -80,6 +80,11 @@ pub(super) enum Sink {
     Kafka {
         broker: String,
         topic: String,
+        /// Raised by [`Sink::remove`]: the watching consumers stop, and are waited for before
+        /// the topic is deleted (librdkafka crashed on tansu's metadata for a topic deleted
+        /// under a consumer still reading it).
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        readers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     },
 }
 
@@ -181,7 +186,12 @@ impl Sink {
                         anyhow::anyhow!("creating topic {name} on {broker}: {error}")
                     })?;
                 }
-                Ok(Sink::Kafka { broker, topic })
+                Ok(Sink::Kafka {
+                    broker,
+                    topic,
+                    stop: Arc::default(),
+                    readers: Mutex::default(),
+                })
             }
         }
     }
@@ -194,7 +204,7 @@ impl Sink {
             Sink::Amqp { exchange, .. } => {
                 format!("amqp://guest:guest@127.0.0.1:5672/%2f?exchange={exchange}")
             }
-            Sink::Kafka { broker, topic } => format!("kafka://{broker}/{topic}"),
+            Sink::Kafka { broker, topic, .. } => format!("kafka://{broker}/{topic}"),
         }
     }
 
@@ -228,7 +238,7 @@ impl Sink {
                     .await?;
                 Ok(u64::from(declared.message_count()))
             }
-            Sink::Kafka { broker, topic } => {
+            Sink::Kafka { broker, topic, .. } => {
                 let consumer = kafka_consumer(broker, topic)?;
                 // Read to the end: tansu 0.6.0's high watermark is one past the last batch's
                 // base offset, not past its last record, so it cannot count them.
@@ -248,7 +258,8 @@ impl Sink {
     /// Starts a consumer that notes when each message arrives: a core NATS subscription on
     /// the subject (JetStream delivers stored messages to it too), `XREAD BLOCK` on the Redis
     /// stream, a `basic.consume` on the bound queue, a Kafka consumer polling the topic (its
-    /// fetch waits at most 1 ms at the broker, so it adds little to a record's latency).
+    /// fetch waits at most 1 ms at the broker, so it adds little to a record's latency; it
+    /// stops in [`Sink::remove`]).
     pub(super) async fn watch(&self) -> anyhow::Result<Watch> {
         let arrivals: Arrivals = Arc::default();
         let noted = Arc::clone(&arrivals);
@@ -316,22 +327,27 @@ impl Sink {
                     }
                 })
             }
-            Sink::Kafka { broker, topic } => {
+            Sink::Kafka {
+                broker,
+                topic,
+                stop,
+                readers,
+            } => {
                 let consumer = kafka_consumer(broker, topic)?;
-                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let stopped = Arc::clone(&stop);
+                let stop = Arc::clone(stop);
                 let poller = tokio::task::spawn_blocking(move || {
-                    while !stopped.load(Ordering::Relaxed) {
+                    while !stop.load(Ordering::Relaxed) {
                         if let Some(Ok(record)) = consumer.poll(Duration::from_millis(100)) {
                             note(&noted, record.payload().unwrap_or_default());
                         }
                     }
                 });
-                // Aborting a blocking task does not stop it: the guard's drop raises the flag.
-                tokio::spawn(async move {
-                    let _stop_on_abort = StopOnDrop(stop);
-                    let _ = poller.await;
-                })
+                readers
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(poller);
+                // Stopped by `remove`: aborting a blocking task would not stop it.
+                tokio::spawn(async {})
             }
         };
         Ok(Watch { arrivals, task })
@@ -367,21 +383,26 @@ impl Sink {
                     .exchange_delete(exchange.as_str().into(), Default::default())
                     .await;
             }
-            Sink::Kafka { broker, topic } => {
+            Sink::Kafka {
+                broker,
+                topic,
+                stop,
+                readers,
+            } => {
+                stop.store(true, Ordering::Relaxed);
+                let readers = std::mem::take(
+                    &mut *readers
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                );
+                for reader in readers {
+                    let _ = reader.await;
+                }
                 if let Ok(admin) = kafka_admin(&broker) {
                     let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
                 }
             }
         }
-    }
-}
-
-/// Raises its flag when dropped.
-struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
     }
 }
 
