@@ -423,6 +423,8 @@ fn kafka_consumer(broker: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
         )
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "1")
+        .set("fetch.error.backoff.ms", "1")
+        .set("fetch.queue.backoff.ms", "1")
         .create()
         .with_context(|| format!("a Kafka consumer for {broker}"))?;
     let mut assignment = TopicPartitionList::new();
