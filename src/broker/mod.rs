@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::secret::SecretUrl;
@@ -215,6 +216,9 @@ pub(crate) struct Link<C> {
 
 struct LinkState<C> {
     connection: Option<C>,
+    /// When a publish last asked for the connection: a link unused for
+    /// `OUTBOX_BROKER_IDLE_TIMEOUT` is closed (see [`Publishers::close_idle`]).
+    last_used: Instant,
     backoff: Backoff,
     /// After a failed connect: no new try before then; the attempts in between fail with
     /// `last_error`.
@@ -228,6 +232,7 @@ impl<C: Clone> Link<C> {
             label,
             state: tokio::sync::Mutex::new(LinkState {
                 connection: None,
+                last_used: Instant::now(),
                 backoff: Backoff::new(RECONNECT_BACKOFF_START, RECONNECT_BACKOFF_MAX),
                 retry_at: None,
                 last_error: String::new(),
@@ -244,6 +249,7 @@ impl<C: Clone> Link<C> {
         Fut: Future<Output = Result<C, HttpResult>>,
     {
         let mut state = self.state.lock().await;
+        state.last_used = Instant::now();
         if let Some(connection) = &state.connection {
             if usable(connection) {
                 return Ok(connection.clone());
@@ -299,6 +305,34 @@ impl<C: Clone> Link<C> {
     }
 }
 
+impl<C> Link<C> {
+    /// Whether no publish asked for the connection for `idle` before `now`. A link being
+    /// connected (its lock taken) is in use.
+    fn idle_for(&self, idle: Duration, now: Instant) -> bool {
+        self.state
+            .try_lock()
+            .is_ok_and(|state| now.saturating_duration_since(state.last_used) >= idle)
+    }
+}
+
+/// Drops the links of `links` idle for `idle` that nothing else holds (no cached route, no
+/// publish under way), which closes their connections. Returns what was closed, for logs.
+fn close_idle_links<C>(
+    links: &Mutex<HashMap<String, Arc<Link<C>>>>,
+    idle: Duration,
+    now: Instant,
+) -> Vec<String> {
+    let mut closed = Vec::new();
+    lock(links).retain(|_, link| {
+        let close = Arc::strong_count(link) == 1 && link.idle_for(idle, now);
+        if close {
+            closed.push(link.label.clone());
+        }
+        !close
+    });
+    closed
+}
+
 /// A parsed target and the connection that serves it.
 enum Route {
     Nats(nats::Target, Arc<Link<nats::Connection>>),
@@ -352,7 +386,58 @@ fn link<C: Clone>(
     )
 }
 
+impl Route {
+    fn idle_for(&self, idle: Duration, now: Instant) -> bool {
+        match self {
+            Route::Nats(_, link) => link.idle_for(idle, now),
+            Route::Redis(_, link) => link.idle_for(idle, now),
+            Route::Amqp(_, link) => link.idle_for(idle, now),
+            Route::Kafka(_, link) => link.idle_for(idle, now),
+        }
+    }
+}
+
 impl Publishers {
+    /// Closes the connections no publish used for `idle` (a subscription removed, moved to
+    /// another broker, or quiet): without this each broker a relay ever published to would
+    /// keep a connection, and librdkafka its threads, for the relay's lifetime. A target
+    /// used again reconnects on its next publish.
+    pub fn close_idle(&self, idle: Duration) {
+        let now = Instant::now();
+        // Routes first: a cached route holds its link.
+        lock(&self.inner.routes).retain(|_, route| !route.idle_for(idle, now));
+        let inner = &self.inner;
+        let closed = [
+            close_idle_links(&inner.nats, idle, now),
+            close_idle_links(&inner.redis, idle, now),
+            close_idle_links(&inner.amqp, idle, now),
+            close_idle_links(&inner.kafka, idle, now),
+        ];
+        for broker in closed.iter().flatten() {
+            tracing::info!(broker = %broker, idle = ?idle, "closed an idle broker connection");
+        }
+    }
+
+    /// [`Publishers::close_idle`] every `idle / 2` (at most every minute) until `stop`.
+    pub async fn close_idle_connections(self, idle: Duration, stop: CancellationToken) {
+        let every = (idle / 2).clamp(Duration::from_millis(10), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => self.close_idle(idle),
+            }
+        }
+    }
+
+    /// Open broker connections (links), for tests and logs.
+    pub fn open_links(&self) -> usize {
+        let inner = &self.inner;
+        lock(&inner.nats).len()
+            + lock(&inner.redis).len()
+            + lock(&inner.amqp).len()
+            + lock(&inner.kafka).len()
+    }
+
     /// No connection is opened here: each is made when its first event is published.
     pub fn new(policy: Arc<TargetPolicy>, trust: TlsTrust) -> Publishers {
         Publishers {
@@ -454,6 +539,35 @@ impl Publishers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link is closed once idle for the timeout and held by nothing else; one still held
+    /// (a cached route, a publish under way) or used since stays.
+    #[tokio::test]
+    async fn idle_links_nothing_holds_are_closed() {
+        let links: Mutex<HashMap<String, Arc<Link<u32>>>> = Mutex::default();
+        let connect = || async { Ok(1) };
+        for name in ["idle", "held", "used"] {
+            let link = link(&links, name.to_owned(), || name.to_owned());
+            link.get(|_| true, connect).await.expect("connects");
+        }
+        let held = Arc::clone(&lock(&links)["held"]);
+        let idle = Duration::from_secs(60);
+        let later = Instant::now() + idle;
+        assert!(
+            close_idle_links(&links, idle, Instant::now()).is_empty(),
+            "nothing idle yet"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let used = Arc::clone(&lock(&links)["used"]);
+        used.get(|_| true, connect).await.expect("connected");
+        drop(used);
+        // Idle for 60 s at `later` measured from the first gets, not from the second use.
+        let closed = close_idle_links(&links, idle - Duration::from_millis(10), later);
+        assert_eq!(closed, vec!["idle".to_owned()]);
+        let left: std::collections::BTreeSet<String> = lock(&links).keys().cloned().collect();
+        assert_eq!(left, ["held", "used"].map(str::to_owned).into());
+        drop(held);
+    }
 
     /// `OUTBOX_BROKER_CA_FILE` naming a missing file, or one without a certificate, stops the
     /// relay at start with the path; no file means the system's roots.

@@ -42,6 +42,11 @@ pub struct RelayConfig {
     #[arg(long, env = "OUTBOX_BROKER_CA_FILE")]
     pub broker_ca_file: Option<PathBuf>,
 
+    /// A broker connection no publish used for this long is closed (a removed or quiet
+    /// subscription); the next publish to that broker connects again.
+    #[arg(long, env = "OUTBOX_BROKER_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub broker_idle_timeout: Duration,
+
     /// Fallback poll interval. LISTEN/NOTIFY wakes the relay at once; the poll catches what a
     /// lost notification would miss and retries that come due.
     #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -289,6 +294,12 @@ impl RelayConfig {
         if self.poll_interval.is_zero() {
             return Err(ConfigError("OUTBOX_POLL_INTERVAL must be positive".into()));
         }
+        // Shorter would close connections between the publishes of a steady trickle.
+        if self.broker_idle_timeout < Duration::from_secs(1) {
+            return Err(ConfigError(
+                "OUTBOX_BROKER_IDLE_TIMEOUT must be at least 1s".into(),
+            ));
+        }
         // Zero means "no limit" to PostgreSQL, the opposite of what a small value asks for.
         if self.statement_timeout.as_millis() == 0 || self.lock_timeout.as_millis() == 0 {
             return Err(ConfigError(
@@ -351,6 +362,7 @@ impl RelayConfig {
                 "127.0.0.0/8".parse().expect("literal CIDR is valid"),
             ]),
             broker_ca_file: None,
+            broker_idle_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_millis(200),
             busy_poll_interval: Duration::from_millis(1),
             busy_linger: Duration::from_millis(200),
@@ -408,5 +420,17 @@ mod tests {
         let err = CidrList::parse("10.0.0.0/8, nonsense").expect_err("bad entry");
         assert_eq!(err.entry, "nonsense");
         assert!(CidrList::parse("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn a_broker_idle_timeout_under_a_second_is_refused() {
+        let mut config = RelayConfig::for_tests();
+        config.validate().expect("the test settings are valid");
+        config.broker_idle_timeout = Duration::from_millis(999);
+        let error = config.validate().expect_err("too short");
+        assert!(
+            error.to_string().contains("OUTBOX_BROKER_IDLE_TIMEOUT"),
+            "{error}"
+        );
     }
 }

@@ -166,7 +166,7 @@ pub async fn start(
         db.clone(),
         subscriptions.clone(),
         client,
-        brokers,
+        brokers.clone(),
         metrics.clone(),
         health.clone(),
         relay_id.clone(),
@@ -246,6 +246,7 @@ pub async fn start(
         claiming.clone(),
     ));
     background.spawn(dispatcher.run(events_wake, config.poll_interval, claiming.clone()));
+    background.spawn(brokers.close_idle_connections(config.broker_idle_timeout, claiming.clone()));
     let maintenance = Arc::new(maintenance);
     background
         .spawn(Arc::clone(&maintenance).run_heartbeat(config.heartbeat_interval, claiming.clone()));

@@ -304,3 +304,29 @@ async fn rediss_refuses_a_certificate_from_an_unknown_ca() {
     assert!(stream.entries().await.is_empty());
     relay.shutdown().await;
 }
+
+/// A broker connection no publish used for `OUTBOX_BROKER_IDLE_TIMEOUT` is closed (a removed
+/// or quiet subscription must not keep one for the relay's lifetime); the next publish
+/// connects again.
+#[tokio::test]
+async fn redis_idle_connection_is_closed_and_the_next_publish_reconnects() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    let proxy = Proxy::start(REDIS.parse().expect("address")).await;
+    add_subscription(&db, "orders", &stream.url(&proxy.addr.to_string(), ""), &[]).await;
+    let mut config = outbox_relay::config::RelayConfig::for_tests();
+    config.broker_idle_timeout = Duration::from_secs(1);
+    let relay = spawn_relay(&db, config).await;
+    publish_many(&db, 1, 1).await;
+    wait_for_statuses(&db, "delivered", 1).await;
+    assert_eq!(proxy.upstream_addrs().len(), 1, "one connection after the publish");
+    wait_until("the idle connection is closed", DEADLINE, || async {
+        proxy.upstream_addrs().is_empty()
+    })
+    .await;
+    publish_many(&db, 1, 1).await;
+    wait_for_statuses(&db, "delivered", 2).await;
+    assert_eq!(stream.entries().await.len(), 2);
+    assert_eq!(proxy.upstream_addrs().len(), 1, "connected again");
+    relay.shutdown().await;
+}
