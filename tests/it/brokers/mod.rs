@@ -75,11 +75,69 @@ impl TestTls {
     }
 }
 
+/// A broker behind [`proxy::Proxy::start_tls`]: reached as `localhost` (the name its
+/// certificate holds) or as `127.0.0.1` (a name it does not).
+struct TlsBroker {
+    tls: TestTls,
+    proxy: proxy::Proxy,
+}
+
+impl TlsBroker {
+    async fn start(broker: &str) -> TlsBroker {
+        let tls = TestTls::new();
+        let proxy =
+            proxy::Proxy::start_tls(broker.parse().expect("address"), tls.acceptor.clone()).await;
+        TlsBroker { tls, proxy }
+    }
+
+    /// `host:port` with the certificate's name.
+    fn by_name(&self) -> String {
+        format!("localhost:{}", self.proxy.addr.port())
+    }
+
+    /// `host:port` with an address the certificate does not name.
+    fn by_ip(&self) -> String {
+        self.proxy.addr.to_string()
+    }
+}
+
 /// Subscription settings for the TLS tests: a refused handshake is retried soon.
 const TLS_TEST_SETTINGS: [(&str, &str); 1] = [(
     "retry_schedule",
     "'{200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms}'",
 )];
+
+/// Subscriptions `by_name` (`name_url`, the broker by the certificate's name) and `by_ip`
+/// (`ip_url`, by its address), a relay trusting the test CA, 10 events. Returns the relay once
+/// `by_name` has delivered all 10 and `by_ip`'s have failed, each on the certificate's name.
+async fn publish_by_name_and_by_ip(
+    db: &TestDb,
+    broker: &TlsBroker,
+    name_url: &str,
+    ip_url: &str,
+) -> outbox_relay::relay::RelayHandle {
+    use crate::harness::relay::{add_subscription, spawn_relay, wait_for_statuses};
+    add_subscription(db, "by_name", name_url, &TLS_TEST_SETTINGS).await;
+    add_subscription(db, "by_ip", ip_url, &TLS_TEST_SETTINGS).await;
+    let relay = spawn_relay(db, broker.tls.trusting_relay_config()).await;
+    publish_many(db, 10, 5).await;
+    wait_for_statuses(db, "delivered", 10).await;
+    wait_for_statuses(db, "failing", 10).await;
+    assert_failed_with(db, "by_ip", "certificate not valid for name").await;
+    relay
+}
+
+/// A subscription `orders` to `url`, a relay with the system's roots only (the test CA is not
+/// among them), 3 events. Returns the relay once all 3 failed on the unknown issuer.
+async fn publish_with_an_unknown_ca(db: &TestDb, url: &str) -> outbox_relay::relay::RelayHandle {
+    use crate::harness::relay::{add_subscription, spawn_default_relay, wait_for_statuses};
+    add_subscription(db, "orders", url, &TLS_TEST_SETTINGS).await;
+    let relay = spawn_default_relay(db).await;
+    publish_many(db, 3, 3).await;
+    wait_for_statuses(db, "failing", 3).await;
+    assert_failed_with(db, "orders", "UnknownIssuer").await;
+    relay
+}
 
 /// Asserts that every delivery of `subscription` has failed at least once with an error
 /// containing `reason`.
