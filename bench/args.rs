@@ -125,6 +125,13 @@ pub(super) struct Args {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub(super) producer_steady_duration: Duration,
 
+    /// `producer_cost`: what the relay does with the producers' events. `deliver` (the
+    /// default) sends each to the receiver; `dispatch-only` gives the subscription an event
+    /// type nothing has, so the relay only fans out (marks each event dispatched, creates no
+    /// delivery): what the dispatcher alone costs the producers.
+    #[arg(long, value_enum, default_value_t = ProducerRelayWork::Deliver)]
+    pub(super) producer_relay_work: ProducerRelayWork,
+
     /// Keep each scenario's database instead of dropping it (with `--database-url`, for
     /// looking at what happened; a throwaway cluster is removed at exit regardless).
     #[arg(long)]
@@ -217,4 +224,11 @@ pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|error| {
         format!("invalid duration {text:?} ({error}): expected e.g. 500us, 50ms, 1s, 5m")
     })
+}
+
+/// See [`Args::producer_relay_work`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(super) enum ProducerRelayWork {
+    Deliver,
+    DispatchOnly,
 }

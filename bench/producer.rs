@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::{
-    Args, Row, Server, connect, on_own_runtime, percentile, receiver_with_subscription,
-    relay_counter_rows, relay_counters, row, start_relay, stop_relay, wait_all_delivered,
+    Args, ProducerRelayWork, Row, Server, connect, on_own_runtime, percentile,
+    receiver_with_subscription, relay_counter_rows, relay_counters, row, start_relay, stop_relay,
+    wait_all_delivered,
 };
 
 const SCENARIO: &str = "producer_cost";
@@ -76,6 +77,10 @@ pub(crate) async fn producer_cost_scenario(
     server: &Server,
 ) -> anyhow::Result<Vec<Row>> {
     let deadline = tokio::time::Instant::now() + args.scenario_timeout;
+    let scenario = match args.producer_relay_work {
+        ProducerRelayWork::Deliver => SCENARIO,
+        ProducerRelayWork::DispatchOnly => "producer_cost:dispatch_only",
+    };
     if args.producer_connections.is_empty()
         || args.producer_connections.contains(&0)
         || args.producer_transactions == 0
@@ -107,14 +112,24 @@ pub(crate) async fn producer_cost_scenario(
             .context("creating the plain table")?;
         let _receiver =
             receiver_with_subscription(&admin, "bench-producer", PATH, args.max_in_flight).await?;
+        if args.producer_relay_work == ProducerRelayWork::DispatchOnly {
+            admin
+                .execute(
+                    "UPDATE outbox.subscriptions SET event_types = '{bench.nothing}'",
+                    &[],
+                )
+                .await
+                .context("making the subscription match nothing")?;
+        }
         let relay = start_relay(args, &db.url).await?;
         let outcome = async {
             let before = relay_counters(&relay);
             let mut delivered_expected = 0u64;
             let mut rows = Vec::new();
             eprintln!(
-                "  producer_cost: {} transactions per phase, {} round(s) ABBA, connections {:?}; \
-                 steady {}/s over {} connections for {:?}",
+                "  producer_cost: relay work {:?}, {} transactions per phase, {} round(s) ABBA, \
+                 connections {:?}; steady {}/s over {} connections for {:?}",
+                args.producer_relay_work,
                 args.producer_transactions,
                 args.producer_rounds,
                 args.producer_connections,
@@ -168,19 +183,19 @@ pub(crate) async fn producer_cost_scenario(
                 let rate = |(n, d): (u64, Duration)| n as f64 / d.as_secs_f64();
                 let (outbox, plain) = (rate(totals[0]), rate(totals[1]));
                 rows.push(row(
-                    SCENARIO,
+                    scenario,
                     &format!("c{connections} tx_per_s outbox (relay delivering)"),
                     outbox,
                     "1/s",
                 ));
                 rows.push(row(
-                    SCENARIO,
+                    scenario,
                     &format!("c{connections} tx_per_s plain table"),
                     plain,
                     "1/s",
                 ));
                 rows.push(row(
-                    SCENARIO,
+                    scenario,
                     &format!("c{connections} outbox/plain"),
                     outbox / plain * 100.0,
                     "%",
@@ -218,32 +233,32 @@ pub(crate) async fn producer_cost_scenario(
                 let p99 = percentile(values, 0.99);
                 summary[table as usize] = (mean, p99);
                 rows.push(row(
-                    SCENARIO,
+                    scenario,
                     &format!("steady {rate}/s commit_ms mean {}", table.name()),
                     mean,
                     "ms",
                 ));
                 rows.push(row(
-                    SCENARIO,
+                    scenario,
                     &format!("steady {rate}/s commit_ms p99 {}", table.name()),
                     p99,
                     "ms",
                 ));
             }
             rows.push(row(
-                SCENARIO,
+                scenario,
                 &format!("steady {rate}/s mean outbox/plain"),
                 summary[0].0 / summary[1].0,
                 "x",
             ));
             rows.push(row(
-                SCENARIO,
+                scenario,
                 &format!("steady {rate}/s p99 outbox/plain"),
                 summary[0].1 / summary[1].1,
                 "x",
             ));
             let after = relay_counters(&relay);
-            rows.extend(relay_counter_rows(SCENARIO, &before, &after));
+            rows.extend(relay_counter_rows(scenario, &before, &after));
             Ok(rows)
         }
         .await;
@@ -269,14 +284,18 @@ async fn relay_catches_up(
     if table != Table::Outbox {
         return Ok(0);
     }
+    let delivered = match args.producer_relay_work {
+        ProducerRelayWork::Deliver => phase.transactions,
+        ProducerRelayWork::DispatchOnly => 0,
+    };
     wait_all_delivered(
         admin,
-        delivered_before + phase.transactions,
+        delivered_before + delivered,
         deadline,
         args.scenario_timeout,
     )
     .await?;
-    Ok(phase.transactions)
+    Ok(delivered)
 }
 
 struct Phase {
