@@ -162,25 +162,25 @@ async fn connect(
     // Connect to the checked address, not the name: see `super::resolve`. The name (in `uri`)
     // is what a TLS certificate is verified against. lapin calls this again to reconnect.
     let connect_checked = async move |uri: AMQPUri, runtime| {
-        let stream = lapin::AsyncTcpStream::connect(&runtime, addr).await?;
-        if !tls {
-            return Ok(stream);
-        }
-        let host = &uri.authority.host;
-        Ok(match trust.ca_certificates() {
-            // The configured CAs in place of the system's roots.
-            Some(certificates) => {
-                let connector = lapin::tcp::RustlsConnectorConfig::default()
-                    .with_parsable_certificates(certificates)
-                    .connector_with_no_client_auth()?;
-                stream.into_rustls(&connector, host).await?
+        // lapin runs this on a thread of its own and waits for it there: without a bound, a
+        // peer that accepts TCP but never finishes the handshake would hold that thread
+        // for good, one more at each reconnect.
+        let connecting = async {
+            let stream = lapin::AsyncTcpStream::connect(&runtime, addr).await?;
+            if !tls {
+                return Ok(stream);
             }
-            None => {
-                stream
-                    .into_tls(host, lapin::tcp::TLSConfig::default())
-                    .await?
-            }
-        })
+            tls_handshake(stream, &uri.authority.host, &trust).await
+        };
+        tokio::time::timeout(super::CONNECT_TIMEOUT, connecting)
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {:?}", super::CONNECT_TIMEOUT),
+                ))
+            })
+            .map_err(lapin::Error::from)
     };
     let connection = lapin::Connection::connector(uri, runtime, connect_checked, properties)
         .await
@@ -200,6 +200,32 @@ async fn connect(
         connection: Arc::new(connection),
         channels: Arc::default(),
     })
+}
+
+/// TLS over `stream`, the broker's certificate verified against `host` and the [`TlsTrust`]
+/// roots.
+async fn tls_handshake<S>(
+    stream: lapin::AsyncTcpStream<S>,
+    host: &str,
+    trust: &TlsTrust,
+) -> std::io::Result<lapin::AsyncTcpStream<S>>
+where
+    S: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
+{
+    match trust.ca_certificates() {
+        // The configured CAs in place of the system's roots.
+        Some(certificates) => {
+            let connector = lapin::tcp::RustlsConnectorConfig::default()
+                .with_parsable_certificates(certificates)
+                .connector_with_no_client_auth()?;
+            stream.into_rustls(&connector, host).await
+        }
+        None => {
+            stream
+                .into_tls(host, lapin::tcp::TLSConfig::default())
+                .await
+        }
+    }
 }
 
 fn properties(message: &Message<'_>) -> BasicProperties {

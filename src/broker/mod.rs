@@ -248,22 +248,24 @@ impl<C> Link<C> {
     }
 }
 
-/// Drops the links of `links` idle for `idle` that nothing else holds (no cached route, no
-/// publish under way), which closes their connections. Returns what was closed, for logs.
-fn close_idle_links<C>(
+/// Takes out of `links` those idle for `idle` that nothing else holds (no cached route, no
+/// publish under way) and returns them: dropping them closes their connections, which the
+/// caller does after the map's lock is released (a Kafka producer's drop waits for its
+/// threads).
+fn take_idle_links<C>(
     links: &Mutex<HashMap<String, Arc<Link<C>>>>,
     idle: Duration,
     now: Instant,
-) -> Vec<String> {
-    let mut closed = Vec::new();
+) -> Vec<Arc<Link<C>>> {
+    let mut taken = Vec::new();
     lock(links).retain(|_, link| {
-        let close = Arc::strong_count(link) == 1 && link.idle_for(idle, now);
-        if close {
-            closed.push(link.label.clone());
+        let take = Arc::strong_count(link) == 1 && link.idle_for(idle, now);
+        if take {
+            taken.push(Arc::clone(link));
         }
-        !close
+        !take
     });
-    closed
+    taken
 }
 
 /// A parsed target and the connection that serves it.
@@ -340,14 +342,22 @@ impl Publishers {
         // Routes first: a cached route holds its link.
         lock(&self.inner.routes).retain(|_, route| !route.idle_for(idle, now));
         let inner = &self.inner;
-        let closed = [
-            close_idle_links(&inner.nats, idle, now),
-            close_idle_links(&inner.redis, idle, now),
-            close_idle_links(&inner.amqp, idle, now),
-            close_idle_links(&inner.kafka, idle, now),
-        ];
-        for broker in closed.iter().flatten() {
+        let nats = take_idle_links(&inner.nats, idle, now);
+        let redis = take_idle_links(&inner.redis, idle, now);
+        let amqp = take_idle_links(&inner.amqp, idle, now);
+        let kafka = take_idle_links(&inner.kafka, idle, now);
+        let labels = nats
+            .iter()
+            .map(|link| &link.label)
+            .chain(redis.iter().map(|link| &link.label))
+            .chain(amqp.iter().map(|link| &link.label))
+            .chain(kafka.iter().map(|link| &link.label));
+        for broker in labels {
             tracing::info!(broker = %broker, idle = ?idle, "closed an idle broker connection");
+        }
+        if !kafka.is_empty() {
+            // Dropping a producer joins librdkafka's threads: not on a runtime worker.
+            tokio::task::spawn_blocking(move || drop(kafka));
         }
     }
 
@@ -487,7 +497,7 @@ mod tests {
         let idle = Duration::from_secs(60);
         let later = Instant::now() + idle;
         assert!(
-            close_idle_links(&links, idle, Instant::now()).is_empty(),
+            take_idle_links(&links, idle, Instant::now()).is_empty(),
             "nothing idle yet"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -495,8 +505,9 @@ mod tests {
         used.get(|_| true, connect).await.expect("connected");
         drop(used);
         // Idle for 60 s at `later` measured from the first gets, not from the second use.
-        let closed = close_idle_links(&links, idle - Duration::from_millis(10), later);
-        assert_eq!(closed, vec!["idle".to_owned()]);
+        let taken = take_idle_links(&links, idle - Duration::from_millis(10), later);
+        let taken: Vec<&str> = taken.iter().map(|link| link.label.as_str()).collect();
+        assert_eq!(taken, ["idle"]);
         let left: std::collections::BTreeSet<String> = lock(&links).keys().cloned().collect();
         assert_eq!(left, ["held", "used"].map(str::to_owned).into());
         drop(held);

@@ -11,52 +11,56 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 
 use super::{Link, Message, Server, TargetError, TlsTrust, UrlParts, failed};
 use crate::webhook::client::{FailureKind, HttpResult, error_chain};
 use crate::webhook::target_policy::TargetPolicy;
 
 /// A multiplexed connection: every delivery task's XADD is pipelined on it, and a broken
-/// connection fails only the commands in flight on it.
+/// connection fails only the commands in flight on it. It connects to the checked address
+/// (given to the client by [`CheckedAddress`]); once a command found it broken, or went
+/// unanswered until its publish timed out, the link makes a new one.
+///
+/// Not the client's connection manager, which reconnects by itself: it cannot be given the
+/// checked address for a name (TLS needs the name), and a command whose request was lost on
+/// the way (a connection gone silent) leaves a multiplexed connection waiting for a reply
+/// that never comes, after which every later command on it times out too. The manager only
+/// reconnects after an I/O error, so it kept that connection for good.
 #[derive(Clone)]
-pub(crate) enum Connection {
-    /// `redis://`: the client's connection manager, which reconnects by itself (to the checked
-    /// address).
-    Plain(ConnectionManager),
-    /// `rediss://`: the manager cannot be told which address a name stands for, so this is a
-    /// plain multiplexed connection, given the checked address by [`CheckedAddress`]; once a
-    /// command found it broken the link makes a new one.
-    Tls {
-        connection: MultiplexedConnection,
-        broken: Arc<AtomicBool>,
-    },
+pub(crate) struct Connection {
+    connection: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
 }
 
 impl Connection {
     fn usable(&self) -> bool {
-        match self {
-            Connection::Plain(_) => true,
-            Connection::Tls { broken, .. } => !broken.load(Ordering::Relaxed),
-        }
+        !self.broken.load(Ordering::Relaxed)
     }
 
     async fn xadd(&self, command: &redis::Cmd) -> redis::RedisResult<String> {
-        match self {
-            Connection::Plain(manager) => command.query_async(&mut manager.clone()).await,
-            Connection::Tls { connection, broken } => {
-                let result = command.query_async(&mut connection.clone()).await;
-                if let Err(error) = &result
-                    && (error.is_io_error()
-                        || error.is_connection_dropped()
-                        || error.is_unrecoverable_error())
-                {
-                    broken.store(true, Ordering::Relaxed);
-                }
-                result
-            }
+        // A command that never answers is cut short by the publish timeout, which drops this
+        // future: the guard then marks the connection broken.
+        let mut unanswered = MarkBrokenOnDrop(Some(&self.broken));
+        let result = command.query_async(&mut self.connection.clone()).await;
+        let connection_failed = result.as_ref().is_err_and(|error| {
+            error.is_io_error() || error.is_connection_dropped() || error.is_unrecoverable_error()
+        });
+        if !connection_failed {
+            unanswered.0 = None;
+        }
+        result
+    }
+}
+
+/// Marks its flag when dropped while still holding it.
+struct MarkBrokenOnDrop<'a>(Option<&'a AtomicBool>);
+
+impl Drop for MarkBrokenOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(broken) = self.0 {
+            broken.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -163,60 +167,39 @@ async fn connect(
     };
     let invalid =
         |error: redis::RedisError| failed(FailureKind::InvalidRequest, format!("redis: {error}"));
-    if server.tls {
-        // The name stays in the address (the certificate is verified against it); the lookup
-        // is answered with the checked address.
-        let info = redis::IntoConnectionInfo::into_connection_info(format!(
-            "rediss://{}/",
-            server.endpoint
-        ))
-        .map_err(invalid)?
-        .set_redis_settings(settings);
-        let client = match trust.ca_pem() {
-            // The configured CAs in place of the system's roots.
-            Some(pem) => redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.as_bytes().to_vec()),
-                },
-            ),
-            None => redis::Client::open(info),
-        }
-        .map_err(invalid)?;
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(super::CONNECT_TIMEOUT))
-            // Each publish is bounded by its subscription's timeout instead (in `super`).
-            .set_response_timeout(None)
-            .set_dns_resolver(CheckedAddress(addr));
-        let connection = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(connect_failed)?;
-        return Ok(Connection::Tls {
-            connection,
-            broken: Arc::default(),
-        });
+    // The name stays in the address (a TLS certificate is verified against it); the lookup
+    // is answered with the checked address.
+    let scheme = if server.tls { "rediss" } else { "redis" };
+    let info =
+        redis::IntoConnectionInfo::into_connection_info(format!("{scheme}://{}/", server.endpoint))
+            .map_err(invalid)?
+            .set_redis_settings(settings);
+    let client = match trust.ca_pem() {
+        // The configured CAs in place of the system's roots.
+        Some(pem) if server.tls => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.as_bytes().to_vec()),
+            },
+        ),
+        _ => redis::Client::open(info),
     }
-    // Connect to the checked address, not the name: see `super::resolve`. The manager's
-    // reconnects go to the same address.
-    let info = redis::IntoConnectionInfo::into_connection_info(redis::ConnectionAddr::Tcp(
-        addr.ip().to_string(),
-        addr.port(),
-    ))
-    .map_err(invalid)?
-    .set_redis_settings(settings);
-    let client = redis::Client::open(info).map_err(invalid)?;
-    let config = ConnectionManagerConfig::new()
+    .map_err(invalid)?;
+    let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(super::CONNECT_TIMEOUT))
         // Each publish is bounded by its subscription's timeout instead (in `super`): one
         // fixed response timeout here would override it.
         .set_response_timeout(None)
-        .set_max_delay(Duration::from_secs(5));
-    ConnectionManager::new_with_config(client, config)
+        .set_dns_resolver(CheckedAddress(addr));
+    let connection = client
+        .get_multiplexed_async_connection_with_config(&config)
         .await
-        .map(Connection::Plain)
-        .map_err(connect_failed)
+        .map_err(connect_failed)?;
+    Ok(Connection {
+        connection,
+        broken: Arc::default(),
+    })
 }
 
 pub(super) async fn publish(

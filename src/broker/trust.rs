@@ -22,6 +22,13 @@ pub enum TlsTrustError {
     },
     #[error("the broker CA file {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
     NoCertificate { path: std::path::PathBuf },
+    #[error("the broker CA file {path}: certificate {number} cannot be used as a CA: {reason}")]
+    BadCertificate {
+        path: std::path::PathBuf,
+        /// 1 for the file's first certificate.
+        number: usize,
+        reason: String,
+    },
 }
 
 impl TlsTrust {
@@ -30,8 +37,10 @@ impl TlsTrust {
         TlsTrust::default()
     }
 
-    /// The certificates in the PEM file at `path` instead of the system's roots; a file that
-    /// cannot be read or holds no certificate is refused now, not at the first publish.
+    /// The certificates in the PEM file at `path` instead of the system's roots. A file that
+    /// cannot be read, holds no certificate, or holds one that is not a usable trust anchor
+    /// is refused now, not at the first publish: the Redis client refuses a whole bundle for
+    /// one bad entry, so a file that passed here must pass there.
     pub fn from_ca_file(path: &std::path::Path) -> Result<TlsTrust, TlsTrustError> {
         use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject;
@@ -39,7 +48,19 @@ impl TlsTrust {
             path: path.to_owned(),
             source,
         })?;
-        if !CertificateDer::pem_slice_iter(pem.as_bytes()).any(|cert| cert.is_ok()) {
+        let mut anchors = rustls::RootCertStore::empty();
+        for (index, certificate) in CertificateDer::pem_slice_iter(pem.as_bytes()).enumerate() {
+            let bad = |reason: String| TlsTrustError::BadCertificate {
+                path: path.to_owned(),
+                number: index + 1,
+                reason,
+            };
+            let certificate = certificate.map_err(|error| bad(error.to_string()))?;
+            anchors
+                .add(certificate)
+                .map_err(|error| bad(error.to_string()))?;
+        }
+        if anchors.is_empty() {
             return Err(TlsTrustError::NoCertificate {
                 path: path.to_owned(),
             });
@@ -78,10 +99,11 @@ impl TlsTrust {
 mod tests {
     use super::*;
 
-    /// `OUTBOX_BROKER_CA_FILE` naming a missing file, or one without a certificate, stops the
-    /// relay at start with the path; no file means the system's roots.
+    /// `OUTBOX_BROKER_CA_FILE` naming a missing file, one without a certificate or one with
+    /// a certificate that is no usable CA stops the relay at start with the path; no file
+    /// means the system's roots.
     #[test]
-    fn a_broker_ca_file_without_a_certificate_is_refused_at_start() {
+    fn a_broker_ca_file_without_usable_ca_certificates_is_refused_at_start() {
         let dir = tempfile::tempdir().expect("temp dir");
         let missing = dir.path().join("missing.pem");
         let error = TlsTrust::from_ca_file(&missing).expect_err("missing file");
@@ -98,11 +120,37 @@ mod tests {
             matches!(error, TlsTrustError::NoCertificate { .. }),
             "{error:?}"
         );
+        // A valid CA, then a PEM certificate block that is no certificate: refused for the
+        // second one (the Redis client would refuse the whole file at each connect).
+        let ca = self_signed_ca_pem();
+        let one_bad = dir.path().join("one-bad.pem");
+        std::fs::write(
+            &one_bad,
+            format!("{ca}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+        )
+        .expect("write");
+        let error = TlsTrust::from_ca_file(&one_bad).expect_err("one bad certificate");
+        assert!(
+            matches!(error, TlsTrustError::BadCertificate { number: 2, .. }),
+            "{error:?}"
+        );
+        let good = dir.path().join("good.pem");
+        std::fs::write(&good, &ca).expect("write");
+        let trust = TlsTrust::from_ca_file(&good).expect("a CA file");
+        assert_eq!(trust.ca_certificates().map(|certs| certs.len()), Some(1));
         assert!(
             TlsTrust::from_config(None)
                 .expect("system")
                 .ca_pem()
                 .is_none()
         );
+    }
+
+    /// A CA certificate of the test's own, PEM.
+    fn self_signed_ca_pem() -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().expect("key");
+        params.self_signed(&key).expect("certificate").pem()
     }
 }

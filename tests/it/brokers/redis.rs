@@ -309,7 +309,9 @@ async fn redis_idle_connection_is_closed_and_the_next_publish_reconnects() {
     let proxy = Proxy::start(REDIS.parse().expect("address")).await;
     add_subscription(&db, "orders", &stream.url(&proxy.addr.to_string(), ""), &[]).await;
     let mut config = outbox_relay::config::RelayConfig::for_tests();
-    config.broker_idle_timeout = Duration::from_secs(1);
+    // Long enough that the checks right after a delivery see the connection still open on
+    // a slow machine; the sweep runs every half of it.
+    config.broker_idle_timeout = Duration::from_secs(3);
     let relay = spawn_relay(&db, config).await;
     publish_many(&db, 1, 1).await;
     wait_for_statuses(&db, "delivered", 1).await;
@@ -326,5 +328,71 @@ async fn redis_idle_connection_is_closed_and_the_next_publish_reconnects() {
     wait_for_statuses(&db, "delivered", 2).await;
     assert_eq!(stream.entries().await.len(), 2);
     assert_eq!(proxy.upstream_addrs().len(), 1, "connected again");
+    relay.shutdown().await;
+}
+
+/// A `rediss://` connection that goes silent (the peer drops what it is sent, as behind a
+/// dead NAT entry) fails the publish on its timeout, and the next attempt uses a new
+/// connection instead of waiting on the silent one again.
+#[tokio::test]
+async fn rediss_connection_gone_silent_is_replaced_after_a_timeout() {
+    let broker = TlsBroker::start(REDIS).await;
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    let url = stream
+        .url(&broker.by_name(), "")
+        .replacen("redis", "rediss", 1);
+    add_subscription(
+        &db,
+        "orders",
+        &url,
+        &[
+            ("timeout", "'1 second'"),
+            ("retry_schedule", "'{200ms,200ms,200ms,200ms,200ms,200ms}'"),
+        ],
+    )
+    .await;
+    let relay = spawn_relay(&db, broker.tls.trusting_relay_config()).await;
+    publish_many(&db, 1, 1).await;
+    wait_for_statuses(&db, "delivered", 1).await;
+    broker.proxy.blackhole();
+    publish_many(&db, 1, 1).await;
+    wait_for_statuses(&db, "failing", 1).await;
+    let errors = last_errors(&db).await;
+    let error = errors[1].as_deref().unwrap_or_default();
+    assert!(error.contains("no confirm within"), "{error}");
+    // The silent connection works again from here on, but the command it swallowed left it
+    // waiting for a reply that never comes: only a new connection delivers.
+    broker.proxy.resume();
+    wait_for_statuses(&db, "delivered", 2).await;
+    assert_eq!(stream.entries().await.len(), 2);
+    relay.shutdown().await;
+}
+
+/// The same for a plain `redis://` connection.
+#[tokio::test]
+async fn redis_connection_gone_silent_is_replaced_after_a_timeout() {
+    let proxy = Proxy::start(REDIS.parse().expect("address")).await;
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    add_subscription(
+        &db,
+        "orders",
+        &stream.url(&proxy.addr.to_string(), ""),
+        &[
+            ("timeout", "'1 second'"),
+            ("retry_schedule", "'{200ms,200ms,200ms,200ms,200ms,200ms}'"),
+        ],
+    )
+    .await;
+    let relay = spawn_default_relay(&db).await;
+    publish_many(&db, 1, 1).await;
+    wait_for_statuses(&db, "delivered", 1).await;
+    proxy.blackhole();
+    publish_many(&db, 1, 1).await;
+    wait_for_statuses(&db, "failing", 1).await;
+    proxy.resume();
+    wait_for_statuses(&db, "delivered", 2).await;
+    assert_eq!(stream.entries().await.len(), 2);
     relay.shutdown().await;
 }
