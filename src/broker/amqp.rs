@@ -22,7 +22,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{BasicProperties, Confirmation, ConnectionProperties};
 
-use super::{Link, Message, Server, TargetError, TlsTrust, UrlParts, failed};
+use super::{Link, MarkBrokenOnDrop, Message, Server, TargetError, TlsTrust, UrlParts, failed};
 use crate::webhook::client::{FailureKind, HttpResult, error_chain};
 use crate::webhook::target_policy::TargetPolicy;
 
@@ -34,11 +34,17 @@ const PERSISTENT: u8 = 2;
 pub(crate) struct Connection {
     connection: Arc<lapin::Connection>,
     channels: Arc<tokio::sync::Mutex<HashMap<String, lapin::Channel>>>,
+    /// Set when a publish gave up waiting for its confirm. A publish lost on the way (a
+    /// connection gone silent) shifts the channel's confirm numbering: the broker's next ack
+    /// answers the lost message, so every later publish would wait for the one after it.
+    /// The link makes a new connection instead.
+    broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Connection {
     fn usable(&self) -> bool {
         self.connection.status().connected()
+            && !self.broken.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The exchange's channel, opened (in confirm mode) when there is none or the broker
@@ -199,6 +205,7 @@ async fn connect(
     Ok(Connection {
         connection: Arc::new(connection),
         channels: Arc::default(),
+        broken: Arc::default(),
     })
 }
 
@@ -262,6 +269,7 @@ pub(super) async fn publish(
         .as_deref()
         .unwrap_or(&message.event.event_type);
     let exchange = target.exchange_shown();
+    let mut unanswered = MarkBrokenOnDrop(Some(&connection.broken));
     let confirm = channel
         .basic_publish(
             target.exchange.as_str().into(),
@@ -278,6 +286,8 @@ pub(super) async fn publish(
         Ok(confirm) => confirm.await,
         Err(error) => Err(error),
     };
+    // Answered (or failed, which lapin's status shows): the connection is not suspect.
+    unanswered.0 = None;
     Ok(match confirmation {
         Ok(Confirmation::Ack(None)) => HttpResult::Published {
             receipt: format!("amqp: exchange {exchange} acked, routing key {routing_key:?}"),

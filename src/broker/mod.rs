@@ -108,6 +108,20 @@ impl Server {
     }
 }
 
+/// Marks its flag when dropped still holding it: a publish whose future is dropped before the
+/// broker answered (its timeout) leaves the connection suspect, since a request lost on the
+/// way leaves a pipelined connection waiting for an answer that never comes. Cleared
+/// (`.0 = None`) once the answer arrived.
+pub(super) struct MarkBrokenOnDrop<'a>(pub(super) Option<&'a std::sync::atomic::AtomicBool>);
+
+impl Drop for MarkBrokenOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(broken) = self.0 {
+            broken.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// Resolves the broker's host and keeps only the addresses the [`TargetPolicy`] permits: the
 /// connection is then made to that address, so a name cannot be re-pointed between check and
 /// connect.

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use redis::aio::MultiplexedConnection;
 
-use super::{Link, Message, Server, TargetError, TlsTrust, UrlParts, failed};
+use super::{Link, MarkBrokenOnDrop, Message, Server, TargetError, TlsTrust, UrlParts, failed};
 use crate::webhook::client::{FailureKind, HttpResult, error_chain};
 use crate::webhook::target_policy::TargetPolicy;
 
@@ -51,17 +51,6 @@ impl Connection {
             unanswered.0 = None;
         }
         result
-    }
-}
-
-/// Marks its flag when dropped while still holding it.
-struct MarkBrokenOnDrop<'a>(Option<&'a AtomicBool>);
-
-impl Drop for MarkBrokenOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Some(broken) = self.0 {
-            broken.store(true, Ordering::Relaxed);
-        }
     }
 }
 

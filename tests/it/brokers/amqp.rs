@@ -409,3 +409,33 @@ async fn amqps_refuses_a_certificate_from_an_unknown_ca() {
     assert!(exchange.messages().await.is_empty());
     relay.shutdown().await;
 }
+
+/// A connection gone silent (the peer drops what it is sent) fails the publish on its
+/// timeout; once the peer answers again, the next attempts deliver.
+#[tokio::test]
+async fn amqp_connection_gone_silent_recovers_after_a_timeout() {
+    let proxy = Proxy::start(RABBIT.parse().expect("address")).await;
+    let db = TestDb::new().await;
+    let exchange = TestExchange::create(true).await;
+    add_subscription(
+        &db,
+        "orders",
+        &exchange.url(&proxy.addr.to_string(), ""),
+        &[
+            ("timeout", "'1 second'"),
+            ("retry_schedule", "'{200ms,200ms,200ms,200ms,200ms,200ms}'"),
+        ],
+    )
+    .await;
+    let relay = spawn_default_relay(&db).await;
+    publish_many(&db, 1, 1).await;
+    wait_for_statuses(&db, "delivered", 1).await;
+    proxy.blackhole();
+    publish_many(&db, 1, 1).await;
+    wait_for_statuses(&db, "failing", 1).await;
+    proxy.resume();
+    wait_for_statuses(&db, "delivered", 2).await;
+    let ids: HashSet<String> = exchange.messages().await.iter().map(message_id).collect();
+    assert_eq!(ids.len(), 2);
+    relay.shutdown().await;
+}
