@@ -142,6 +142,42 @@ async fn publish_with_an_unknown_ca(db: &TestDb, url: &str) -> outbox_relay::rel
     relay
 }
 
+/// A subscription `orders` to `url` (through `proxy`) with a 1 s timeout, a relay with
+/// `config`, one event delivered; then the proxy drops what it is sent (a connection gone
+/// silent, as behind a dead NAT entry) while a second event is published, which fails on its
+/// timeout; then the proxy forwards again. Returns the relay once both are delivered: the
+/// attempts after the silent spell must not wait on what was lost in it.
+async fn deliver_past_a_silent_spell(
+    db: &TestDb,
+    url: &str,
+    proxy: &proxy::Proxy,
+    config: outbox_relay::config::RelayConfig,
+) -> outbox_relay::relay::RelayHandle {
+    use crate::harness::relay::{add_subscription, spawn_relay, wait_for_statuses};
+    add_subscription(
+        db,
+        "orders",
+        url,
+        &[
+            ("timeout", "'1 second'"),
+            ("retry_schedule", "'{200ms,200ms,200ms,200ms,200ms,200ms}'"),
+        ],
+    )
+    .await;
+    let relay = spawn_relay(db, config).await;
+    publish_many(db, 1, 1).await;
+    wait_for_statuses(db, "delivered", 1).await;
+    proxy.blackhole();
+    publish_many(db, 1, 1).await;
+    wait_for_statuses(db, "failing", 1).await;
+    let errors = last_errors(db).await;
+    let error = errors[1].as_deref().unwrap_or_default();
+    assert!(error.starts_with("timeout: "), "{error}");
+    proxy.resume();
+    wait_for_statuses(db, "delivered", 2).await;
+    relay
+}
+
 /// Asserts that every delivery of `subscription` has failed at least once with an error
 /// containing `reason`.
 async fn assert_failed_with(db: &TestDb, subscription: &str, reason: &str) {

@@ -10,6 +10,7 @@ use super::proxy::Proxy;
 use super::*;
 use crate::harness::db::TestDb;
 use crate::harness::relay::*;
+use outbox_relay::config::RelayConfig;
 
 const REDIS: &str = "127.0.0.1:6379";
 
@@ -331,9 +332,9 @@ async fn redis_idle_connection_is_closed_and_the_next_publish_reconnects() {
     relay.shutdown().await;
 }
 
-/// A `rediss://` connection that goes silent (the peer drops what it is sent, as behind a
-/// dead NAT entry) fails the publish on its timeout, and the next attempt uses a new
-/// connection instead of waiting on the silent one again.
+/// A `rediss://` connection gone silent fails the publish on its timeout, and the next
+/// attempt uses a new connection: the command lost on the way left the old one waiting for a
+/// reply that never comes.
 #[tokio::test]
 async fn rediss_connection_gone_silent_is_replaced_after_a_timeout() {
     let broker = TlsBroker::start(REDIS).await;
@@ -342,29 +343,8 @@ async fn rediss_connection_gone_silent_is_replaced_after_a_timeout() {
     let url = stream
         .url(&broker.by_name(), "")
         .replacen("redis", "rediss", 1);
-    add_subscription(
-        &db,
-        "orders",
-        &url,
-        &[
-            ("timeout", "'1 second'"),
-            ("retry_schedule", "'{200ms,200ms,200ms,200ms,200ms,200ms}'"),
-        ],
-    )
-    .await;
-    let relay = spawn_relay(&db, broker.tls.trusting_relay_config()).await;
-    publish_many(&db, 1, 1).await;
-    wait_for_statuses(&db, "delivered", 1).await;
-    broker.proxy.blackhole();
-    publish_many(&db, 1, 1).await;
-    wait_for_statuses(&db, "failing", 1).await;
-    let errors = last_errors(&db).await;
-    let error = errors[1].as_deref().unwrap_or_default();
-    assert!(error.contains("no confirm within"), "{error}");
-    // The silent connection works again from here on, but the command it swallowed left it
-    // waiting for a reply that never comes: only a new connection delivers.
-    broker.proxy.resume();
-    wait_for_statuses(&db, "delivered", 2).await;
+    let config = broker.tls.trusting_relay_config();
+    let relay = deliver_past_a_silent_spell(&db, &url, &broker.proxy, config).await;
     assert_eq!(stream.entries().await.len(), 2);
     relay.shutdown().await;
 }
@@ -375,24 +355,8 @@ async fn redis_connection_gone_silent_is_replaced_after_a_timeout() {
     let proxy = Proxy::start(REDIS.parse().expect("address")).await;
     let db = TestDb::new().await;
     let stream = TestStream::new().await;
-    add_subscription(
-        &db,
-        "orders",
-        &stream.url(&proxy.addr.to_string(), ""),
-        &[
-            ("timeout", "'1 second'"),
-            ("retry_schedule", "'{200ms,200ms,200ms,200ms,200ms,200ms}'"),
-        ],
-    )
-    .await;
-    let relay = spawn_default_relay(&db).await;
-    publish_many(&db, 1, 1).await;
-    wait_for_statuses(&db, "delivered", 1).await;
-    proxy.blackhole();
-    publish_many(&db, 1, 1).await;
-    wait_for_statuses(&db, "failing", 1).await;
-    proxy.resume();
-    wait_for_statuses(&db, "delivered", 2).await;
+    let url = stream.url(&proxy.addr.to_string(), "");
+    let relay = deliver_past_a_silent_spell(&db, &url, &proxy, RelayConfig::for_tests()).await;
     assert_eq!(stream.entries().await.len(), 2);
     relay.shutdown().await;
 }
