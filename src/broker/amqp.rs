@@ -22,7 +22,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{BasicProperties, Confirmation, ConnectionProperties};
 
-use super::{Link, MarkBrokenOnDrop, Message, Server, TargetError, TlsTrust, UrlParts, failed};
+use super::{BrokenFlag, Link, Message, Server, TargetError, TlsTrust, UrlParts, failed};
 use crate::webhook::client::{FailureKind, HttpResult, error_chain};
 use crate::webhook::target_policy::TargetPolicy;
 
@@ -38,13 +38,12 @@ pub(crate) struct Connection {
     /// connection gone silent) shifts the channel's confirm numbering: the broker's next ack
     /// answers the lost message, so every later publish would wait for the one after it.
     /// The link makes a new connection instead.
-    broken: Arc<std::sync::atomic::AtomicBool>,
+    broken: BrokenFlag,
 }
 
 impl Connection {
     fn usable(&self) -> bool {
-        self.connection.status().connected()
-            && !self.broken.load(std::sync::atomic::Ordering::Relaxed)
+        self.connection.status().connected() && !self.broken.is_set()
     }
 
     /// The exchange's channel, opened (in confirm mode) when there is none or the broker
@@ -132,7 +131,7 @@ async fn connect(
     target: &Target,
 ) -> Result<Connection, HttpResult> {
     let server = &target.server;
-    let addr = server.checked_address(policy).await?;
+    let addr = super::resolve(policy, &server.endpoint).await?;
     let userinfo = if !server.has_credentials() {
         // What an AMQP URI without credentials means: RabbitMQ's guest user.
         AMQPUserInfo::default()
@@ -205,7 +204,7 @@ async fn connect(
     Ok(Connection {
         connection: Arc::new(connection),
         channels: Arc::default(),
-        broken: Arc::default(),
+        broken: BrokenFlag::default(),
     })
 }
 
@@ -269,7 +268,7 @@ pub(super) async fn publish(
         .as_deref()
         .unwrap_or(&message.event.event_type);
     let exchange = target.exchange_shown();
-    let mut unanswered = MarkBrokenOnDrop(Some(&connection.broken));
+    let awaiting = connection.broken.awaiting_answer();
     let confirm = channel
         .basic_publish(
             target.exchange.as_str().into(),
@@ -287,7 +286,7 @@ pub(super) async fn publish(
         Err(error) => Err(error),
     };
     // Answered (or failed, which lapin's status shows): the connection is not suspect.
-    unanswered.0 = None;
+    awaiting.answered();
     Ok(match confirmation {
         Ok(Confirmation::Ack(None)) => HttpResult::Published {
             receipt: format!("amqp: exchange {exchange} acked, routing key {routing_key:?}"),

@@ -97,34 +97,50 @@ fn failed(kind: FailureKind, error: impl Into<String>) -> HttpResult {
     }
 }
 
-/// Connecting, as opposed to the URL forms in `target.rs`: kept beside [`resolve`], the SSRF
-/// check it runs.
-impl Server {
-    /// The address to connect to (see [`resolve`]). With TLS (`rediss://`, `amqps://`) the
-    /// connection goes to this address too, and the certificate is verified against the name
-    /// in the URL, as a browser does for a webhook's `https://`.
-    async fn checked_address(&self, policy: &TargetPolicy) -> Result<SocketAddr, HttpResult> {
-        resolve(policy, &self.endpoint).await
+/// Whether a connection is to be replaced. Set when a publish failed on the connection, or
+/// when its future was dropped before the broker answered (its timeout): a request lost on
+/// the way leaves a pipelined connection waiting for an answer that never comes, so it is
+/// suspect too. The link makes a new connection on the next attempt. Cloning shares it.
+#[derive(Clone, Debug, Default)]
+pub(super) struct BrokenFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl BrokenFlag {
+    pub(super) fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sets the flag unless [`AwaitingAnswer::answered`] is called first.
+    pub(super) fn awaiting_answer(&self) -> AwaitingAnswer<'_> {
+        AwaitingAnswer(Some(self))
     }
 }
 
-/// Marks its flag when dropped still holding it: a publish whose future is dropped before the
-/// broker answered (its timeout) leaves the connection suspect, since a request lost on the
-/// way leaves a pipelined connection waiting for an answer that never comes. Cleared
-/// (`.0 = None`) once the answer arrived.
-pub(super) struct MarkBrokenOnDrop<'a>(pub(super) Option<&'a std::sync::atomic::AtomicBool>);
+/// A request sent on a connection, not answered yet: see [`BrokenFlag::awaiting_answer`].
+pub(super) struct AwaitingAnswer<'a>(Option<&'a BrokenFlag>);
 
-impl Drop for MarkBrokenOnDrop<'_> {
+impl AwaitingAnswer<'_> {
+    /// The broker answered: the connection is not suspect.
+    pub(super) fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AwaitingAnswer<'_> {
     fn drop(&mut self) {
-        if let Some(broken) = self.0 {
-            broken.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(flag) = self.0 {
+            flag.set();
         }
     }
 }
 
 /// Resolves the broker's host and keeps only the addresses the [`TargetPolicy`] permits: the
 /// connection is then made to that address, so a name cannot be re-pointed between check and
-/// connect.
+/// connect. With TLS (`rediss://`, `amqps://`) the certificate is still verified against the
+/// name in the URL, as for a webhook's `https://`.
 async fn resolve(policy: &TargetPolicy, endpoint: &Endpoint) -> Result<SocketAddr, HttpResult> {
     let resolved: Vec<SocketAddr> =
         tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
@@ -275,6 +291,7 @@ fn take_idle_links<C>(
     lock(links).retain(|_, link| {
         let take = Arc::strong_count(link) == 1 && link.idle_for(idle, now);
         if take {
+            tracing::info!(broker = %link.label, idle = ?idle, "closing an idle broker connection");
             taken.push(Arc::clone(link));
         }
         !take
@@ -356,19 +373,11 @@ impl Publishers {
         // Routes first: a cached route holds its link.
         lock(&self.inner.routes).retain(|_, route| !route.idle_for(idle, now));
         let inner = &self.inner;
-        let nats = take_idle_links(&inner.nats, idle, now);
-        let redis = take_idle_links(&inner.redis, idle, now);
-        let amqp = take_idle_links(&inner.amqp, idle, now);
+        // Dropping these closes their connections, here (after the maps' locks).
+        take_idle_links(&inner.nats, idle, now);
+        take_idle_links(&inner.redis, idle, now);
+        take_idle_links(&inner.amqp, idle, now);
         let kafka = take_idle_links(&inner.kafka, idle, now);
-        let labels = nats
-            .iter()
-            .map(|link| &link.label)
-            .chain(redis.iter().map(|link| &link.label))
-            .chain(amqp.iter().map(|link| &link.label))
-            .chain(kafka.iter().map(|link| &link.label));
-        for broker in labels {
-            tracing::info!(broker = %broker, idle = ?idle, "closed an idle broker connection");
-        }
         if !kafka.is_empty() {
             // Dropping a producer joins librdkafka's threads: not on a runtime worker.
             tokio::task::spawn_blocking(move || drop(kafka));
@@ -377,22 +386,13 @@ impl Publishers {
 
     /// [`Publishers::close_idle`] every `idle / 2` (at most every minute) until `stop`.
     pub async fn close_idle_connections(self, idle: Duration, stop: CancellationToken) {
-        let every = (idle / 2).clamp(Duration::from_millis(10), Duration::from_secs(60));
+        let every = (idle / 2).min(Duration::from_secs(60));
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(every) => self.close_idle(idle),
             }
         }
-    }
-
-    /// Open broker connections (links), for tests and logs.
-    pub fn open_links(&self) -> usize {
-        let inner = &self.inner;
-        lock(&inner.nats).len()
-            + lock(&inner.redis).len()
-            + lock(&inner.amqp).len()
-            + lock(&inner.kafka).len()
     }
 
     /// No connection is opened here: each is made when its first event is published.

@@ -62,7 +62,7 @@ impl Target {
 
 async fn connect(policy: &TargetPolicy, target: &Target) -> Result<Connection, HttpResult> {
     let server = &target.server;
-    let addr = server.checked_address(policy).await?;
+    let addr = super::resolve(policy, &server.endpoint).await?;
     // The client reconnects by itself after a broken connection (with its own backoff), always
     // to this checked address: servers the broker advertises are ignored, they were never
     // checked against the policy.

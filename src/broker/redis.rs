@@ -10,11 +10,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use redis::aio::MultiplexedConnection;
 
-use super::{Link, MarkBrokenOnDrop, Message, Server, TargetError, TlsTrust, UrlParts, failed};
+use super::{BrokenFlag, Link, Message, Server, TargetError, TlsTrust, UrlParts, failed};
 use crate::webhook::client::{FailureKind, HttpResult, error_chain};
 use crate::webhook::target_policy::TargetPolicy;
 
@@ -31,31 +30,30 @@ use crate::webhook::target_policy::TargetPolicy;
 #[derive(Clone)]
 pub(crate) struct Connection {
     connection: MultiplexedConnection,
-    broken: Arc<AtomicBool>,
+    broken: BrokenFlag,
 }
 
 impl Connection {
     fn usable(&self) -> bool {
-        !self.broken.load(Ordering::Relaxed)
+        !self.broken.is_set()
     }
 
     async fn xadd(&self, command: &redis::Cmd) -> redis::RedisResult<String> {
-        // A command that never answers is cut short by the publish timeout, which drops this
-        // future: the guard then marks the connection broken.
-        let mut unanswered = MarkBrokenOnDrop(Some(&self.broken));
+        let awaiting = self.broken.awaiting_answer();
         let result = command.query_async(&mut self.connection.clone()).await;
         let connection_failed = result.as_ref().is_err_and(|error| {
             error.is_io_error() || error.is_connection_dropped() || error.is_unrecoverable_error()
         });
         if !connection_failed {
-            unanswered.0 = None;
+            awaiting.answered();
         }
         result
     }
 }
 
 /// Answers the client's name lookup with the address [`super::resolve`] checked, so that the
-/// TLS connection keeps the name (for the certificate) but cannot be steered elsewhere.
+/// connection keeps the name (a TLS certificate is verified against it) but cannot be
+/// steered elsewhere.
 struct CheckedAddress(SocketAddr);
 
 impl redis::io::AsyncDNSResolver for CheckedAddress {
@@ -136,7 +134,7 @@ async fn connect(
     target: &Target,
 ) -> Result<Connection, HttpResult> {
     let server = &target.server;
-    let addr = server.checked_address(policy).await?;
+    let addr = super::resolve(policy, &server.endpoint).await?;
     let mut settings = redis::RedisConnectionInfo::default().set_db(target.db);
     if !server.username.is_empty() {
         settings = settings.set_username(&server.username);
@@ -187,7 +185,7 @@ async fn connect(
         .map_err(connect_failed)?;
     Ok(Connection {
         connection,
-        broken: Arc::default(),
+        broken: BrokenFlag::default(),
     })
 }
 

@@ -3,12 +3,23 @@
 
 use std::sync::Arc;
 
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
 /// The certificate authorities TLS broker connections (`rediss://`, `amqps://`) are verified
 /// against: the system's roots, or the PEM file `OUTBOX_BROKER_CA_FILE` names.
 #[derive(Clone, Debug, Default)]
 pub struct TlsTrust {
-    /// The file's certificates, PEM; `None`: the system's roots.
-    ca_pem: Option<Arc<str>>,
+    /// `None`: the system's roots.
+    configured: Option<Arc<ConfiguredCas>>,
+}
+
+/// The file's certificates, in both forms the clients take: PEM (the Redis client) and parsed
+/// (rustls, for RabbitMQ).
+#[derive(Debug)]
+struct ConfiguredCas {
+    pem: String,
+    certificates: Vec<CertificateDer<'static>>,
 }
 
 /// `OUTBOX_BROKER_CA_FILE` could not be used.
@@ -42,13 +53,13 @@ impl TlsTrust {
     /// is refused now, not at the first publish: the Redis client refuses a whole bundle for
     /// one bad entry, so a file that passed here must pass there.
     pub fn from_ca_file(path: &std::path::Path) -> Result<TlsTrust, TlsTrustError> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
         let pem = std::fs::read_to_string(path).map_err(|source| TlsTrustError::Read {
             path: path.to_owned(),
             source,
         })?;
+        // Each certificate must be usable as a trust anchor, as the clients will require.
         let mut anchors = rustls::RootCertStore::empty();
+        let mut certificates = Vec::new();
         for (index, certificate) in CertificateDer::pem_slice_iter(pem.as_bytes()).enumerate() {
             let bad = |reason: String| TlsTrustError::BadCertificate {
                 path: path.to_owned(),
@@ -57,16 +68,17 @@ impl TlsTrust {
             };
             let certificate = certificate.map_err(|error| bad(error.to_string()))?;
             anchors
-                .add(certificate)
+                .add(certificate.clone())
                 .map_err(|error| bad(error.to_string()))?;
+            certificates.push(certificate);
         }
-        if anchors.is_empty() {
+        if certificates.is_empty() {
             return Err(TlsTrustError::NoCertificate {
                 path: path.to_owned(),
             });
         }
         Ok(TlsTrust {
-            ca_pem: Some(pem.into()),
+            configured: Some(Arc::new(ConfiguredCas { pem, certificates })),
         })
     }
 
@@ -75,23 +87,14 @@ impl TlsTrust {
         path.map_or(Ok(TlsTrust::system()), TlsTrust::from_ca_file)
     }
 
+    /// The configured CAs as PEM, or `None` for the system's roots.
     pub(super) fn ca_pem(&self) -> Option<&str> {
-        self.ca_pem.as_deref()
+        self.configured.as_ref().map(|cas| cas.pem.as_str())
     }
 
-    /// The configured certificates (checked at load to hold at least one), or `None` for the
-    /// system's roots.
-    pub(super) fn ca_certificates(
-        &self,
-    ) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let pem = self.ca_pem.as_deref()?;
-        Some(
-            CertificateDer::pem_slice_iter(pem.as_bytes())
-                .filter_map(Result::ok)
-                .collect(),
-        )
+    /// The configured CAs, parsed (at start), or `None` for the system's roots.
+    pub(super) fn ca_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
+        self.configured.as_ref().map(|cas| cas.certificates.clone())
     }
 }
 
