@@ -382,16 +382,14 @@ async fn amqps_publishes_over_tls_verified_against_the_urls_host_name() {
     let relay = publish_by_name_and_by_ip(
         &db,
         &broker,
-        &by_name
-            .url(&broker.by_name(), "")
-            .replacen("amqp", "amqps", 1),
-        &by_ip.url(&broker.by_ip(), "").replacen("amqp", "amqps", 1),
+        &over_tls(&by_name.url(&broker.by_name(), "")),
+        &over_tls(&by_ip.url(&broker.by_ip(), "")),
     )
     .await;
     assert_eq!(by_name.messages().await.len(), 10);
     assert!(
         by_ip.messages().await.is_empty(),
-        "nothing sent without TLS"
+        "nothing reaches the broker by a name the certificate lacks"
     );
     relay.shutdown().await;
 }
@@ -403,9 +401,7 @@ async fn amqps_refuses_a_certificate_from_an_unknown_ca() {
     let broker = TlsBroker::start(RABBIT).await;
     let db = TestDb::new().await;
     let exchange = TestExchange::create(true).await;
-    let url = exchange
-        .url(&broker.by_name(), "")
-        .replacen("amqp", "amqps", 1);
+    let url = over_tls(&exchange.url(&broker.by_name(), ""));
     let relay = publish_with_an_unknown_ca(&db, &url).await;
     assert!(exchange.messages().await.is_empty());
     relay.shutdown().await;

@@ -75,6 +75,37 @@ impl TestTls {
     }
 }
 
+/// `url` with its scheme's TLS form: `redis://…` → `rediss://…`, `amqp://…` → `amqps://…`.
+fn over_tls(url: &str) -> String {
+    url.replacen("://", "s://", 1)
+}
+
+/// An `OUTBOX_BROKER_CA_FILE` that names no readable file, or one without a usable CA, stops
+/// the relay at start with the path, before it connects anywhere: not a relay that starts
+/// and then fails every TLS publish.
+#[tokio::test]
+async fn a_relay_with_an_unusable_broker_ca_file_does_not_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let not_a_ca = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_a_ca, "no certificate here\n").expect("write");
+    for path in [dir.path().join("missing.pem"), not_a_ca] {
+        let mut config = outbox_relay::config::RelayConfig::for_tests();
+        config.broker_ca_file = Some(path.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = crate::harness::relay::unreachable_database_url();
+        match outbox_relay::relay::start(config, &url, listener).await {
+            Err(error @ outbox_relay::relay::StartError::BrokerTrust(_)) => {
+                let text = error.to_string();
+                assert!(text.contains(&path.display().to_string()), "{text}");
+            }
+            Err(other) => panic!("expected the CA file refused, got {other:#}"),
+            Ok(_) => panic!("the relay started with {}", path.display()),
+        }
+    }
+}
+
 /// A broker behind [`proxy::Proxy::start_tls`]: reached as `localhost` (the name its
 /// certificate holds) or as `127.0.0.1` (a name it does not).
 struct TlsBroker {

@@ -272,16 +272,15 @@ async fn rediss_publishes_over_tls_verified_against_the_urls_host_name() {
     let relay = publish_by_name_and_by_ip(
         &db,
         &broker,
-        &by_name
-            .url(&broker.by_name(), "")
-            .replacen("redis", "rediss", 1),
-        &by_ip
-            .url(&broker.by_ip(), "")
-            .replacen("redis", "rediss", 1),
+        &over_tls(&by_name.url(&broker.by_name(), "")),
+        &over_tls(&by_ip.url(&broker.by_ip(), "")),
     )
     .await;
     assert_eq!(by_name.entries().await.len(), 10);
-    assert!(by_ip.entries().await.is_empty(), "nothing sent without TLS");
+    assert!(
+        by_ip.entries().await.is_empty(),
+        "nothing reaches the broker by a name the certificate lacks"
+    );
     relay.shutdown().await;
 }
 
@@ -292,9 +291,7 @@ async fn rediss_refuses_a_certificate_from_an_unknown_ca() {
     let broker = TlsBroker::start(REDIS).await;
     let db = TestDb::new().await;
     let stream = TestStream::new().await;
-    let url = stream
-        .url(&broker.by_name(), "")
-        .replacen("redis", "rediss", 1);
+    let url = over_tls(&stream.url(&broker.by_name(), ""));
     let relay = publish_with_an_unknown_ca(&db, &url).await;
     assert!(stream.entries().await.is_empty());
     relay.shutdown().await;
@@ -309,7 +306,7 @@ async fn redis_idle_connection_is_closed_and_the_next_publish_reconnects() {
     let stream = TestStream::new().await;
     let proxy = Proxy::start(REDIS.parse().expect("address")).await;
     add_subscription(&db, "orders", &stream.url(&proxy.addr.to_string(), ""), &[]).await;
-    let mut config = outbox_relay::config::RelayConfig::for_tests();
+    let mut config = RelayConfig::for_tests();
     // Long enough that the checks right after a delivery see the connection still open on
     // a slow machine; the sweep runs every half of it.
     config.broker_idle_timeout = Duration::from_secs(3);
@@ -340,9 +337,7 @@ async fn rediss_connection_gone_silent_is_replaced_after_a_timeout() {
     let broker = TlsBroker::start(REDIS).await;
     let db = TestDb::new().await;
     let stream = TestStream::new().await;
-    let url = stream
-        .url(&broker.by_name(), "")
-        .replacen("redis", "rediss", 1);
+    let url = over_tls(&stream.url(&broker.by_name(), ""));
     let config = broker.tls.trusting_relay_config();
     let relay = deliver_past_a_silent_spell(&db, &url, &broker.proxy, config).await;
     assert_eq!(stream.entries().await.len(), 2);
