@@ -18,15 +18,18 @@ use super::*;
 /// When the sink's consumer first saw each event, by its `data.seq` (the `latency` scenario).
 pub(super) type Arrivals = Arc<Mutex<HashMap<i64, Instant>>>;
 
-/// A consumer reading the sink while the scenario runs; stopped on drop.
+/// A consumer reading the sink while the scenario runs; stopped on drop (a Kafka consumer
+/// runs on a blocking thread, which no abort reaches: [`Sink::remove`] stops it).
 pub(super) struct Watch {
     pub(super) arrivals: Arrivals,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -346,11 +349,16 @@ impl Sink {
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
                     .push(poller);
-                // Stopped by `remove`: aborting a blocking task would not stop it.
-                tokio::spawn(async {})
+                return Ok(Watch {
+                    arrivals,
+                    task: None,
+                });
             }
         };
-        Ok(Watch { arrivals, task })
+        Ok(Watch {
+            arrivals,
+            task: Some(task),
+        })
     }
 
     /// Removes what [`Sink::create`] made; best effort.
