@@ -77,9 +77,9 @@ pub(crate) async fn producer_cost_scenario(
     server: &Server,
 ) -> anyhow::Result<Vec<Row>> {
     let deadline = tokio::time::Instant::now() + args.scenario_timeout;
-    let scenario = match args.producer_relay_work {
-        ProducerRelayWork::Deliver => SCENARIO,
-        ProducerRelayWork::DispatchOnly => "producer_cost:dispatch_only",
+    let (scenario, relay_doing) = match args.producer_relay_work {
+        ProducerRelayWork::Deliver => (SCENARIO, "delivering"),
+        ProducerRelayWork::DispatchOnly => ("producer_cost:dispatch_only", "dispatching only"),
     };
     if args.producer_connections.is_empty()
         || args.producer_connections.contains(&0)
@@ -184,7 +184,7 @@ pub(crate) async fn producer_cost_scenario(
                 let (outbox, plain) = (rate(totals[0]), rate(totals[1]));
                 rows.push(row(
                     scenario,
-                    &format!("c{connections} tx_per_s outbox (relay delivering)"),
+                    &format!("c{connections} tx_per_s outbox (relay {relay_doing})"),
                     outbox,
                     "1/s",
                 ));
