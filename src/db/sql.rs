@@ -88,7 +88,9 @@ pub const ADVANCE_ORDERING_KEYS: Query = Query {
 /// result that arrives after the lease expired and the delivery was claimed again, by
 /// another relay or by this one, changes nothing. Failed attempts, retries and replayed
 /// attempts are recorded in delivery_attempts; a first-attempt success lives on the delivery
-/// row alone.
+/// row alone (see `outbox.complete_deliveries` in
+/// migrations/V15__hot_path_without_bitmap_scans.sql: a function, so it can turn off the
+/// bitmap scans that read every delivery finished since the last VACUUM).
 ///
 /// Subscriptions are not touched here (see [`DISABLE_SUBSCRIPTIONS`]): this statement locks
 /// deliveries, and a subscription DELETE locks the subscription before its deliveries, so
@@ -97,36 +99,9 @@ pub const ADVANCE_ORDERING_KEYS: Query = Query {
 /// Returns the ids actually updated, so metrics count only what was recorded.
 pub const COMPLETE_DELIVERIES: Query = Query {
     sql: "
-WITH results AS (
-    SELECT *
-      FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::integer[], $5::text[],
-                  $6::text[], $7::timestamptz[], $8::integer[], $9::boolean[], $10::bigint[])
-           AS r(id, status, next_attempt_at, status_code, error, response_body, started_at,
-                duration_ms, failed, lease_token)
-), updated AS (
-    UPDATE outbox.deliveries d
-       SET status = r.status,
-           attempts = d.attempts + 1,
-           next_attempt_at = coalesce(r.next_attempt_at, d.next_attempt_at),
-           last_status_code = r.status_code,
-           last_error = r.error,
-           delivered_at = CASE WHEN r.status = 'delivered' THEN now() ELSE d.delivered_at END,
-           lease_owner = NULL,
-           lease_expires_at = NULL,
-           lease_token = NULL,
-           updated_at = now()
-      FROM results r
-     WHERE d.id = r.id AND d.status = 'in_flight' AND d.lease_owner = $11
-       AND d.lease_token = r.lease_token
- RETURNING d.id, d.attempts, d.replay_id
-), recorded AS (
-    INSERT INTO outbox.delivery_attempts
-           (delivery_id, attempt, started_at, duration_ms, status_code, error, response_body, replay_id)
-    SELECT u.id, u.attempts, r.started_at, r.duration_ms, r.status_code, r.error, r.response_body, u.replay_id
-      FROM updated u JOIN results r ON r.id = u.id
-     WHERE r.failed OR u.attempts > 1 OR u.replay_id IS NOT NULL
-)
-SELECT id FROM updated",
+SELECT id FROM outbox.complete_deliveries(
+           $1::bigint[], $2::text[], $3::timestamptz[], $4::integer[], $5::text[], $6::text[],
+           $7::timestamptz[], $8::integer[], $9::boolean[], $10::bigint[], $11::text) AS id",
     param_types: &[
         Type::INT8_ARRAY,        // $1 delivery ids
         Type::TEXT_ARRAY,        // $2 statuses

@@ -9,6 +9,7 @@ mod brokers;
 mod cli_commands;
 mod compat_api;
 mod constraints;
+mod dead_index_entries;
 mod delivery;
 mod deploy_kit;
 mod failures;

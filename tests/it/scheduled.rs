@@ -1,6 +1,7 @@
 //! Events scheduled for later (deliver_after) cost the dispatcher nothing until they are due.
 
 use crate::harness::db::TestDb;
+use crate::harness::relay::{nested_plans, rows_read_in_transaction};
 
 const SCHEDULED: i64 = 100_000;
 const DUE: i64 = 10;
@@ -27,6 +28,7 @@ async fn a_dispatch_round_does_not_walk_events_scheduled_for_later() {
         .expect("insert events");
 
     let transaction = client.transaction().await.expect("begin");
+    let before = rows_read_in_transaction(&transaction, "outbox.events").await;
     let row = transaction
         .query_one("SELECT events FROM outbox.dispatch_events(500)", &[])
         .await
@@ -36,17 +38,7 @@ async fn a_dispatch_round_does_not_walk_events_scheduled_for_later() {
         DUE + 1,
         "the due events and the scheduled one now due"
     );
-    // Rows read by sequential scans of the table plus entries read from its indexes.
-    let rows_read: i64 = transaction
-        .query_one(
-            "SELECT pg_stat_get_xact_tuples_returned('outbox.events'::regclass)
-                  + coalesce(sum(pg_stat_get_xact_tuples_returned(i.indexrelid)), 0)::bigint
-               FROM pg_index i WHERE i.indrelid = 'outbox.events'::regclass",
-            &[],
-        )
-        .await
-        .expect("index statistics")
-        .get(0);
+    let rows_read = rows_read_in_transaction(&transaction, "outbox.events").await - before;
     assert!(
         rows_read < 100,
         "the round read {rows_read} rows or index entries of outbox.events; \
@@ -56,24 +48,7 @@ async fn a_dispatch_round_does_not_walk_events_scheduled_for_later() {
 
     // The plan, for the record and as a second check: both kinds of due event come from
     // their own partial index, and no node filters out a pile of rows.
-    let output = tokio::process::Command::new("psql")
-        .arg(&db.url)
-        .args(["--no-psqlrc", "-v", "ON_ERROR_STOP=1", "-c"])
-        .arg(
-            "LOAD 'auto_explain';
-             SET auto_explain.log_min_duration = 0;
-             SET auto_explain.log_analyze = on;
-             SET auto_explain.log_nested_statements = on;
-             SET client_min_messages = log;
-             BEGIN;
-             SELECT * FROM outbox.dispatch_events(500);
-             ROLLBACK;",
-        )
-        .output()
-        .await
-        .expect("run psql (is it installed?)");
-    let plans = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "psql failed:\n{plans}");
+    let plans = nested_plans(&db, "SELECT * FROM outbox.dispatch_events(500)").await;
     println!("{plans}");
     assert!(
         plans.contains("events_scheduled_idx") && plans.contains("events_undispatched_idx"),

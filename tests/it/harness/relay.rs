@@ -375,3 +375,46 @@ impl RelayProcess {
             .expect("wait for relay")
     }
 }
+
+/// Rows read from `table` by sequential scans plus entries returned by scans of its indexes,
+/// as counted in this session's statistics not yet reported: they include earlier
+/// transactions of the session, so take the difference of two readings around a statement.
+pub async fn rows_read_in_transaction(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    table: &str,
+) -> i64 {
+    transaction
+        .query_one(
+            "SELECT pg_stat_get_xact_tuples_returned($1::text::regclass)
+                  + coalesce(sum(pg_stat_get_xact_tuples_returned(i.indexrelid)), 0)::bigint
+               FROM pg_index i WHERE i.indrelid = $1::text::regclass",
+            &[&table],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("rows read from {table}: {e}"))
+        .get(0)
+}
+
+/// The plans of `statement` and of every statement it runs inside functions (auto_explain,
+/// with ANALYZE), in a transaction rolled back afterwards. Needs psql.
+pub async fn nested_plans(db: &TestDb, statement: &str) -> String {
+    let output = tokio::process::Command::new("psql")
+        .arg(&db.url)
+        .args(["--no-psqlrc", "-v", "ON_ERROR_STOP=1", "-c"])
+        .arg(format!(
+            "LOAD 'auto_explain';
+             SET auto_explain.log_min_duration = 0;
+             SET auto_explain.log_analyze = on;
+             SET auto_explain.log_nested_statements = on;
+             SET client_min_messages = log;
+             BEGIN;
+             {statement};
+             ROLLBACK;"
+        ))
+        .output()
+        .await
+        .expect("run psql (is it installed?)");
+    let plans = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "psql failed:\n{plans}");
+    plans
+}
