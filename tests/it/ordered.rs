@@ -378,3 +378,72 @@ async fn backfill_and_replay_keep_ordered_keys_in_order() {
     }
     relay.shutdown().await;
 }
+
+/// With no ordered subscription, the ordered pass only moves its cursor, once per poll
+/// interval: producers at a steady rate keep a probe pending, and running the pass on every
+/// round for that took a tenth of the relay's database time. Counted as calls of the SQL
+/// functions: over about 2 s of steady inserts the dispatcher runs hundreds of rounds (1 ms
+/// looks in a busy spell), the ordered pass one per 200 ms poll, some 15; on every round it
+/// would be as many as the rounds.
+#[tokio::test]
+async fn without_an_ordered_subscription_the_ordered_pass_runs_once_per_poll_interval() {
+    const EVENTS: i64 = 400;
+    let db = TestDb::new().await;
+    let receiver = Receiver::start().await.expect("receiver");
+    add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
+    // Counts calls of PL/pgSQL functions (pg_stat_user_functions) in the relay's sessions.
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET track_functions = 'pl'",
+            db.name
+        ))
+        .await
+        .expect("track function calls");
+    let relay = spawn_default_relay(&db).await;
+    let producer = db.client().await;
+    for seq in 0..EVENTS {
+        producer
+            .execute(
+                "INSERT INTO outbox.events (event_type, payload)
+                 VALUES ('lead.created', jsonb_build_object('seq', $1::bigint))",
+                &[&seq],
+            )
+            .await
+            .expect("insert");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    wait_for_statuses(&db, "delivered", EVENTS).await;
+    relay.shutdown().await;
+    // A session reports its statistics as it exits, before it leaves pg_stat_activity.
+    wait_until("the relay's sessions have ended", DEADLINE, || async {
+        count(
+            &db,
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name LIKE 'outbox-relay%'",
+        )
+        .await
+            == 0
+    })
+    .await;
+    let calls = |function: &'static str| {
+        let db = &db;
+        async move {
+            count(
+                db,
+                &format!(
+                    "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_user_functions
+                      WHERE schemaname = 'outbox' AND funcname = '{function}'"
+                ),
+            )
+            .await
+        }
+    };
+    let rounds = calls("dispatch_events").await;
+    let ordered_passes = calls("dispatch_ordered").await;
+    assert!(
+        ordered_passes * 5 < rounds,
+        "{ordered_passes} ordered passes in {rounds} dispatch rounds for {EVENTS} events over \
+         about 2 s"
+    );
+}
