@@ -145,3 +145,22 @@ CREATE FUNCTION outbox.complete_deliveries(
     $$;
 COMMENT ON FUNCTION outbox.complete_deliveries(bigint[], text[], timestamptz[], integer[], text[], text[], timestamptz[], integer[], boolean[], bigint[], text) IS
     'Internal (outbox-relay): write a batch of delivery results where the claim (owner, lease token) still holds the lease; returns the ids written.';
+
+-- Glob matching as one expression PostgreSQL inlines into the caller's plan. V1's body was a
+-- subquery (EXISTS over unnest), which keeps a SQL function from being inlined: every
+-- statement that called it set up and planned the function afresh, about 0.3 ms of each
+-- dispatch round that found events (auto_explain: the fan-out join took 0.40 ms for one event
+-- and one subscription). Same meaning: '*' is the only wildcard, every other character
+-- matches itself ('_', '%' and '\' are escaped for LIKE). The patterns are joined with a
+-- character no valid pattern holds (U+001F; outbox.are_valid_event_type_patterns allows
+-- [A-Za-z0-9._:*-] only), made LIKE patterns, and split again. STABLE, no longer IMMUTABLE:
+-- array_to_string is STABLE, and PostgreSQL inlines no IMMUTABLE function whose body is less
+-- so. Nothing needs it IMMUTABLE (no index or constraint uses it).
+CREATE OR REPLACE FUNCTION outbox.event_type_matches(patterns text[], event_type text) RETURNS boolean
+    LANGUAGE sql STABLE PARALLEL SAFE
+    AS $$
+        SELECT event_type LIKE ANY (string_to_array(
+                   replace(replace(replace(replace(array_to_string(patterns, E'\x1f'),
+                                                   '\', '\\'), '_', '\_'), '%', '\%'), '*', '%'),
+                   E'\x1f'))
+    $$;

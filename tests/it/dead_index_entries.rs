@@ -65,6 +65,14 @@ async fn the_dispatcher_finds_due_events_without_bitmap_or_sequential_scans() {
         "the due event is dispatched:\n{plans}"
     );
     assert_index_scans_only(&plans, "events");
+    // The glob match is inlined into the fan-out's plan: as a function call, each statement
+    // set up and planned its body again (V15).
+    assert!(
+        !plans
+            .lines()
+            .any(|line| line.contains("Filter:") && line.contains("event_type_matches")),
+        "outbox.event_type_matches is called, not inlined:\n{plans}"
+    );
 }
 
 #[tokio::test]

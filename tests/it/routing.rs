@@ -206,3 +206,45 @@ async fn subscription_changes_take_effect_in_a_running_relay() {
     assert_eq!(moved[0].json()["event_type"], "a.third");
     relay.shutdown().await;
 }
+
+/// `outbox.event_type_matches`, which every fan-out runs for each (event, subscription): '*'
+/// is the only wildcard and matches any run of characters, even none; every other
+/// character, '_' included, matches itself.
+#[tokio::test]
+async fn event_type_globs_have_one_wildcard() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let cases: &[(&[&str], &str, bool)] = &[
+        (&["*"], "lead.created", true),
+        (&["lead.*"], "lead.created", true),
+        (&["lead.*"], "lead.", true),
+        (&["lead.*"], "lead", false),
+        (&["lead.*"], "leads.created", false),
+        (&["*.created"], "lead.created", true),
+        (&["*.created"], "lead.created.v2", false),
+        (&["a*b*c"], "aXbYc", true),
+        (&["a*b*c"], "abc", true),
+        (&["a*b*c"], "acb", false),
+        (&["lead_x"], "lead_x", true),
+        (&["lead_x"], "leadAx", false),
+        (&["lead_*"], "leadA.created", false),
+        (&["lead.created"], "lead.created", true),
+        (&["lead.created"], "lead.created.v2", false),
+        (&["order.*", "lead.created"], "lead.created", true),
+        (&["order.*", "lead.created"], "lead.updated", false),
+        (&["a-b:*"], "a-b:c", true),
+        (&[], "lead.created", false),
+    ];
+    for (patterns, event_type, expected) in cases {
+        let patterns: Vec<&str> = patterns.to_vec();
+        let matched: bool = client
+            .query_one(
+                "SELECT outbox.event_type_matches($1::text[], $2::text)",
+                &[&patterns, event_type],
+            )
+            .await
+            .expect("event_type_matches")
+            .get(0);
+        assert_eq!(matched, *expected, "{patterns:?} against {event_type:?}");
+    }
+}
