@@ -15,9 +15,8 @@ use super::query::Query;
 /// Claims due events, fans each out into one delivery per matching enabled unordered
 /// subscription and marks it dispatched, in one call and so one transaction (see
 /// `outbox.dispatch_events`, last replaced in migrations/V15__hot_path_without_bitmap_scans.sql).
-/// `$1` is the batch size per kind:
-/// events due at insert (highest priority first, then insert order) and scheduled events now
-/// due. An event that matches nothing is marked dispatched too: it stays queryable and can be
+/// `$1` is the batch size per kind: events due at insert (highest priority first, then insert
+/// order) and scheduled events now due. An event that matches nothing is marked dispatched too: it stays queryable and can be
 /// backfilled later, but is never retried.
 ///
 /// Matching: event_types globs, tenant (NULL = all), payload containment filter, and the
