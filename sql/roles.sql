@@ -41,7 +41,7 @@
 --
 -- Functions other than outbox.replay and outbox.backfill stay executable by PUBLIC, as
 -- PostgreSQL creates them: they are SECURITY INVOKER, so they can do nothing the caller's
--- table privileges do not allow (outbox.claim_deliveries needs UPDATE on deliveries).
+-- table privileges do not allow (outbox.claim_deliveries_and_limits needs UPDATE on deliveries).
 
 -- One transaction: a producer never sees the moment between the REVOKE and the GRANTs below.
 -- The advisory lock (per database) queues concurrent runs in the same database, whose
@@ -146,6 +146,7 @@ GRANT SELECT ON SEQUENCE outbox.events_id_seq TO outbox_relay;
 GRANT SELECT ON outbox.replays, outbox.schema_history TO outbox_relay;
 GRANT EXECUTE ON FUNCTION
     outbox.claim_deliveries(bigint[], integer[], integer, text, interval, bigint),
+    outbox.claim_deliveries_and_limits(bigint[], integer[], integer, text, interval, bigint),
     outbox.complete_deliveries(bigint[], text[], timestamptz[], integer[], text[], text[], timestamptz[], integer[], boolean[], bigint[], text),
     outbox.dispatch_events(integer),
     outbox.dispatch_ordered(integer),

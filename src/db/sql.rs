@@ -29,18 +29,20 @@ pub const DISPATCH_EVENTS: Query = Query {
     param_types: &[Type::INT4],
 };
 
-/// Leases due deliveries (see `outbox.claim_deliveries`) under the token `$6`, and returns
-/// them with the event fields the webhook body is built from, read inside the claim itself
-/// (a join here would use this statement's older snapshot and miss fresh events). payload
-/// and metadata come as jsonb text so their bytes (and number precision) are exactly what
-/// PostgreSQL stored.
+/// Leases due deliveries (see `outbox.claim_deliveries_and_limits`, migrations/V16) under the
+/// token `$6`, and returns them with the event fields the webhook body is built from, read
+/// inside the claim itself (a join here would use this statement's older snapshot and miss
+/// fresh events). payload and metadata come as jsonb text so their bytes (and number
+/// precision) are exactly what PostgreSQL stored. A row whose `delivery_id` is NULL leases
+/// nothing: it names a subscription whose `max_in_flight` (or row lock) held the claim back,
+/// so a freed request slot may find more of its deliveries due.
 pub const CLAIM_DELIVERIES: Query = Query {
     sql: "
 SELECT delivery_id, subscription_id, attempts, replay_id,
        event_id, event_type, tenant_id, source_service, created_at,
        payload, metadata, event_ordering_key, delivery_ordering_key
-  FROM outbox.claim_deliveries($1::bigint[], $2::integer[], $3::integer, $4::text,
-                               make_interval(secs => $5::float8), $6::bigint)",
+  FROM outbox.claim_deliveries_and_limits($1::bigint[], $2::integer[], $3::integer, $4::text,
+                                          make_interval(secs => $5::float8), $6::bigint)",
     param_types: &[
         Type::INT8_ARRAY,
         Type::INT4_ARRAY,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::deliverer::Completion;
@@ -43,6 +43,10 @@ pub struct Completer {
     pub batch_size: usize,
     /// Where results this completer gave up on are noted, so their leases run out.
     pub given_up: GivenUpLeases,
+    /// Wakes the claim loop after results that make a delivery due at once: a retry whose
+    /// wait is already over, or the next delivery of an ordered key. (A freed request slot
+    /// wakes it only when slots were what held it back.)
+    pub deliveries_due: Arc<Notify>,
 }
 
 impl Completer {
@@ -321,6 +325,9 @@ impl Completer {
             rows
         };
         let recorded: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+        if makes_deliveries_due(batch, &recorded, Utc::now()) {
+            self.deliveries_due.notify_one();
+        }
         if recorded.len() < batch.len() {
             tracing::info!(
                 stale = batch.len() - recorded.len(),
@@ -385,4 +392,17 @@ impl Completer {
             );
         }
     }
+}
+
+/// Whether writing these results made a delivery due now: a retry whose wait is over (a
+/// retry schedule may start at 0 seconds), or a finished delivery of an ordered key, whose
+/// next delivery it released.
+fn makes_deliveries_due(batch: &[Completion], recorded: &HashSet<i64>, now: DateTime<Utc>) -> bool {
+    batch
+        .iter()
+        .filter(|c| recorded.contains(&c.delivery_id))
+        .any(|c| match c.verdict.next {
+            NextState::Retry { at } => at <= now,
+            NextState::Delivered | NextState::Dead => c.ordering_key.is_some(),
+        })
 }

@@ -210,6 +210,7 @@ pub async fn start(
         flush_interval: config.flush_interval,
         batch_size: config.flush_batch_size as usize,
         given_up,
+        deliveries_due: deliveries_wake.clone(),
     };
 
     // `claiming` stops the loops that take new work; the completer and in-flight requests

@@ -136,19 +136,40 @@ impl SubscriptionCache {
         Ok(count)
     }
 
+    /// What the deliverer's claim depends on: which subscriptions are enabled, with their
+    /// limits. A change here may make deliveries claimable that were not.
+    fn claim_settings(&self) -> Vec<(SubscriptionId, u32, Option<u64>)> {
+        self.enabled()
+            .iter()
+            .map(|s| {
+                (
+                    s.id,
+                    s.max_in_flight,
+                    s.rate_limit_per_second.map(f64::to_bits),
+                )
+            })
+            .collect()
+    }
+
     /// Keeps the snapshot fresh until cancelled. `changed` is notified by the LISTEN
-    /// connection; `reloaded` is notified after every successful reload so the deliverer
-    /// can use a new subscription at once.
+    /// connection; `claims_changed` is notified after a reload that changed what the
+    /// deliverer may claim, so it uses a new subscription or a raised limit at once. (Not
+    /// after every reload: that was a claim a second for nothing.)
     pub async fn keep_fresh(
         self,
         db: Db,
         changed: Arc<Notify>,
-        reloaded: Arc<Notify>,
+        claims_changed: Arc<Notify>,
         cancel: CancellationToken,
     ) {
         loop {
+            let before = self.claim_settings();
             match self.reload(&db).await {
-                Ok(_) => reloaded.notify_one(),
+                Ok(_) => {
+                    if self.claim_settings() != before {
+                        claims_changed.notify_one();
+                    }
+                }
                 Err(error) => tracing::warn!(
                     error = format!("{:#}", anyhow::Error::from(error)),
                     "reloading subscriptions failed; using the previous snapshot"

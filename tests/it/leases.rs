@@ -49,11 +49,12 @@ async fn claim(
         .await
         .expect("claim")
         .iter()
-        .map(|row| {
-            (
-                row.get::<_, i64>(0),
+        // A row with no delivery only says max_in_flight held the claim back.
+        .filter_map(|row| {
+            Some((
+                row.get::<_, Option<i64>>(0)?,
                 row.get::<_, uuid::Uuid>(4).to_string(),
-            )
+            ))
         })
         .collect()
 }

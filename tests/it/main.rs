@@ -6,6 +6,7 @@ mod harness_selftest;
 
 mod admin_api;
 mod brokers;
+mod claim_wakeups;
 mod cli_commands;
 mod compat_api;
 mod constraints;

@@ -391,15 +391,7 @@ async fn without_an_ordered_subscription_the_ordered_pass_runs_once_per_poll_int
     let db = TestDb::new().await;
     let receiver = Receiver::start().await.expect("receiver");
     add_subscription(&db, "crm", &receiver.url("/hook"), &[]).await;
-    // Counts calls of PL/pgSQL functions (pg_stat_user_functions) in the relay's sessions.
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "ALTER DATABASE {} SET track_functions = 'pl'",
-            db.name
-        ))
-        .await
-        .expect("track function calls");
+    track_function_calls(&db).await;
     let relay = spawn_default_relay(&db).await;
     let producer = db.client().await;
     for seq in 0..EVENTS {
@@ -415,32 +407,8 @@ async fn without_an_ordered_subscription_the_ordered_pass_runs_once_per_poll_int
     }
     wait_for_statuses(&db, "delivered", EVENTS).await;
     relay.shutdown().await;
-    // A session reports its statistics as it exits, before it leaves pg_stat_activity.
-    wait_until("the relay's sessions have ended", DEADLINE, || async {
-        count(
-            &db,
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND application_name LIKE 'outbox-relay%'",
-        )
-        .await
-            == 0
-    })
-    .await;
-    let calls = |function: &'static str| {
-        let db = &db;
-        async move {
-            count(
-                db,
-                &format!(
-                    "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_user_functions
-                      WHERE schemaname = 'outbox' AND funcname = '{function}'"
-                ),
-            )
-            .await
-        }
-    };
-    let rounds = calls("dispatch_events").await;
-    let ordered_passes = calls("dispatch_ordered").await;
+    let rounds = function_calls_after_relays_exit(&db, "dispatch_events").await;
+    let ordered_passes = function_calls_after_relays_exit(&db, "dispatch_ordered").await;
     assert!(
         ordered_passes * 5 < rounds,
         "{ordered_passes} ordered passes in {rounds} dispatch rounds for {EVENTS} events over \

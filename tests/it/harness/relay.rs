@@ -418,3 +418,40 @@ pub async fn nested_plans(db: &TestDb, statement: &str) -> String {
     assert!(output.status.success(), "psql failed:\n{plans}");
     plans
 }
+
+/// Makes PostgreSQL count calls of PL/pgSQL functions (`track_functions = 'pl'`) in the
+/// sessions that connect to `db` from now on: start relays afterwards.
+pub async fn track_function_calls(db: &TestDb) {
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET track_functions = 'pl'",
+            db.name
+        ))
+        .await
+        .expect("track function calls");
+}
+
+/// Calls of `outbox.<function>` counted since [`track_function_calls`], once the relays'
+/// sessions are gone: a session reports its statistics as it exits, before it leaves
+/// pg_stat_activity. Shut the relays down first.
+pub async fn function_calls_after_relays_exit(db: &TestDb, function: &str) -> i64 {
+    wait_until("the relay's sessions have ended", DEADLINE, || async {
+        count(
+            db,
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name LIKE 'outbox-relay%'",
+        )
+        .await
+            == 0
+    })
+    .await;
+    count(
+        db,
+        &format!(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_user_functions
+              WHERE schemaname = 'outbox' AND funcname = '{function}'"
+        ),
+    )
+    .await
+}
