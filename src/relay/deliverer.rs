@@ -85,10 +85,13 @@ pub struct ClaimRound {
     /// How many it asked for: fewer claimed means nothing more could be taken now.
     pub asked: usize,
     /// Something a freed request slot can lift held the round back: the relay's slots, a
-    /// subscription's `max_in_flight` (or its row locked by another claim), or a rate limit.
-    /// When false, a freed slot changes nothing, so the next round waits for new or
-    /// re-queued deliveries, results that make one due, or the poll interval.
+    /// subscription's `max_in_flight` (or its row locked by another claim), or a
+    /// subscription that got all it asked for. When false, a freed slot changes nothing, so
+    /// the next round waits for new or re-queued deliveries, results that make one due, a
+    /// rate token, or the poll interval.
     pub slot_bound: bool,
+    /// A subscription was left out for want of a rate token: when its next one is due.
+    pub next_rate_token: Option<Duration>,
 }
 
 pub struct Deliverer {
@@ -164,6 +167,7 @@ impl Deliverer {
                 claimed: 0,
                 asked: 0,
                 slot_bound: true,
+                next_rate_token: None,
             });
         }
         let mut enabled = self.subscriptions.enabled();
@@ -172,6 +176,7 @@ impl Deliverer {
                 claimed: 0,
                 asked: free,
                 slot_bound: false,
+                next_rate_token: None,
             });
         }
         // Rotate the order each round so, when capacity is short, no subscription always
@@ -187,7 +192,8 @@ impl Deliverer {
             return Ok(ClaimRound {
                 claimed: 0,
                 asked: free,
-                slot_bound: wanted.out_of_rate_tokens,
+                slot_bound: false,
+                next_rate_token: wanted.next_rate_token,
             });
         }
         let (claimed, held_back) = self.claim(&wanted.ids, &wanted.counts, free).await?;
@@ -222,7 +228,8 @@ impl Deliverer {
         Ok(ClaimRound {
             claimed: count,
             asked: free,
-            slot_bound: held_back || got_all_asked || wanted.out_of_rate_tokens,
+            slot_bound: held_back || got_all_asked,
+            next_rate_token: wanted.next_rate_token,
         })
     }
 
@@ -235,7 +242,7 @@ impl Deliverer {
         let mut wanted = Wanted {
             ids: Vec::with_capacity(enabled.len()),
             counts: Vec::with_capacity(enabled.len()),
-            out_of_rate_tokens: false,
+            next_rate_token: None,
         };
         for subscription in enabled {
             let mut want = free.min(subscription.max_in_flight as usize);
@@ -245,9 +252,14 @@ impl Deliverer {
                     .or_insert_with(|| TokenBucket::new(rate, now));
                 bucket.set_rate(rate);
                 want = want.min(bucket.available(now));
-                // Tokens come back with time, which the claim loop learns of from freed
-                // slots or its poll interval.
-                wanted.out_of_rate_tokens |= want == 0;
+                if want == 0 {
+                    let due = bucket.until_next_token();
+                    wanted.next_rate_token = Some(
+                        wanted
+                            .next_rate_token
+                            .map_or(due, |soonest| soonest.min(due)),
+                    );
+                }
             }
             if want > 0 {
                 wanted.ids.push(subscription.id.0);
@@ -443,7 +455,7 @@ impl Deliverer {
         loop {
             // Claim until a round takes less than it asked for; then wait, for a freed slot
             // too if slots were what held that round back.
-            let slot_bound = loop {
+            let (slot_bound, next_rate_token) = loop {
                 if cancel.is_cancelled() {
                     return;
                 }
@@ -454,7 +466,7 @@ impl Deliverer {
                             tracing::debug!(batch_size = round.claimed, "claimed deliveries");
                         }
                         if round.claimed == 0 || round.claimed < round.asked {
-                            break round.slot_bound;
+                            break (round.slot_bound, round.next_rate_token);
                         }
                     }
                     Err(error) => {
@@ -478,7 +490,7 @@ impl Deliverer {
                 // A claim after each freed slot used to find nothing most of the time at a
                 // steady rate: 1.66 claims per delivery (see migrations/V16).
                 _ = self.slot_freed.notified(), if slot_bound => {}
-                _ = tokio::time::sleep(poll_interval) => {}
+                _ = tokio::time::sleep(next_rate_token.map_or(poll_interval, |due| due.min(poll_interval))) => {}
             }
         }
     }
@@ -488,8 +500,8 @@ impl Deliverer {
 struct Wanted {
     ids: Vec<i64>,
     counts: Vec<i32>,
-    /// A subscription was left out: its rate limit has no token now.
-    out_of_rate_tokens: bool,
+    /// A subscription was left out for want of a rate token: when the first is due.
+    next_rate_token: Option<Duration>,
 }
 
 /// Per-relay token bucket for `rate_limit_per_second`. Holds at most one second of tokens
@@ -527,6 +539,18 @@ impl TokenBucket {
         self.tokens.floor().max(0.0) as usize
     }
 
+    /// How long until the bucket holds a whole token again (as of its last refill).
+    fn until_next_token(&self) -> Duration {
+        if self.tokens >= 1.0 {
+            return Duration::ZERO;
+        }
+        if self.rate <= 0.0 {
+            // Refused by the table's CHECK; never a token, so never a wake-up for one.
+            return Duration::MAX;
+        }
+        Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+    }
+
     fn take(&mut self, count: u32) {
         self.tokens -= f64::from(count);
     }
@@ -550,6 +574,17 @@ mod tests {
             2,
             "capped"
         );
+    }
+
+    #[test]
+    fn the_next_token_is_due_when_the_bucket_has_refilled_to_one() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(4.0, start);
+        assert_eq!(bucket.until_next_token(), Duration::ZERO, "full");
+        bucket.take(4);
+        assert_eq!(bucket.until_next_token(), Duration::from_millis(250));
+        assert_eq!(bucket.available(start + Duration::from_millis(125)), 0);
+        assert_eq!(bucket.until_next_token(), Duration::from_millis(125));
     }
 
     #[test]

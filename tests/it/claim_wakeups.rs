@@ -1,7 +1,8 @@
 //! When the claim loop looks for deliveries again. A freed request slot wakes it only when
-//! slots held its last round back (the relay's own, a subscription's `max_in_flight`, a
-//! rate limit); results that make a delivery due at once (a 0-second retry, the next
-//! delivery of an ordered key) wake it from the completer. The guards run with an hour-long
+//! slots held its last round back (the relay's own, a subscription's `max_in_flight`);
+//! results that make a delivery due at once (a 0-second retry, the next delivery of an
+//! ordered key) wake it from the completer; a subscription out of rate tokens, its next
+//! token. The guards run with an hour-long
 //! poll interval, so a missed wake-up shows as a delivery that never comes.
 
 use std::time::Duration;
@@ -87,6 +88,21 @@ async fn a_relay_out_of_slots_claims_again_as_its_requests_finish() {
     config.max_concurrency = 1;
     let relay = spawn_relay(&db, config).await;
     wait_for_statuses(&db, "delivered", 10).await;
+    relay.shutdown().await;
+}
+
+/// A rate limit of 5 per second with twelve deliveries due: the first five go at once (a
+/// second's tokens), and each later one when its token is due, which the claim loop waits
+/// for by itself.
+#[tokio::test]
+async fn a_subscription_out_of_rate_tokens_is_claimed_again_when_its_next_token_is_due() {
+    let (db, _receiver) =
+        db_with_subscriber("crm", "/hook", &[("rate_limit_per_second", "5")]).await;
+    for seq in 0..12 {
+        publish_lead(&db, seq).await;
+    }
+    let relay = spawn_relay(&db, config_without_poll()).await;
+    wait_for_statuses(&db, "delivered", 12).await;
     relay.shutdown().await;
 }
 
