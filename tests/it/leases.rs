@@ -338,3 +338,68 @@ async fn claims_do_not_read_the_deliveries_finished_since_the_last_vacuum_again_
          finished before it)"
     );
 }
+
+/// The claim tells the relay when `max_in_flight` held it back (a row with no delivery), and
+/// relays from before that change, which call `outbox.claim_deliveries` until they are
+/// upgraded, still get the same claim without such rows.
+#[tokio::test]
+async fn a_claim_held_back_by_max_in_flight_says_so_and_the_earlier_claim_does_not() {
+    let db = TestDb::new().await;
+    let (subscription, _) = add_subscription(
+        &db,
+        "crm",
+        "http://127.0.0.1:9/hook",
+        &[("max_in_flight", "2")],
+    )
+    .await;
+    let client = db.client().await;
+    for _ in 0..3 {
+        client
+            .query_one(EVENT_WITH_DELIVERY, &[&subscription])
+            .await
+            .expect("event and delivery");
+    }
+    let claim_with = |function: &'static str, token: i64| {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    &format!(
+                        "SELECT delivery_id, subscription_id FROM outbox.{function}(
+                             $1::bigint[], ARRAY[10], 10, 'relay-test', interval '60 seconds', $2)"
+                    ),
+                    &[&vec![subscription], &token],
+                )
+                .await
+                .expect("claim")
+                .iter()
+                .map(|row| (row.get::<_, Option<i64>>(0), row.get::<_, i64>(1)))
+                .collect::<Vec<_>>()
+        }
+    };
+    // Asked for 10, allowed 2: both leased, and one row saying the limit held it back.
+    let first = claim_with("claim_deliveries_and_limits", 1).await;
+    assert_eq!(first.len(), 3, "{first:?}");
+    assert_eq!(first.iter().filter(|(id, _)| id.is_some()).count(), 2);
+    assert!(first.contains(&(None, subscription)), "{first:?}");
+    // Nothing allowed now: only that row.
+    assert_eq!(
+        claim_with("claim_deliveries_and_limits", 2).await,
+        vec![(None, subscription)]
+    );
+    // The earlier function: nothing to lease, and no row without a delivery.
+    assert_eq!(claim_with("claim_deliveries", 3).await, vec![]);
+    // With a slot free again, it leases the third delivery.
+    client
+        .execute(
+            "UPDATE outbox.deliveries SET status = 'delivered', lease_owner = NULL,
+                    lease_expires_at = NULL, lease_token = NULL
+              WHERE lease_token = 1 AND id = (SELECT min(id) FROM outbox.deliveries)",
+            &[],
+        )
+        .await
+        .expect("finish one");
+    let third = claim_with("claim_deliveries", 4).await;
+    assert_eq!(third.len(), 1, "{third:?}");
+    assert!(third[0].0.is_some(), "{third:?}");
+}
