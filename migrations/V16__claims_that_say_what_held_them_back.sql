@@ -17,14 +17,24 @@
 -- deliveries, re-queued leases, results that make a delivery due (a retry due at once, the
 -- next delivery of an ordered key), its rate limits, or the poll interval.
 --
--- The body is V9's claim (V13's planner setting), with those rows added.
+-- It also frees a subscription's max_in_flight room as soon as a request is answered, not
+-- only once its result is written: the relay passes the deliveries it holds whose requests
+-- have been answered but whose results are not written yet (answered), and the count of
+-- in-flight rows leaves those out. max_in_flight limits the requests a subscriber is
+-- sent at once; those are no longer at the subscriber. (The relay's own request slots,
+-- OUTBOX_MAX_CONCURRENCY, are still freed only when results are written: that bounds what
+-- a crash can re-send.) Measured on a drain of 100 000 events with max_in_flight 64, the
+-- write took a good share of each slot's time: 128 slots ran 10-15 % faster than 64.
+--
+-- The body is V9's claim (V13's planner setting), with those rows and that count.
 CREATE FUNCTION outbox.claim_deliveries_and_limits(
     subscription_ids bigint[],
     wanted           integer[],
     total_limit      integer,
     lease_owner      text,
     lease_duration   interval,
-    lease_token      bigint
+    lease_token      bigint,
+    answered         bigint[]
 ) RETURNS TABLE (delivery_id bigint, subscription_id bigint, attempts integer, replay_id bigint,
                  delivery_ordering_key text, event_id uuid, event_type text, tenant_id text,
                  source_service text, created_at timestamptz, payload text, metadata text,
@@ -61,7 +71,8 @@ CREATE FUNCTION outbox.claim_deliveries_and_limits(
                 CONTINUE;
             END IF;
             allowed := sub_limit - (SELECT count(*)::integer FROM outbox.deliveries f
-                                     WHERE f.subscription_id = sub_id AND f.status = 'in_flight');
+                                     WHERE f.subscription_id = sub_id AND f.status = 'in_flight'
+                                       AND f.id <> ALL (answered));
             asked := least(wanted[i], remaining);
             quota := least(asked, allowed);
             claimed := 0;
@@ -101,8 +112,8 @@ CREATE FUNCTION outbox.claim_deliveries_and_limits(
         END LOOP;
     END
     $$;
-COMMENT ON FUNCTION outbox.claim_deliveries_and_limits(bigint[], integer[], integer, text, interval, bigint) IS
-    'Internal (outbox-relay): lease due, unblocked deliveries per subscription (max_in_flight across relays), with their events; plus a row with no delivery for each subscription whose max_in_flight (or row lock) held the claim back.';
+COMMENT ON FUNCTION outbox.claim_deliveries_and_limits(bigint[], integer[], integer, text, interval, bigint, bigint[]) IS
+    'Internal (outbox-relay): lease due, unblocked deliveries per subscription (max_in_flight across relays, not counting the caller''s answered requests), with their events; plus a row with no delivery for each subscription whose max_in_flight (or row lock) held the claim back.';
 
 -- Kept for relays of an earlier version that run on during an upgrade (the schema is migrated
 -- first): the same claim, without the rows that name no delivery.
@@ -120,6 +131,6 @@ CREATE OR REPLACE FUNCTION outbox.claim_deliveries(
     LANGUAGE sql VOLATILE
     ROWS 100
     AS $$
-        SELECT * FROM outbox.claim_deliveries_and_limits($1, $2, $3, $4, $5, $6) c
+        SELECT * FROM outbox.claim_deliveries_and_limits($1, $2, $3, $4, $5, $6, '{}') c
          WHERE c.delivery_id IS NOT NULL
     $$;

@@ -146,7 +146,7 @@ GRANT SELECT ON SEQUENCE outbox.events_id_seq TO outbox_relay;
 GRANT SELECT ON outbox.replays, outbox.schema_history TO outbox_relay;
 GRANT EXECUTE ON FUNCTION
     outbox.claim_deliveries(bigint[], integer[], integer, text, interval, bigint),
-    outbox.claim_deliveries_and_limits(bigint[], integer[], integer, text, interval, bigint),
+    outbox.claim_deliveries_and_limits(bigint[], integer[], integer, text, interval, bigint, bigint[]),
     outbox.complete_deliveries(bigint[], text[], timestamptz[], integer[], text[], text[], timestamptz[], integer[], boolean[], bigint[], text),
     outbox.dispatch_events(integer),
     outbox.dispatch_ordered(integer),

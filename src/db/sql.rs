@@ -35,14 +35,17 @@ pub const DISPATCH_EVENTS: Query = Query {
 /// fresh events). payload and metadata come as jsonb text so their bytes (and number
 /// precision) are exactly what PostgreSQL stored. A row whose `delivery_id` is NULL leases
 /// nothing: it names a subscription whose `max_in_flight` (or row lock) held the claim back,
-/// so a freed request slot may find more of its deliveries due.
+/// so a freed request slot may find more of its deliveries due. `$7`: this relay's
+/// deliveries whose requests were answered but whose results are not written yet; they no
+/// longer count against `max_in_flight`.
 pub const CLAIM_DELIVERIES: Query = Query {
     sql: "
 SELECT delivery_id, subscription_id, attempts, replay_id,
        event_id, event_type, tenant_id, source_service, created_at,
        payload, metadata, event_ordering_key, delivery_ordering_key
   FROM outbox.claim_deliveries_and_limits($1::bigint[], $2::integer[], $3::integer, $4::text,
-                                          make_interval(secs => $5::float8), $6::bigint)",
+                                          make_interval(secs => $5::float8), $6::bigint,
+                                          $7::bigint[])",
     param_types: &[
         Type::INT8_ARRAY,
         Type::INT4_ARRAY,
@@ -50,6 +53,7 @@ SELECT delivery_id, subscription_id, attempts, replay_id,
         Type::TEXT,
         Type::FLOAT8,
         Type::INT8,
+        Type::INT8_ARRAY,
     ],
 };
 

@@ -7,7 +7,7 @@
 //! `rate_limit_per_second` is a token bucket per relay. The deliverer claims at most what it
 //! can start now, so nothing waits leased in memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,13 +35,57 @@ const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub struct DeliverySlot {
     permit: Option<OwnedSemaphorePermit>,
     freed: Arc<Notify>,
+    /// Set once the request is answered: the delivery no longer counts against its
+    /// subscription's `max_in_flight`, though the slot stays taken until the result is
+    /// written.
+    answered: Option<(AnsweredRequests, i64)>,
+}
+
+impl DeliverySlot {
+    /// The request was answered (or failed): its subscription may be sent another at once.
+    fn mark_answered(&mut self, answered: &AnsweredRequests, delivery_id: i64) {
+        answered.insert(delivery_id);
+        self.answered = Some((answered.clone(), delivery_id));
+        self.freed.notify_one();
+    }
 }
 
 impl Drop for DeliverySlot {
     fn drop(&mut self) {
+        if let Some((answered, delivery_id)) = self.answered.take() {
+            answered.remove(delivery_id);
+        }
         // Release first, then wake: the woken claim loop must see the permit available.
         drop(self.permit.take());
         self.freed.notify_one();
+    }
+}
+
+/// This relay's deliveries whose requests were answered but whose results are not written
+/// yet. The claim leaves them out of `max_in_flight` (migrations/V16): that limits what a
+/// subscriber is sent at once, and these are no longer at the subscriber. At most
+/// `max_concurrency` of them, since each holds a request slot.
+#[derive(Debug, Clone, Default)]
+pub struct AnsweredRequests(Arc<Mutex<HashSet<i64>>>);
+
+impl AnsweredRequests {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        // Only inserts and removes of single ids happen under the lock: never half-done.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn insert(&self, delivery_id: i64) {
+        self.lock().insert(delivery_id);
+    }
+
+    fn remove(&self, delivery_id: i64) {
+        self.lock().remove(&delivery_id);
+    }
+
+    fn ids(&self) -> Vec<i64> {
+        self.lock().iter().copied().collect()
     }
 }
 
@@ -109,9 +153,11 @@ pub struct Deliverer {
     /// Relay-wide cap on concurrent requests.
     pub permits: Arc<Semaphore>,
     pub results: mpsc::Sender<Completion>,
-    /// Notified whenever a request's slot is freed, so freed capacity is used at once (when
-    /// capacity was what held the claim loop back).
+    /// Notified whenever a request is answered (its subscription's `max_in_flight` room is
+    /// free) and when its slot is freed, so freed capacity is used at once (when capacity
+    /// was what held the claim loop back).
     pub slot_freed: Arc<Notify>,
+    pub answered: AnsweredRequests,
     /// Fires on a hard stop (shutdown grace exceeded, or a simulated crash): requests are
     /// abandoned without a result and their leases released or left to expire.
     pub abandon: CancellationToken,
@@ -149,6 +195,7 @@ impl Deliverer {
             permits: Arc::new(Semaphore::new(max_concurrency as usize)),
             results,
             slot_freed: Arc::new(Notify::new()),
+            answered: AnsweredRequests::default(),
             abandon,
             tasks: TaskTracker::new(),
             rate_limits: Mutex::new(HashMap::new()),
@@ -295,6 +342,7 @@ impl Deliverer {
         // Random, not a counter: unique across this relay's restarts as well, which share
         // its relay id when it is configured.
         let lease_token: i64 = rand::random();
+        let answered = self.answered.ids();
         let rows = client
             .query(
                 &sql::CLAIM_DELIVERIES,
@@ -305,6 +353,7 @@ impl Deliverer {
                     &&*self.relay_id,
                     &self.lease_duration.as_secs_f64(),
                     &lease_token,
+                    &answered,
                 ],
             )
             .await
@@ -347,9 +396,10 @@ impl Deliverer {
         subscription: Arc<Subscription>,
         permit: OwnedSemaphorePermit,
     ) {
-        let slot = DeliverySlot {
+        let mut slot = DeliverySlot {
             permit: Some(permit),
             freed: self.slot_freed.clone(),
+            answered: None,
         };
         let started_at = Utc::now();
         let clock = Instant::now();
@@ -360,6 +410,7 @@ impl Deliverer {
             }
             result = self.send(&delivery, &subscription) => result,
         };
+        slot.mark_answered(&self.answered, delivery.delivery_id);
         let duration = clock.elapsed();
         self.metrics
             .delivery_duration

@@ -73,6 +73,49 @@ async fn a_subscription_at_its_max_in_flight_is_claimed_again_as_its_requests_fi
     relay.shutdown().await;
 }
 
+/// max_in_flight = 1: the next request goes out once the previous one is answered, before
+/// its result is written. The test holds the first delivery's row locked from while the
+/// subscriber is still answering (a 1 s reply), so its result cannot be written; the second
+/// request must arrive all the same, with the first still `in_flight` in the table.
+#[tokio::test]
+async fn max_in_flight_room_is_freed_when_a_request_is_answered_not_when_its_result_is_written() {
+    let (db, receiver) = db_with_subscriber("crm", "/hook", &[("max_in_flight", "1")]).await;
+    receiver.queue("/hook", [Reply::Delay(Duration::from_secs(1), 200)]);
+    publish_lead(&db, 0).await;
+    publish_lead(&db, 1).await;
+    let relay = spawn_relay(&db, config_without_poll()).await;
+    receiver
+        .wait_for("/hook", 1, DEADLINE)
+        .await
+        .expect("the first request");
+    let mut holder = db.client().await;
+    let lock = holder.transaction().await.expect("begin");
+    let first: i64 = lock
+        .query_one(
+            "SELECT id FROM outbox.deliveries WHERE status = 'in_flight' FOR UPDATE",
+            &[],
+        )
+        .await
+        .expect("lock the first delivery's row")
+        .get(0);
+    receiver
+        .wait_for("/hook", 2, DEADLINE)
+        .await
+        .expect("the second request, while the first result is unwritten");
+    let status: String = lock
+        .query_one(
+            "SELECT status FROM outbox.deliveries WHERE id = $1",
+            &[&first],
+        )
+        .await
+        .expect("first delivery")
+        .get(0);
+    assert_eq!(status, "in_flight", "the first result is not written yet");
+    lock.rollback().await.expect("release the row");
+    wait_for_statuses(&db, "delivered", 2).await;
+    relay.shutdown().await;
+}
+
 /// A relay with one request slot and two subscriptions: each freed slot wakes the claim
 /// that was left without one.
 #[tokio::test]

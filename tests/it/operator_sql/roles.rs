@@ -157,7 +157,7 @@ async fn least_privilege_roles_allow_each_job_and_nothing_more() {
     // The relay claims, completes and records; it does not change the schema.
     let r = "outbox_relay";
     let claim = format!(
-        "SELECT count(*) FROM outbox.claim_deliveries_and_limits(ARRAY[{crm}::bigint], ARRAY[10], 10, 'relay-test', interval '10 seconds', 1)
+        "SELECT count(*) FROM outbox.claim_deliveries_and_limits(ARRAY[{crm}::bigint], ARRAY[10], 10, 'relay-test', interval '10 seconds', 1, '{{}}')
           WHERE delivery_id IS NOT NULL"
     );
     let rows = allowed_steps(
