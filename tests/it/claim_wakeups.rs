@@ -25,6 +25,17 @@ async fn publish_lead(db: &TestDb, seq: i64) {
     publish(db, "lead.created", json!({ "seq": seq })).await;
 }
 
+/// Publishes `events` events, then runs a relay with `config` until `deliveries` are
+/// delivered: a backlog the relay must work through on its wake-ups alone.
+async fn deliver_backlog(db: &TestDb, events: i64, deliveries: i64, config: RelayConfig) {
+    for seq in 0..events {
+        publish_lead(db, seq).await;
+    }
+    let relay = spawn_relay(db, config).await;
+    wait_for_statuses(db, "delivered", deliveries).await;
+    relay.shutdown().await;
+}
+
 /// At a steady rate, each event's delivery is claimed when the dispatcher makes it; the
 /// claim that each freed slot used to trigger found nothing (1.66 claims per delivery).
 /// Events go one at a time, each once the previous is delivered, so every delivery frees its
@@ -65,12 +76,7 @@ async fn a_subscription_at_its_max_in_flight_is_claimed_again_as_its_requests_fi
             Reply::Delay(Duration::from_millis(300), 200),
         ],
     );
-    for seq in 0..10 {
-        publish_lead(&db, seq).await;
-    }
-    let relay = spawn_relay(&db, config_without_poll()).await;
-    wait_for_statuses(&db, "delivered", 10).await;
-    relay.shutdown().await;
+    deliver_backlog(&db, 10, 10, config_without_poll()).await;
 }
 
 /// max_in_flight = 1: the next request goes out once the previous one is answered, before
@@ -124,14 +130,9 @@ async fn a_relay_out_of_slots_claims_again_as_its_requests_finish() {
     let receiver = Receiver::start().await.expect("receiver");
     add_subscription(&db, "crm", &receiver.url("/crm"), &[]).await;
     add_subscription(&db, "erp", &receiver.url("/erp"), &[]).await;
-    for seq in 0..5 {
-        publish_lead(&db, seq).await;
-    }
     let mut config = config_without_poll();
     config.max_concurrency = 1;
-    let relay = spawn_relay(&db, config).await;
-    wait_for_statuses(&db, "delivered", 10).await;
-    relay.shutdown().await;
+    deliver_backlog(&db, 5, 10, config).await;
 }
 
 /// A rate limit of 5 per second with twelve deliveries due: the first five go at once (a
@@ -141,12 +142,7 @@ async fn a_relay_out_of_slots_claims_again_as_its_requests_finish() {
 async fn a_subscription_out_of_rate_tokens_is_claimed_again_when_its_next_token_is_due() {
     let (db, _receiver) =
         db_with_subscriber("crm", "/hook", &[("rate_limit_per_second", "5")]).await;
-    for seq in 0..12 {
-        publish_lead(&db, seq).await;
-    }
-    let relay = spawn_relay(&db, config_without_poll()).await;
-    wait_for_statuses(&db, "delivered", 12).await;
-    relay.shutdown().await;
+    deliver_backlog(&db, 12, 12, config_without_poll()).await;
 }
 
 /// A retry schedule that starts at 0 seconds: the failed attempt's result makes the delivery
