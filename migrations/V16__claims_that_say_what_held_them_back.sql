@@ -72,7 +72,10 @@ CREATE FUNCTION outbox.claim_deliveries_and_limits(
             END IF;
             allowed := sub_limit - (SELECT count(*)::integer FROM outbox.deliveries f
                                      WHERE f.subscription_id = sub_id AND f.status = 'in_flight'
-                                       AND f.id <> ALL (answered));
+                                       -- Still leased to the caller: a lease that ran out
+                                       -- and was claimed again is a request in flight.
+                                       AND NOT (f.id = ANY (answered)
+                                                AND f.lease_owner = claim_deliveries_and_limits.lease_owner));
             asked := least(wanted[i], remaining);
             quota := least(asked, allowed);
             claimed := 0;

@@ -410,3 +410,48 @@ async fn a_claim_held_back_by_max_in_flight_says_so_and_the_earlier_claim_does_n
     assert_eq!(third.len(), 1, "{third:?}");
     assert!(third[0].0.is_some(), "{third:?}");
 }
+
+/// A relay's answered requests leave `max_in_flight` room only while their deliveries are
+/// still leased to it: one whose lease ran out and was claimed by another relay is a request
+/// in flight again, and counts.
+#[tokio::test]
+async fn answered_requests_free_room_only_while_still_leased_to_the_caller() {
+    let db = TestDb::new().await;
+    let (subscription, _) = add_subscription(
+        &db,
+        "crm",
+        "http://127.0.0.1:9/hook",
+        &[("max_in_flight", "1")],
+    )
+    .await;
+    let client = db.client().await;
+    for _ in 0..2 {
+        client
+            .query_one(EVENT_WITH_DELIVERY, &[&subscription])
+            .await
+            .expect("event and delivery");
+    }
+    let claim_as = |owner: &'static str, answered: Vec<i64>| {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "SELECT delivery_id FROM outbox.claim_deliveries_and_limits(
+                         $1::bigint[], ARRAY[10], 10, $2, interval '60 seconds', 1, $3)
+                      WHERE delivery_id IS NOT NULL",
+                    &[&vec![subscription], &owner, &answered],
+                )
+                .await
+                .expect("claim")
+                .iter()
+                .map(|row| row.get::<_, i64>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    let first = claim_as("relay-a", vec![]).await;
+    assert_eq!(first.len(), 1, "max_in_flight 1");
+    // relay-b cannot free relay-a's room by calling that request answered.
+    assert_eq!(claim_as("relay-b", first.clone()).await, Vec::<i64>::new());
+    // relay-a can: its request was answered, only the result is not written yet.
+    assert_eq!(claim_as("relay-a", first).await.len(), 1);
+}
