@@ -223,9 +223,14 @@ async fn all_relay_connections_terminated_mid_run_nothing_lost() {
         &[("max_in_flight", &MAX_IN_FLIGHT.to_string())],
     )
     .await;
-    let mut a = RelayProcess::spawn(&db, "cut-a", &[]);
-    let mut b = RelayProcess::spawn(&db, "cut-b", &[]);
-    let mut c = RelayProcess::spawn(&db, "cut-c", &[]);
+    // Each relay holds at most this many unrecorded results: three of them, at most the
+    // subscription's max_in_flight together, as the bound below assumed when max_in_flight
+    // counted requests until their results were written.
+    let concurrency = (MAX_IN_FLIGHT / 3).to_string();
+    let args = ["--max-concurrency", concurrency.as_str()];
+    let mut a = RelayProcess::spawn(&db, "cut-a", &args);
+    let mut b = RelayProcess::spawn(&db, "cut-b", &args);
+    let mut c = RelayProcess::spawn(&db, "cut-c", &args);
     let started = Instant::now();
     publish_numbered(&db, EVENTS, 3).await;
     receiver
@@ -277,8 +282,8 @@ async fn all_relay_connections_terminated_mid_run_nothing_lost() {
         delivered.difference(&published).count()
     );
     // A request is re-sent only when its lease was lost before the result was written, and
-    // one cut can cost at most the subscription's in-flight deliveries (max_in_flight is
-    // enforced across relays at the claim).
+    // one cut can cost at most the results the relays hold unrecorded: 3 × MAX_IN_FLIGHT / 3
+    // request slots, freed only once results are written.
     assert!(
         extra <= TERMINATIONS * MAX_IN_FLIGHT,
         "{extra} duplicates, more than {TERMINATIONS} cuts × {MAX_IN_FLIGHT} in flight"
