@@ -18,6 +18,7 @@ pub mod completer;
 pub mod deliverer;
 pub mod dispatcher;
 pub mod maintenance;
+pub mod rate_limit;
 pub mod subscriptions;
 
 use std::net::SocketAddr;
