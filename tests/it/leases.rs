@@ -17,15 +17,33 @@ const EVENT_WITH_DELIVERY: &str =
           d AS (INSERT INTO outbox.deliveries (event_id, subscription_id) SELECT id, $1 FROM e)
      SELECT event_id FROM e";
 
-/// A subscription (to a port nothing listens on) with one pending delivery; returns the
-/// subscription id and a connection.
+/// A subscription (to a port nothing listens on) with one pending delivery and the default
+/// `max_in_flight` (64); returns the subscription id and a connection.
 async fn one_pending_delivery(db: &TestDb) -> (i64, deadpool_postgres::Object) {
-    let (subscription, _) = add_subscription(db, "crm", "http://127.0.0.1:9/hook", &[]).await;
+    pending_deliveries(db, "64", 1).await
+}
+
+/// A subscription (to a port nothing listens on) with `max_in_flight` and `count` pending
+/// deliveries; returns the subscription id and a connection.
+async fn pending_deliveries(
+    db: &TestDb,
+    max_in_flight: &str,
+    count: usize,
+) -> (i64, deadpool_postgres::Object) {
+    let (subscription, _) = add_subscription(
+        db,
+        "crm",
+        "http://127.0.0.1:9/hook",
+        &[("max_in_flight", max_in_flight)],
+    )
+    .await;
     let client = db.client().await;
-    client
-        .query_one(EVENT_WITH_DELIVERY, &[&subscription])
-        .await
-        .expect("event and delivery");
+    for _ in 0..count {
+        client
+            .query_one(EVENT_WITH_DELIVERY, &[&subscription])
+            .await
+            .expect("event and delivery");
+    }
     (subscription, client)
 }
 
@@ -346,20 +364,7 @@ async fn claims_do_not_read_the_deliveries_finished_since_the_last_vacuum_again_
 #[tokio::test]
 async fn a_claim_held_back_by_max_in_flight_says_so_and_the_earlier_claim_does_not() {
     let db = TestDb::new().await;
-    let (subscription, _) = add_subscription(
-        &db,
-        "crm",
-        "http://127.0.0.1:9/hook",
-        &[("max_in_flight", "2")],
-    )
-    .await;
-    let client = db.client().await;
-    for _ in 0..3 {
-        client
-            .query_one(EVENT_WITH_DELIVERY, &[&subscription])
-            .await
-            .expect("event and delivery");
-    }
+    let (subscription, client) = pending_deliveries(&db, "2", 3).await;
     // The earlier function has no argument for answered requests.
     let claim_with = |function: &'static str, token: i64| {
         let client = &client;
@@ -417,20 +422,7 @@ async fn a_claim_held_back_by_max_in_flight_says_so_and_the_earlier_claim_does_n
 #[tokio::test]
 async fn answered_requests_free_room_only_while_still_leased_to_the_caller() {
     let db = TestDb::new().await;
-    let (subscription, _) = add_subscription(
-        &db,
-        "crm",
-        "http://127.0.0.1:9/hook",
-        &[("max_in_flight", "1")],
-    )
-    .await;
-    let client = db.client().await;
-    for _ in 0..2 {
-        client
-            .query_one(EVENT_WITH_DELIVERY, &[&subscription])
-            .await
-            .expect("event and delivery");
-    }
+    let (subscription, client) = pending_deliveries(&db, "1", 2).await;
     let claim_as = |owner: &'static str, answered: Vec<i64>| {
         let client = &client;
         async move {
