@@ -9,8 +9,9 @@
 -- With this function the relay knows when a freed slot can help: it returns, besides the
 -- leased deliveries, one row with no delivery (delivery_id NULL) for each subscription that
 -- may have more due deliveries than it was allowed to take:
--- * max_in_flight (counted across relays) allowed fewer than the relay asked for, and the
---   claim took all it allowed;
+-- * the claim took all it was allowed, whatever capped that: what the relay asked for (its
+--   free slots, max_in_flight, rate tokens) or max_in_flight counted across relays (taking
+--   less means nothing more was due);
 -- * or the subscription's row was locked by another session (SKIP LOCKED), so nothing was
 --   counted at all.
 -- The relay then claims again when one of its slots is freed; otherwise it waits for new
@@ -47,7 +48,6 @@ CREATE FUNCTION outbox.claim_deliveries_and_limits(
         i          integer;
         sub_id     bigint;
         sub_limit  integer;
-        asked      integer;
         allowed    integer;
         quota      integer;
         remaining  integer := total_limit;
@@ -76,8 +76,7 @@ CREATE FUNCTION outbox.claim_deliveries_and_limits(
                                        -- and was claimed again is a request in flight.
                                        AND NOT (f.id = ANY (answered)
                                                 AND f.lease_owner = claim_deliveries_and_limits.lease_owner));
-            asked := least(wanted[i], remaining);
-            quota := least(asked, allowed);
+            quota := least(wanted[i], remaining, allowed);
             claimed := 0;
             IF quota > 0 THEN
                 RETURN QUERY
@@ -105,9 +104,9 @@ CREATE FUNCTION outbox.claim_deliveries_and_limits(
                 GET DIAGNOSTICS claimed = ROW_COUNT;
                 remaining := remaining - claimed;
             END IF;
-            -- Held back by max_in_flight: it allowed less than asked, and all of it was taken
-            -- (taking less means nothing more was due).
-            IF allowed < asked AND claimed >= greatest(quota, 0) THEN
+            -- Held back: all that was allowed was taken (taking less means nothing more was
+            -- due).
+            IF claimed >= greatest(quota, 0) THEN
                 delivery_id := NULL;
                 subscription_id := sub_id;
                 RETURN NEXT;
@@ -116,7 +115,7 @@ CREATE FUNCTION outbox.claim_deliveries_and_limits(
     END
     $$;
 COMMENT ON FUNCTION outbox.claim_deliveries_and_limits(bigint[], integer[], integer, text, interval, bigint, bigint[]) IS
-    'Internal (outbox-relay): lease due, unblocked deliveries per subscription (max_in_flight across relays, not counting the caller''s answered requests), with their events; plus a row with no delivery for each subscription whose max_in_flight (or row lock) held the claim back.';
+    'Internal (outbox-relay): lease due, unblocked deliveries per subscription (max_in_flight across relays, not counting the caller''s answered requests), with their events; plus a row with no delivery for each subscription that got all it was allowed, or whose row another claim held.';
 
 -- Kept for relays of an earlier version that run on during an upgrade (the schema is migrated
 -- first): the same claim, without the rows that name no delivery.

@@ -129,9 +129,9 @@ pub struct ClaimRound {
     pub claimed: usize,
     /// How many it asked for: fewer claimed means nothing more could be taken now.
     pub asked: usize,
-    /// Something a freed request slot can lift held the round back: the relay's slots, a
-    /// subscription's `max_in_flight` (or its row locked by another claim), or a
-    /// subscription that got all it asked for. When false, a freed slot changes nothing, so
+    /// Something a freed request slot can lift held the round back: the relay's slots, or a
+    /// subscription that got all it was allowed (by its ask: free slots, `max_in_flight`,
+    /// rate tokens; or by `max_in_flight` across relays) or whose row another claim held. When false, a freed slot changes nothing, so
     /// the next round waits for new or re-queued deliveries, results that make one due, a
     /// rate token, or the poll interval.
     pub slot_bound: bool,
@@ -266,17 +266,10 @@ impl Deliverer {
             });
         }
         self.consume_rate_tokens(&per_subscription);
-        // A subscription that got all it asked for may have more due: what capped its ask
-        // (free slots, its max_in_flight, its rate tokens) frees up as requests finish.
-        let got_all_asked = wanted.ids.iter().zip(&wanted.counts).any(|(id, want)| {
-            per_subscription
-                .get(&SubscriptionId(*id))
-                .is_some_and(|got| i64::from(*got) >= i64::from(*want))
-        });
         Ok(ClaimRound {
             claimed: count,
             asked: free,
-            slot_bound: held_back || got_all_asked,
+            slot_bound: held_back,
             next_rate_token: wanted.next_rate_token,
         })
     }
@@ -331,7 +324,8 @@ impl Deliverer {
     }
 
     /// Leases up to `wanted[i]` due deliveries of subscription `ids[i]`, `total` in all.
-    /// Returns them, and whether a subscription's `max_in_flight` held the claim back.
+    /// Returns them, and whether the claim says a subscription may have more due than it was
+    /// allowed to take (see `sql::CLAIM_DELIVERIES`).
     async fn claim(
         &self,
         ids: &[i64],
