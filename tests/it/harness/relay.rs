@@ -176,18 +176,15 @@ pub async fn wait_for_relay_sessions(db: &TestDb, sessions: i64) {
     wait_until(
         &format!("{sessions} relay sessions are connected"),
         DEADLINE,
-        || async {
-            count(
-                db,
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND application_name LIKE 'outbox-relay%'",
-            )
-            .await
-                >= sessions
-        },
+        || async { count(db, RELAY_SESSIONS).await >= sessions },
     )
     .await;
 }
+
+/// Relay connections (pool or LISTEN) open on the test database.
+const RELAY_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity
+                               WHERE datname = current_database()
+                                 AND application_name LIKE 'outbox-relay%'";
 
 /// Per ordering key, the payloads' `seq` numbers in event (id) order.
 pub async fn sequences_by_key(db: &TestDb) -> std::collections::BTreeMap<String, Vec<i64>> {
@@ -437,13 +434,7 @@ pub async fn track_function_calls(db: &TestDb) {
 /// pg_stat_activity. Shut the relays down first.
 pub async fn function_calls_after_relays_exit(db: &TestDb, function: &str) -> i64 {
     wait_until("the relay's sessions have ended", DEADLINE, || async {
-        count(
-            db,
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND application_name LIKE 'outbox-relay%'",
-        )
-        .await
-            == 0
+        count(db, RELAY_SESSIONS).await == 0
     })
     .await;
     count(
