@@ -259,3 +259,88 @@ fn regex_lite_bounded_repetition() -> impl Fn(&str) -> bool {
         })
     }
 }
+
+/// `outbox.max_payload_bytes()` is the documented knob for the payload limit: a replacement
+/// holds from the next statement, also in a session whose `outbox.publish` already ran (and
+/// so keeps its INSERT's plan).
+#[tokio::test]
+async fn a_replaced_payload_limit_holds_from_the_next_statement() {
+    let db = TestDb::new().await;
+    let producer = db.client().await;
+    let publish =
+        "SELECT outbox.publish('lead.created', jsonb_build_object('note', repeat('x', 100)))";
+    producer
+        .batch_execute(publish)
+        .await
+        .expect("100 bytes are within the default limit");
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION outbox.max_payload_bytes() RETURNS integer
+                 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$ BEGIN RETURN 64; END $$",
+        )
+        .await
+        .expect("replace the limit");
+    for sql in [
+        publish,
+        "INSERT INTO outbox.events (event_type, payload) VALUES ('a', jsonb_build_object('note', repeat('x', 100)))",
+    ] {
+        let error = producer.batch_execute(sql).await.expect_err(sql);
+        let constraint = error.as_db_error().and_then(|e| e.constraint());
+        assert_eq!(constraint, Some("payload_size"), "{sql}: {error}");
+    }
+    producer
+        .batch_execute("SELECT outbox.publish('a', '{\"n\": 1}')")
+        .await
+        .expect("a payload within the new limit");
+}
+
+/// What a producer's INSERT runs on every statement is written in PL/pgSQL, never as a
+/// SQL-language function: PostgreSQL prepares CHECK constraints per statement, and a SQL
+/// function in them is inlined or folded by parsing and planning its body again each time
+/// (a quarter of the producers' backend CPU; see
+/// migrations/V17__producer_inserts_without_sql_functions.sql). `outbox.publish` likewise:
+/// as SQL it planned its INSERT on every call. Found by reading the catalog, since a timing
+/// would be flaky.
+#[tokio::test]
+async fn producer_inserts_run_no_sql_language_functions() {
+    let db = TestDb::new().await;
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT p.oid::regprocedure::text, l.lanname
+               FROM pg_depend d
+               JOIN pg_constraint c ON d.classid = 'pg_constraint'::regclass AND d.objid = c.oid
+               JOIN pg_proc p ON d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid
+               JOIN pg_language l ON l.oid = p.prolang
+              WHERE c.conrelid = 'outbox.events'::regclass AND c.contype = 'c'
+             UNION
+             SELECT p.oid::regprocedure::text, l.lanname
+               FROM pg_trigger t
+               JOIN pg_proc p ON p.oid = t.tgfoid
+               JOIN pg_language l ON l.oid = p.prolang
+              WHERE t.tgrelid = 'outbox.events'::regclass AND NOT t.tgisinternal
+             UNION
+             SELECT p.oid::regprocedure::text, l.lanname
+               FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+              WHERE p.oid = 'outbox.publish'::regproc",
+            &[],
+        )
+        .await
+        .expect("read the functions");
+    let functions: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for expected in [
+        "outbox.is_valid_event_type(text)",
+        "outbox.max_payload_bytes()",
+        "outbox.before_events_insert()",
+    ] {
+        assert!(
+            functions.iter().any(|(name, _)| name == expected),
+            "{expected} not found among {functions:?}"
+        );
+    }
+    for (name, language) in &functions {
+        assert_ne!(language, "sql", "{name} is a SQL-language function");
+    }
+}
