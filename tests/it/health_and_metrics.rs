@@ -359,11 +359,15 @@ impl std::io::Write for LogBuffer {
 /// used to be a coin toss; twenty shutdowns in a row make a warning on either side show.
 #[tokio::test]
 async fn the_listen_connection_closes_quietly_on_shutdown() {
-    use outbox_relay::db::listen::{self, WakeTargets};
-    use std::sync::atomic::Ordering;
     let db = TestDb::new().await;
     let logs = LogBuffer::default();
     let writer = logs.clone();
+    // tracing-core caches each log line's interest process-wide, and while exactly one
+    // dispatcher is registered it asks the default of whichever thread reaches the line first
+    // (tokio-rs/tracing#3611): a sibling test's relay, on a thread with no subscriber, then
+    // caches "never" and this test's capture sees nothing. With a second live dispatcher the
+    // interest is the union of all registered ones.
+    let _second_dispatcher = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     // The test runtime is single-threaded, so this thread's subscriber sees every task.
     let _guard = tracing::subscriber::set_default(
         tracing_subscriber::fmt()
@@ -372,26 +376,45 @@ async fn the_listen_connection_closes_quietly_on_shutdown() {
             .with_writer(move || writer.clone())
             .finish(),
     );
+    // What a sibling test does: the listener's log lines first reached on a thread that has
+    // no subscriber.
+    let url = db.url.clone();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime without a subscriber")
+            .block_on(listen_then_shut_down(url));
+    })
+    .join()
+    .expect("the subscriber-less listener ends");
     for _ in 0..20 {
-        let targets = WakeTargets {
-            events: Default::default(),
-            subscriptions: Default::default(),
-            connected: Default::default(),
-        };
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let listener = tokio::spawn(listen::run(db.url.clone(), targets.clone(), cancel.clone()));
-        wait_until("LISTEN is established", DEADLINE, || {
-            let connected = targets.connected.clone();
-            async move { connected.load(Ordering::SeqCst) }
-        })
-        .await;
-        cancel.cancel();
-        tokio::time::timeout(DEADLINE, listener)
-            .await
-            .expect("the listener stops when cancelled")
-            .expect("the listener task ends without panicking");
+        listen_then_shut_down(db.url.clone()).await;
     }
     let logs = String::from_utf8(logs.0.lock().expect("log buffer").clone()).expect("UTF-8");
     assert_eq!(logs.matches("listening for wake-ups").count(), 20, "{logs}");
     assert!(!logs.contains("WARN"), "{logs}");
+}
+
+/// Starts a LISTEN session, waits until it listens, and shuts it down.
+async fn listen_then_shut_down(url: String) {
+    use outbox_relay::db::listen::{self, WakeTargets};
+    use std::sync::atomic::Ordering;
+    let targets = WakeTargets {
+        events: Default::default(),
+        subscriptions: Default::default(),
+        connected: Default::default(),
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::spawn(listen::run(url, targets.clone(), cancel.clone()));
+    wait_until("LISTEN is established", DEADLINE, || {
+        let connected = targets.connected.clone();
+        async move { connected.load(Ordering::SeqCst) }
+    })
+    .await;
+    cancel.cancel();
+    tokio::time::timeout(DEADLINE, listener)
+        .await
+        .expect("the listener stops when cancelled")
+        .expect("the listener task ends without panicking");
 }
