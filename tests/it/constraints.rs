@@ -5,9 +5,12 @@ use crate::harness::db::TestDb;
 
 /// Runs `sql` expecting a CHECK/unique violation whose message names `constraint`.
 async fn refused(db: &TestDb, sql: &str, constraint: &str) {
-    let error = db
-        .client()
-        .await
+    refused_in(&db.client().await, sql, constraint).await;
+}
+
+/// [`refused`], in a given session.
+async fn refused_in(client: &deadpool_postgres::Client, sql: &str, constraint: &str) {
+    let error = client
         .batch_execute(sql)
         .await
         .expect_err(&format!("accepted: {sql}"));
@@ -285,9 +288,7 @@ async fn a_replaced_payload_limit_holds_from_the_next_statement() {
         publish,
         "INSERT INTO outbox.events (event_type, payload) VALUES ('a', jsonb_build_object('note', repeat('x', 100)))",
     ] {
-        let error = producer.batch_execute(sql).await.expect_err(sql);
-        let constraint = error.as_db_error().and_then(|e| e.constraint());
-        assert_eq!(constraint, Some("payload_size"), "{sql}: {error}");
+        refused_in(&producer, sql, "payload_size").await;
     }
     producer
         .batch_execute("SELECT outbox.publish('a', '{\"n\": 1}')")
