@@ -43,11 +43,9 @@ impl TokenBucket {
         if self.tokens >= 1.0 {
             return Duration::ZERO;
         }
-        if self.rate <= 0.0 {
-            // Refused by the table's CHECK; never a token, so never a wake-up for one.
-            return Duration::MAX;
-        }
-        Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        // A rate of 0 is refused by the table's CHECK, but any positive one is allowed, and
+        // below about 1e-19/s the wait no longer fits a Duration: never a wake-up then.
+        Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate).unwrap_or(Duration::MAX)
     }
 
     pub fn take(&mut self, count: u32) {
@@ -94,5 +92,15 @@ mod tests {
         bucket.take(1);
         assert_eq!(bucket.available(start + Duration::from_secs(1)), 0);
         assert_eq!(bucket.available(start + Duration::from_secs(2)), 1);
+    }
+
+    /// The table allows any positive rate, however small: the wait for the next token then
+    /// exceeds what a `Duration` holds, and must not panic the claim loop.
+    #[test]
+    fn a_vanishingly_small_rate_waits_forever_without_panicking() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1e-30, start);
+        bucket.take(1);
+        assert_eq!(bucket.until_next_token(), Duration::MAX);
     }
 }
