@@ -36,9 +36,8 @@ pub const DISPATCH_EVENTS: Query = Query {
 /// precision) are exactly what PostgreSQL stored. A row whose `delivery_id` is NULL leases
 /// nothing: it names a subscription that got all it was allowed (by `$2` or by
 /// `max_in_flight`) or whose row another claim held, so a freed request slot may find more of
-/// its deliveries due. `$7`: this relay's
-/// deliveries whose requests were answered but whose results are not written yet; they no
-/// longer count against `max_in_flight`.
+/// its deliveries due. `$7`: this relay's deliveries whose requests were answered but whose
+/// results are not written yet; they no longer count against `max_in_flight`.
 pub const CLAIM_DELIVERIES: Query = Query {
     sql: "
 SELECT delivery_id, subscription_id, attempts, replay_id,

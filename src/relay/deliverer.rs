@@ -131,9 +131,9 @@ pub struct ClaimRound {
     pub asked: usize,
     /// Something a freed request slot can lift held the round back: the relay's slots, or a
     /// subscription that got all it was allowed (by its ask: free slots, `max_in_flight`,
-    /// rate tokens; or by `max_in_flight` across relays) or whose row another claim held. When false, a freed slot changes nothing, so
-    /// the next round waits for new or re-queued deliveries, results that make one due, a
-    /// rate token, or the poll interval.
+    /// rate tokens; or by `max_in_flight` across relays) or whose row another claim held.
+    /// When false, a freed slot changes nothing, so the next round waits for new or
+    /// re-queued deliveries, results that make one due, a rate token, or the poll interval.
     pub slot_bound: bool,
     /// A subscription was left out for want of a rate token: when its next one is due.
     pub next_rate_token: Option<Duration>,
