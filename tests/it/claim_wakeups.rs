@@ -2,8 +2,8 @@
 //! slots held its last round back (the relay's own, a subscription's `max_in_flight`);
 //! results that make a delivery due at once (a 0-second retry, the next delivery of an
 //! ordered key) wake it from the completer; a subscription out of rate tokens, its next
-//! token. The guards run with an hour-long
-//! poll interval, so a missed wake-up shows as a delivery that never comes.
+//! token. The guards run with an hour-long poll interval, so a missed wake-up shows as a
+//! delivery that never comes.
 
 use std::time::Duration;
 
